@@ -1,0 +1,446 @@
+"""Data generation (paper section 4.1): the Beam + tf.Transform job.
+
+Impression logs in, training data out: vocabularies of every categorical feature seen at least
+``min_count`` times, quantile boundaries of every numeric feature, the wide tower's
+cross-product transformations, a deterministic train/eval split, the transform graph, the raw
+schema, gzipped transformed TFRecords and a summary.
+
+Output layout (``out_dir``)::
+
+    transform_fn/  transformed_metadata/  metadata/   the tf.Transform output (graph, schemas)
+    train/part-*.tfrecord.gz  eval/part-*.tfrecord.gz transformed tf.Examples
+    config.yaml  summary.json  summary.txt            the config used and what the run saw
+
+The job is built by :func:`build_pipeline`, a pure factory; :func:`run_datagen` adds the
+checks, the runner and the output folder handling. Any Beam runner works: the pipeline has no
+runner-specific step and reads and writes through Beam's filesystems.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline import sources
+from pipeline.sources import InputFiles, InputFormat
+from pipeline.tfrecords import WriteFramedTFRecords, frame_records
+from transform.config import Config
+
+log = logging.getLogger(__name__)
+
+SUMMARY_JSON = "summary.json"
+SUMMARY_TXT = "summary.txt"
+CONFIG_YAML = "config.yaml"
+TRAIN_DIR = "train"
+EVAL_DIR = "eval"
+SHARD_SUFFIX = ".tfrecord.gz"
+_STATS_NAME = "_stats"
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder already holds results and ``overwrite`` was not given."""
+
+
+@dataclass(frozen=True)
+class DatagenResult:
+    """What a finished datagen run wrote."""
+
+    out_dir: Path
+    summary: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Beam pieces
+
+
+class ReadLogBatches(beam.DoFn):
+    """Reads one Parquet or CSV file into TFXIO-layout batches, split into train and eval."""
+
+    def __init__(self, config: Config, fmt: InputFormat, batch_rows: int, arrow_schema: pa.Schema):
+        self._config = config
+        self._format = fmt
+        self._batch_rows = batch_rows
+        self._schema = arrow_schema
+        self._rows = beam.metrics.Metrics.counter("widedeep", "rows_read")
+
+    def process(self, path: str) -> Iterator[Any]:
+        started = time.monotonic()
+        rows = 0
+        if self._format is InputFormat.PARQUET:
+            raw = sources.iter_parquet(self._config, path, self._batch_rows)
+        else:
+            raw = sources.iter_csv(self._config, path, self._batch_rows)
+        for batch in raw:
+            if batch.num_rows == 0:
+                continue
+            rows += batch.num_rows
+            self._rows.inc(batch.num_rows)
+            yield from _split(
+                self._config, sources.to_tfxio_batch(self._config, batch, path), self._schema
+            )
+        log.info("read %s: %d rows in %.1f s", path, rows, time.monotonic() - started)
+
+
+class SplitBatches(beam.DoFn):
+    """Splits decoded TFRecord batches (already in the TFXIO layout) into train and eval."""
+
+    def __init__(self, config: Config, arrow_schema: pa.Schema, where: str):
+        self._config = config
+        self._schema = arrow_schema
+        self._where = where
+
+    def process(self, batch: pa.RecordBatch) -> Iterator[Any]:
+        batch = sources.fill_missing(self._config, batch, self._where)
+        yield from _split(self._config, batch, self._schema)
+
+
+def _split(config: Config, batch: pa.RecordBatch, schema: pa.Schema) -> Iterator[Any]:
+    is_eval = sources.split_mask(config, batch)
+    batch = sources.drop_split_column(config, batch)
+    # The tensor adapter finds columns by position in its schema: match it exactly.
+    batch = pa.RecordBatch.from_arrays([batch.column(n) for n in schema.names], schema=schema)
+    label = batch.column(schema.get_field_index(config.label)).flatten().to_numpy()
+    for tag, mask in ((TRAIN_DIR, ~is_eval), (EVAL_DIR, is_eval)):
+        count = int(mask.sum())
+        if count == 0:
+            continue
+        part = batch if count == batch.num_rows else batch.filter(pa.array(mask))
+        yield beam.pvalue.TaggedOutput(tag, part)
+        yield beam.pvalue.TaggedOutput(_STATS_NAME, (tag, count, int(label[mask].sum())))
+
+
+class _SumStats(beam.CombineFn):
+    """Rows and positive labels per split."""
+
+    def create_accumulator(self) -> dict[str, list[int]]:
+        return {}
+
+    def add_input(
+        self, acc: dict[str, list[int]], item: tuple[str, int, int]
+    ) -> dict[str, list[int]]:
+        split, rows, positives = item
+        cur = acc.setdefault(split, [0, 0])
+        cur[0] += rows
+        cur[1] += positives
+        return acc
+
+    def merge_accumulators(self, accs: Any) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for acc in accs:
+            for split, (rows, positives) in acc.items():
+                cur = out.setdefault(split, [0, 0])
+                cur[0] += rows
+                cur[1] += positives
+        return out
+
+    def extract_output(self, acc: dict[str, list[int]]) -> str:
+        return json.dumps({k: {"rows": v[0], "positives": v[1]} for k, v in acc.items()})
+
+
+def _encode(batch_and_passthrough: Any) -> bytes:
+    """A transformed record batch as one blob of framed TFRecords of tf.Example."""
+    from tfx_bsl.coders import example_coder  # heavy: workers import it when they need it
+
+    batch = batch_and_passthrough
+    if isinstance(batch, tuple):  # (record batch, passthrough features)
+        batch = batch[0]
+    return frame_records(example_coder.RecordBatchToExamples(batch))
+
+
+def build_pipeline(
+    p: beam.Pipeline, config: Config, files: InputFiles, out_dir: str, batch_rows: int = 8192
+) -> None:
+    """Adds the data generation job to ``p``; every step is named.
+
+    Must run inside a ``tft_beam.Context`` (see :func:`run_datagen`).
+    """
+    import tensorflow_transform.beam as tft_beam
+    from tfx_bsl.tfxio import tf_example_record
+
+    from transform.features import make_preprocessing_fn
+
+    schema = raw_schema(config)
+    tfxio = tf_example_record.TFExampleBeamRecord(
+        physical_format="tfrecord", schema=schema, telemetry_descriptors=["widedeep"]
+    )
+    arrow_schema = tfxio.ArrowSchema()
+
+    if files.format is InputFormat.TFRECORD:
+        decode_tfxio = tf_example_record.TFExampleRecord(
+            file_pattern=list(files.paths),
+            schema=raw_schema(config, split_column_dtype=files.split_column_dtype),
+            telemetry_descriptors=["widedeep"],
+        )
+        split = (
+            p
+            | "ReadTFRecords" >> decode_tfxio.BeamSource(batch_size=batch_rows)
+            | "SplitTrainEval"
+            >> beam.ParDo(
+                SplitBatches(config, arrow_schema, where=", ".join(files.paths[:3]))
+            ).with_outputs(TRAIN_DIR, EVAL_DIR, _STATS_NAME)
+        )
+    else:
+        split = (
+            p
+            | "ListInputFiles" >> beam.Create(list(files.paths))
+            # Spread files over workers: without this, a runner may read them all in one.
+            | "SpreadFiles" >> beam.Reshuffle()
+            | f"Read{files.format.value.capitalize()}AndSplit"
+            >> beam.ParDo(
+                ReadLogBatches(config, files.format, batch_rows, arrow_schema)
+            ).with_outputs(TRAIN_DIR, EVAL_DIR, _STATS_NAME)
+        )
+
+    adapter_config = tfxio.TensorAdapterConfig()
+    preprocessing_fn = make_preprocessing_fn(config)
+    (train, _), transform_fn = (
+        split[TRAIN_DIR],
+        adapter_config,
+    ) | "AnalyzeAndTransformTrain" >> tft_beam.AnalyzeAndTransformDataset(
+        preprocessing_fn, output_record_batches=True
+    )
+    eval_data, _ = (
+        (split[EVAL_DIR], adapter_config),
+        transform_fn,
+    ) | "TransformEval" >> tft_beam.TransformDataset(output_record_batches=True)
+
+    _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(out_dir)
+    for name, data in ((TRAIN_DIR, train), (EVAL_DIR, eval_data)):
+        _ = (
+            data
+            | f"Encode{name.capitalize()}Examples" >> beam.Map(_encode)
+            | f"Write{name.capitalize()}TFRecords"
+            >> WriteFramedTFRecords(os.path.join(out_dir, name, "part"), SHARD_SUFFIX)
+        )
+    _ = (
+        split[_STATS_NAME]
+        | "CountRowsAndLabels" >> beam.CombineGlobally(_SumStats())
+        | "WriteCounts"
+        >> beam.io.WriteToText(
+            os.path.join(out_dir, _STATS_NAME), shard_name_template="", file_name_suffix=".json"
+        )
+    )
+
+
+def raw_schema(config: Config, split_column_dtype: str | None = None) -> Any:
+    """The raw data's schema (tensorflow_metadata Schema proto) derived from the config.
+
+    Args:
+      config: The pipeline config.
+      split_column_dtype: When given, the ``data.split_by`` column (if no feature reads it)
+        is added with this dtype (``string``, ``int`` or ``float``), to decode TFRecord input.
+    """
+    import tensorflow as tf
+    from tensorflow_transform.tf_metadata import schema_utils
+
+    from transform.features import raw_feature_spec
+
+    spec = raw_feature_spec(config)
+    split_by = config.data.split_by
+    if split_column_dtype and split_by and split_by not in spec:
+        dtype = {"int": tf.int64, "float": tf.float32}.get(split_column_dtype, tf.string)
+        spec[split_by] = tf.io.VarLenFeature(dtype)
+    return schema_utils.schema_from_feature_spec(spec)
+
+
+# --------------------------------------------------------------------------------------------
+# Running it
+
+
+def run_datagen(
+    config: Config,
+    input_patterns: str | Sequence[str],
+    out_dir: str | Path,
+    *,
+    input_format: InputFormat | None = None,
+    overwrite: bool = False,
+    beam_args: Sequence[str] = (),
+    batch_rows: int = 8192,
+    echo: Callable[[str], None] | None = print,
+) -> DatagenResult:
+    """Runs data generation end to end and returns its summary.
+
+    The input and the output folder are checked before Beam starts. Results are written to a
+    sibling ``<out_dir>.partial`` folder and moved into place only when the job succeeded, so an
+    interrupted or failed run never leaves half an output, and ``overwrite`` replaces an earlier
+    output only once the new one is complete.
+
+    Args:
+      config: The pipeline config.
+      input_patterns: File glob(s) or folder(s) of the impression log.
+      out_dir: Output folder (local path).
+      input_format: Format of the input; detected from the file names when None.
+      overwrite: Replace an output folder that already holds results.
+      beam_args: Beam pipeline options (``--runner``, ``--direct_num_workers``, ...).
+      batch_rows: Rows per Arrow batch read from the input.
+      echo: Where the summary is printed; None to stay quiet.
+
+    Raises:
+      OutputExistsError: ``out_dir`` holds results and ``overwrite`` is False.
+      sources.InputError: the input cannot be read as the config describes.
+    """
+    import tensorflow_transform.beam as tft_beam
+    from tensorflow_transform.tf_metadata import dataset_metadata, metadata_io
+
+    out = Path(out_dir).absolute()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"{out}: already holds results; pass --overwrite to replace them "
+            "(they are kept until the new output is complete)"
+        )
+    files = sources.preflight(config, sources.resolve_input(input_patterns, input_format))
+
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)  # left by an interrupted run of ours
+    partial.mkdir(parents=True)
+    started = time.monotonic()
+    options = PipelineOptions(list(beam_args))
+    log.info("datagen: %d %s file(s) -> %s", len(files.paths), files.format.value, out)
+    try:
+        temp_dir = tempfile.mkdtemp(prefix="tft-", dir=partial)
+        with beam.Pipeline(options=options) as p, tft_beam.Context(temp_dir=temp_dir):
+            build_pipeline(p, config, files, str(partial), batch_rows=batch_rows)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        metadata_io.write_metadata(
+            dataset_metadata.DatasetMetadata(raw_schema(config)),
+            str(partial / "metadata"),
+        )
+        (partial / CONFIG_YAML).write_text(config.to_yaml())
+        summary = summarize(config, files, partial, time.monotonic() - started)
+        if summary["splits"].get(EVAL_DIR, {}).get("rows", 0) == 0:
+            log.warning("datagen: the eval split is empty; raise data.eval_fraction or add rows")
+        (partial / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
+        text = format_summary(summary, out)
+        (partial / SUMMARY_TXT).write_text(text + "\n")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _replace(partial, out)
+    if echo is not None:
+        echo(text)
+    return DatagenResult(out_dir=out, summary=summary)
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Moves ``new`` to ``out``; an existing ``out`` is removed only after the move."""
+    old = None
+    if out.exists():
+        old = out.with_name(out.name + f".old-{os.getpid()}")
+        out.rename(old)
+    new.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Summary
+
+
+def summarize(config: Config, files: InputFiles, out_dir: Path, seconds: float) -> dict[str, Any]:
+    """What the run saw and wrote: rows, label rates, vocabulary sizes, quantile boundaries."""
+    import tensorflow_transform as tft
+
+    from transform.features import NUM_OOV_BUCKETS, read_quantile_boundaries
+
+    stats_path = out_dir / f"{_STATS_NAME}.json"
+    counts = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    stats_path.unlink(missing_ok=True)
+    splits = {}
+    for name in (TRAIN_DIR, EVAL_DIR):
+        c = counts.get(name, {"rows": 0, "positives": 0})
+        shards = sorted(p.name for p in (out_dir / name).glob(f"*{SHARD_SUFFIX}"))
+        splits[name] = {
+            "rows": c["rows"],
+            "label_rate": c["positives"] / c["rows"] if c["rows"] else None,
+            "shards": len(shards),
+        }
+    total = sum(s["rows"] for s in splits.values())
+    if total == 0:
+        raise sources.InputError("--input: the input holds no rows")
+    tft_output = tft.TFTransformOutput(str(out_dir))
+    vocabularies = {}
+    for vocab, members in config.vocabularies.items():
+        vocabularies[vocab] = {
+            "size": int(tft_output.vocabulary_size_by_name(vocab)),
+            "oov_buckets": NUM_OOV_BUCKETS,
+            "min_count": members[0].min_count,
+            "features": [f.name for f in members],
+        }
+    boundaries = read_quantile_boundaries(str(out_dir))
+    return {
+        "model_name": config.model_name,
+        "config_fingerprint": config.fingerprint(),
+        "input": {
+            "format": files.format.value,
+            "files": len(files.paths),
+            "paths": list(files.paths[:20]),
+        },
+        "rows": total,
+        "splits": splits,
+        "vocabularies": vocabularies,
+        "quantiles": {
+            f.name: {"quantiles": f.quantiles, "boundaries": boundaries.get(f.name)}
+            for f in config.numeric_features
+        },
+        "crosses": {
+            c.name: {"features": list(c.features), "hash_buckets": c.hash_buckets}
+            for c in config.crosses
+        },
+        "seconds": round(seconds, 2),
+        "rows_per_second": round(total / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def format_summary(summary: dict[str, Any], out_dir: Path | str) -> str:
+    """The summary as the few lines a person reads at the end of the run."""
+    tr, ev = summary["splits"][TRAIN_DIR], summary["splits"][EVAL_DIR]
+
+    def rate(s: dict[str, Any]) -> str:
+        return "n/a" if s["label_rate"] is None else f"{s['label_rate']:.4f}"
+
+    lines = [
+        f"datagen finished in {summary['seconds']:.1f} s "
+        f"({summary['rows_per_second'] or 0:,.0f} rows/s): {out_dir}",
+        f"  input       {summary['input']['files']} {summary['input']['format']} file(s), "
+        f"{summary['rows']:,} rows",
+        f"  train       {tr['rows']:,} rows, label rate {rate(tr)}, {tr['shards']} shard(s)",
+        f"  eval        {ev['rows']:,} rows, label rate {rate(ev)}, {ev['shards']} shard(s)",
+        "  vocabularies (tokens seen >= min_count, + OOV bucket):",
+    ]
+    for name, v in summary["vocabularies"].items():
+        shared = f"  shared by {', '.join(v['features'])}" if len(v["features"]) > 1 else ""
+        lines.append(f"    {name:<24} {v['size']:>9,}  (min_count {v['min_count']}){shared}")
+    if summary["quantiles"]:
+        lines.append("  quantile boundaries:")
+    for name, q in summary["quantiles"].items():
+        b = q["boundaries"]
+        shown = "unavailable" if b is None else ", ".join(_short(x) for x in _ends(b))
+        lines.append(f"    {name:<24} n_q={q['quantiles']:<3} [{shown}]")
+    for name, c in summary["crosses"].items():
+        lines.append(
+            f"  cross       {name}: {' x '.join(c['features'])}, {c['hash_buckets']:,} hash buckets"
+        )
+    return "\n".join(lines)
+
+
+def _ends(values: list[float], keep: int = 4) -> list[Any]:
+    if len(values) <= 2 * keep:
+        return values
+    return [*values[:keep], "...", *values[-keep:]]
+
+
+def _short(x: Any) -> str:
+    return x if isinstance(x, str) else f"{x:.4g}"

@@ -1,0 +1,19 @@
+"""The errors that mean "the input was wrong", as opposed to a bug.
+
+The CLI prints these as one line naming what is wrong and exits with status 2; anything else
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from pipeline.datagen import OutputExistsError
+from pipeline.sources import InputError
+from transform.config import ConfigError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    InputError,
+    OutputExistsError,
+    FileExistsError,
+    FileNotFoundError,
+)

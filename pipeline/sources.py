@@ -1,0 +1,648 @@
+"""Reading impression logs: Parquet, CSV or TFRecord of tf.Example, checked before Beam starts.
+
+Every reader yields Arrow record batches in the layout tf.Transform's TFXIO adapter expects
+(one ``large_list`` column per raw column), so all formats meet one ``preprocessing_fn``.
+Files are opened through Beam's ``FileSystems``, so the same code reads local paths, ``gs://``
+and the other filesystems Beam supports.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from transform.config import Config, DType, Feature, Kind
+
+# A split key hashes into this many slots; eval_fraction of them go to eval.
+_SPLIT_SLOTS = 1_000_000
+# How many records of each TFRecord file the pre-flight check decodes.
+_TFRECORD_PROBE_RECORDS = 1000
+
+
+class InputError(ValueError):
+    """Input that cannot be read as the config describes; the message names file and column."""
+
+
+class InputFormat(StrEnum):
+    """The log formats data generation reads."""
+
+    PARQUET = "parquet"
+    CSV = "csv"
+    TFRECORD = "tfrecord"
+
+
+@dataclass(frozen=True)
+class InputFiles:
+    """The files one datagen run reads, all of one format."""
+
+    format: InputFormat
+    paths: tuple[str, ...]
+    rows: int | None = None
+    """Total rows when the format tells without reading the data (Parquet), else None."""
+    split_column_dtype: str | None = None
+    """Type (string, int, float) of a TFRecord's ``data.split_by`` column, found by preflight."""
+
+
+def detect_format(path: str) -> InputFormat:
+    """The format of a file from its name: .parquet, .csv[.gz], .tfrecord[.gz] or .gz."""
+    name = path.lower()
+    for suffix in (".gz", ".gzip", ".deflate", ".zlib"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if name.endswith((".parquet", ".pq")):
+        return InputFormat.PARQUET
+    if name.endswith((".csv", ".tsv")):
+        return InputFormat.CSV
+    if name.endswith((".tfrecord", ".tfrecords", ".tfr")):
+        return InputFormat.TFRECORD
+    raise InputError(
+        f"{path}: cannot tell the format from the file name; use .parquet, .csv or .tfrecord "
+        "(optionally .gz), or pass --input_format"
+    )
+
+
+def resolve_input(patterns: str | Sequence[str], fmt: InputFormat | None = None) -> InputFiles:
+    """Expands glob patterns (comma-separated or a list) into files of one format.
+
+    Raises:
+      InputError: a pattern matches nothing, the files mix formats, or all files are empty.
+    """
+    if isinstance(patterns, str):
+        patterns = [p for p in patterns.split(",") if p]
+    if not patterns:
+        raise InputError("--input: no file pattern given")
+    paths: list[str] = []
+    for pattern in patterns:
+        folder = _is_folder(pattern)
+        if folder:
+            pattern = FileSystems.join(pattern.rstrip("/"), "**")  # every file below it
+        try:
+            metadata = FileSystems.match([pattern])[0].metadata_list
+        except Exception as e:  # Beam raises BeamIOError with a nested cause
+            raise InputError(f"--input {pattern}: {e}") from None
+        found = sorted(m.path for m in metadata if not _is_hidden(m.path) and m.size_in_bytes > 0)
+        if folder:
+            # A folder may hold other files beside the log (a simulator's metadata, notes).
+            found = [
+                p
+                for p in found
+                if _known_format(p, fmt) and (fmt is not None or _has_data_suffix(p))
+            ]
+        if not found:
+            raise InputError(f"--input {pattern}: matches no non-empty data file")
+        paths.extend(found)
+    if fmt is None:
+        formats = {p: detect_format(p) for p in paths}
+        kinds = set(formats.values())
+        if len(kinds) > 1:
+            examples = {k: next(p for p, f in formats.items() if f == k) for k in kinds}
+            listing = ", ".join(f"{k.value} ({p})" for k, p in examples.items())
+            raise InputError(f"--input: the files mix formats: {listing}")
+        fmt = kinds.pop()
+    return InputFiles(format=fmt, paths=tuple(dict.fromkeys(paths)))
+
+
+def _known_format(path: str, fmt: InputFormat | None) -> bool:
+    try:
+        return fmt is None or detect_format(path) is fmt
+    except InputError:
+        # With an explicit format, files without an extension are taken as that format.
+        return fmt is not None and "." not in path.rsplit("/", 1)[-1]
+
+
+def _has_data_suffix(path: str) -> bool:
+    try:
+        detect_format(path)
+    except InputError:
+        return False
+    return True
+
+
+def _is_folder(path: str) -> bool:
+    if "://" in path:
+        return path.endswith("/")
+    return os.path.isdir(path)
+
+
+def _is_hidden(path: str) -> bool:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    # Parquet writers leave _SUCCESS, _metadata and .crc files beside the data.
+    return name.startswith(("_", ".")) or name.endswith(".crc")
+
+
+# --------------------------------------------------------------------------------------------
+# Target layout
+
+
+def _target_type(feature: Feature) -> pa.DataType:
+    if feature.kind is Kind.NUMERIC:
+        return pa.float32()
+    return pa.large_binary() if feature.dtype is DType.STRING else pa.int64()
+
+
+def column_plan(config: Config) -> dict[str, Feature | None]:
+    """Each raw column the pipeline reads and the feature that defines its type (None: label)."""
+    plan: dict[str, Feature | None] = {config.label: None}
+    for f in config.features:
+        plan.setdefault(f.column, f)
+    return plan
+
+
+def _describe_expected(feature: Feature | None) -> str:
+    if feature is None:
+        return "an integer or boolean label (0 or 1)"
+    if feature.kind is Kind.NUMERIC:
+        return "numbers"
+    item = "strings" if feature.dtype is DType.STRING else "integers"
+    if feature.kind is Kind.CATEGORICAL_LIST:
+        return f"lists of {item}"
+    return item + (" or integers" if feature.dtype is DType.STRING else "")
+
+
+def _compatible(arrow_type: pa.DataType, feature: Feature | None) -> bool:
+    """Whether a column of ``arrow_type`` can be read losslessly as ``feature`` wants."""
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    if feature is None:
+        return pa.types.is_integer(arrow_type) or pa.types.is_boolean(arrow_type)
+    if feature.kind is Kind.CATEGORICAL_LIST:
+        if not (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)):
+            return False
+        arrow_type = arrow_type.value_type
+    elif pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return False
+    if feature.kind is Kind.NUMERIC:
+        return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
+    if feature.dtype is DType.INT:
+        return pa.types.is_integer(arrow_type)
+    # String ids stored as integers are read as their decimal text.
+    return _is_stringlike(arrow_type) or pa.types.is_integer(arrow_type)
+
+
+def _is_stringlike(t: pa.DataType) -> bool:
+    return (
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+    )
+
+
+def _missing_column_error(
+    path: str, column: str, available: Sequence[str], what: str
+) -> InputError:
+    close = difflib.get_close_matches(column, list(available), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return InputError(f"{path}: no column {column!r} ({what}){hint}")
+
+
+def _what(column: str, config: Config) -> str:
+    if column == config.label:
+        return "the label"
+    if column == config.data.split_by and column not in column_plan(config):
+        return "data.split_by"
+    users = [f.name for f in config.features if f.column == column]
+    return "feature " + ", ".join(repr(u) for u in users)
+
+
+def _required_columns(config: Config) -> list[str]:
+    cols = list(column_plan(config))
+    if config.data.split_by and config.data.split_by not in cols:
+        cols.append(config.data.split_by)
+    return cols
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-flight: checks every file's schema (and what else is cheap) before the Beam job starts.
+
+
+def preflight(config: Config, files: InputFiles) -> InputFiles:
+    """Checks that every input file has the config's columns with usable types.
+
+    Parquet files are checked from their footers (columns, types, null counts, row counts);
+    CSV files from their header and first block; TFRecord files by decoding their first
+    records. Returns ``files`` with the row count filled in where known.
+
+    Raises:
+      InputError: naming the file and the column (or the file, if it is corrupt or empty).
+    """
+    if files.format is InputFormat.PARQUET:
+        rows = sum(_preflight_parquet(config, p) for p in files.paths)
+        if rows == 0:
+            raise InputError(f"--input: the {len(files.paths)} Parquet file(s) hold no rows")
+        return InputFiles(files.format, files.paths, rows)
+    split_dtypes = set()
+    for path in files.paths:
+        if files.format is InputFormat.CSV:
+            _preflight_csv(config, path)
+        else:
+            split_dtypes.add(_preflight_tfrecord(config, path))
+    split_dtypes.discard(None)
+    if len(split_dtypes) > 1:
+        raise InputError(
+            f"--input: the split column {config.data.split_by!r} has different "
+            f"types in different files: {', '.join(sorted(split_dtypes))}"
+        )
+    return InputFiles(files.format, files.paths, None, split_dtypes.pop() if split_dtypes else None)
+
+
+def _preflight_parquet(config: Config, path: str) -> int:
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            meta = pq.ParquetFile(f).metadata
+            schema = meta.schema.to_arrow_schema()
+    except Exception as e:
+        raise InputError(f"{path}: not a readable Parquet file ({e})") from None
+    plan = column_plan(config)
+    for column in _required_columns(config):
+        if column not in schema.names:
+            raise _missing_column_error(path, column, schema.names, _what(column, config))
+        feature = plan.get(column)
+        if column in plan and not _compatible(schema.field(column).type, feature):
+            raise InputError(
+                f"{path}: column {column!r} ({_what(column, config)}) holds "
+                f"{schema.field(column).type}, expected {_describe_expected(feature)}"
+            )
+    # Null counts are in the footer's statistics: a missing value is found without reading.
+    for column, feature in plan.items():
+        if feature is not None and (
+            feature.default is not None or feature.kind is Kind.CATEGORICAL_LIST
+        ):
+            continue  # filled in with the default, or an empty list
+        nulls = _parquet_null_count(meta, column)
+        if nulls:
+            raise InputError(
+                f"{path}: column {column!r} ({_what(column, config)}) has {nulls} missing "
+                "value(s); give the feature a 'default' in the config or clean the log"
+            )
+    return meta.num_rows
+
+
+def _parquet_null_count(meta: pq.FileMetaData, column: str) -> int:
+    index = [meta.schema.column(i).path.split(".")[0] for i in range(meta.num_columns)]
+    total = 0
+    for rg in range(meta.num_row_groups):
+        for i, name in enumerate(index):
+            if name != column:
+                continue
+            stats = meta.row_group(rg).column(i).statistics
+            if stats is not None and stats.has_null_count:
+                total += stats.null_count
+    return total
+
+
+def _preflight_csv(config: Config, path: str) -> None:
+    try:
+        batches = iter_csv(config, path, block_rows=1000)
+        next(batches, None)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{path}: not a readable CSV file ({e})") from None
+
+
+def _preflight_tfrecord(config: Config, path: str) -> str | None:
+    """Checks a TFRecord file's first records; returns the type of its split column."""
+    import tensorflow as tf  # TF is only needed for this format
+
+    plan = column_plan(config)
+    compression = "GZIP" if path.endswith((".gz", ".gzip")) else ""
+    seen = 0
+    split_dtype = None
+    split_by = config.data.split_by
+    try:
+        dataset = tf.data.TFRecordDataset(path, compression_type=compression)
+        for record in dataset.take(_TFRECORD_PROBE_RECORDS):
+            seen += 1
+            example = tf.train.Example.FromString(record.numpy())
+            feats = example.features.feature
+            for column in _required_columns(config):
+                if column not in feats:
+                    if (
+                        column in plan
+                        and plan[column] is not None
+                        and (
+                            plan[column].default is not None
+                            or plan[column].kind is Kind.CATEGORICAL_LIST
+                        )
+                    ):
+                        continue
+                    raise _missing_column_error(
+                        f"{path} (record {seen})", column, list(feats), _what(column, config)
+                    )
+                if column not in plan:
+                    kind = feats[column].WhichOneof("kind")
+                    if column == split_by and kind is not None:
+                        split_dtype = {"int64_list": "int", "float_list": "float"}.get(
+                            kind, "string"
+                        )
+                    continue
+                kind = feats[column].WhichOneof("kind")
+                want = _example_kind(plan[column])
+                if kind is not None and kind not in want:
+                    raise InputError(
+                        f"{path} (record {seen}): feature {column!r} "
+                        f"({_what(column, config)}) is a {kind}, expected {' or '.join(want)}"
+                    )
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{path}: not a readable TFRecord file of tf.Example ({e})") from None
+    if seen == 0:
+        raise InputError(f"{path}: holds no records")
+    return split_dtype
+
+
+def _example_kind(feature: Feature | None) -> tuple[str, ...]:
+    if feature is None:
+        return ("int64_list",)
+    if feature.kind is Kind.NUMERIC:
+        return ("float_list",)
+    return ("bytes_list",) if feature.dtype is DType.STRING else ("int64_list",)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading batches
+
+
+def iter_parquet(config: Config, path: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Yields raw batches of at most ``batch_rows`` rows, reading one row group at a time."""
+    columns = _required_columns(config)
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        try:
+            reader = pq.ParquetFile(f)
+            yield from reader.iter_batches(batch_size=batch_rows, columns=columns)
+        except InputError:
+            raise
+        except Exception as e:
+            raise InputError(f"{path}: failed to read Parquet ({e})") from None
+
+
+def iter_csv(config: Config, path: str, block_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+    """Yields raw batches of a CSV file with a header row; list fields are split."""
+    plan = column_plan(config)
+    delimiter = config.data.csv_delimiter
+    columns = _required_columns(config)
+    compression = CompressionTypes.AUTO
+    with FileSystems.open(path, compression_type=compression) as raw:
+        stream = raw
+        head = stream.read(1 << 16)
+        header = head.split(b"\n", 1)[0].decode("utf-8", "replace").strip("\r")
+        names = [n.strip().strip('"') for n in header.split(delimiter)]
+        for column in columns:
+            if column not in names:
+                raise _missing_column_error(path, column, names, _what(column, config))
+        column_types = {}
+        for column in columns:
+            feature = plan.get(column)
+            if feature is None and column == config.label:
+                column_types[column] = pa.int64()
+            elif feature is None or feature.kind is Kind.CATEGORICAL_LIST:
+                column_types[column] = pa.string()
+            elif feature.kind is Kind.NUMERIC:
+                column_types[column] = pa.float64()
+            else:
+                column_types[column] = pa.int64() if feature.dtype is DType.INT else pa.string()
+        body = _Prepended(head, stream)
+        try:
+            reader = pacsv.open_csv(
+                body,
+                read_options=pacsv.ReadOptions(block_size=max(1 << 20, block_rows * 128)),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                convert_options=pacsv.ConvertOptions(
+                    column_types=column_types,
+                    include_columns=columns,
+                    strings_can_be_null=True,
+                    quoted_strings_can_be_null=False,
+                ),
+            )
+            for batch in reader:
+                yield _split_lists(batch, plan, config.data.list_delimiter)
+        except pa.ArrowInvalid as e:
+            raise InputError(f"{path}: {_explain_csv_error(str(e), plan, config)}") from None
+
+
+def _explain_csv_error(message: str, plan: dict[str, Feature | None], config: Config) -> str:
+    # pyarrow says: "In CSV column #3: CSV conversion error to double: invalid value 'x'"
+    for column in plan:
+        if f"'{column}'" in message:
+            return f"column {column!r} ({_what(column, config)}): {message}"
+    return message
+
+
+class _Prepended(io.RawIOBase):
+    """A stream that replays bytes already read before the rest of another stream."""
+
+    def __init__(self, head: bytes, rest: io.IOBase):
+        self._head = head
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._rest.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _split_lists(
+    batch: pa.RecordBatch, plan: dict[str, Feature | None], delimiter: str
+) -> pa.RecordBatch:
+    arrays = []
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        feature = plan.get(name)
+        if feature is not None and feature.kind is Kind.CATEGORICAL_LIST:
+            # An empty field is an empty list, not a list holding "".
+            column = pc.if_else(pc.equal(column, ""), pa.scalar(None, pa.string()), column)
+            column = pc.split_pattern(column, delimiter)
+        arrays.append(column)
+    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
+
+
+# --------------------------------------------------------------------------------------------
+# Normalising a raw batch into the TFXIO layout
+
+
+def to_tfxio_batch(config: Config, batch: pa.RecordBatch, path: str) -> pa.RecordBatch:
+    """Converts a raw batch (any supported Arrow types) to the ``large_list`` layout.
+
+    Missing values take the feature's ``default``; a missing list is an empty list; any other
+    missing value raises an :class:`InputError` naming the file and column. A ``split_by``
+    column that no feature reads is kept (for :func:`split_mask`) and dropped after the split.
+    """
+    arrays = []
+    names = []
+    plan = column_plan(config)
+    for column in _required_columns(config):
+        arr = batch.column(batch.schema.get_field_index(column))
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.dictionary_decode()
+        if column in plan:
+            arrays.append(_to_large_list(arr, plan[column], column, path, config))
+        else:
+            arrays.append(_wrap_scalar(_as_binary(arr)))
+        names.append(column)
+    return pa.RecordBatch.from_arrays(arrays, names=names)
+
+
+def fill_missing(config: Config, batch: pa.RecordBatch, where: str) -> pa.RecordBatch:
+    """Fills scalar values missing from decoded tf.Examples with their feature's ``default``.
+
+    Raises:
+      InputError: a value is missing (or a scalar column has several values) and the feature
+        has no default.
+    """
+    plan = column_plan(config)
+    arrays = list(batch.columns)
+    for i, name in enumerate(batch.schema.names):
+        if name not in plan or (
+            plan[name] is not None and plan[name].kind is Kind.CATEGORICAL_LIST
+        ):
+            continue
+        arr = arrays[i]
+        lengths = pc.list_value_length(arr).fill_null(0).to_numpy()
+        if (lengths == 1).all():
+            continue
+        feature = plan[name]
+        default = feature.default if feature is not None else None
+        bad = int((lengths != 1).sum())
+        if default is None or (lengths > 1).any():
+            problem = "missing" if (lengths <= 1).all() else "missing or repeated"
+            raise InputError(
+                f"{where}: feature {name!r} ({_what(name, config)}) is {problem} in {bad} "
+                "record(s); give the feature a 'default' in the config or clean the log"
+            )
+        rows = [v if v else [default] for v in arr.to_pylist()]
+        arrays[i] = pa.array(rows, arr.type)
+    return pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
+
+
+def drop_split_column(config: Config, batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Drops the ``split_by`` column if no feature reads it."""
+    split_by = config.data.split_by
+    if split_by and split_by not in column_plan(config) and split_by in batch.schema.names:
+        return batch.drop_columns([split_by])
+    return batch
+
+
+def _wrap_scalar(values: pa.Array) -> pa.Array:
+    offsets = pa.array(np.arange(len(values) + 1, dtype=np.int64))
+    return pa.LargeListArray.from_arrays(offsets, values)
+
+
+def _as_binary(values: pa.Array) -> pa.Array:
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        return values.cast(pa.large_string()).view(pa.large_binary())
+    return values
+
+
+def _to_large_list(
+    arr: pa.Array, feature: Feature | None, column: str, path: str, config: Config
+) -> pa.Array:
+    n = len(arr)
+    if feature is not None and feature.kind is Kind.CATEGORICAL_LIST:
+        if arr.null_count:
+            arr = pc.if_else(pc.is_null(arr), pa.scalar([], arr.type), arr)
+        values = arr.flatten()
+        if values.null_count:
+            raise InputError(
+                f"{path}: column {column!r} ({_what(column, config)}) has a list "
+                "with a missing element"
+            )
+        offsets = pc.subtract(arr.offsets, arr.offsets[0]).cast(pa.int64())
+        return pa.LargeListArray.from_arrays(offsets, _cast_values(values, feature, column, path))
+    if arr.null_count:
+        default = feature.default if feature is not None else None
+        if default is None:
+            raise InputError(
+                f"{path}: column {column!r} ({_what(column, config)}) has {arr.null_count} "
+                "missing value(s); give the feature a 'default' in the config or clean the log"
+            )
+        arr = arr.fill_null(
+            pa.scalar(default).cast(arr.type)
+            if not pa.types.is_null(arr.type)
+            else pa.scalar(default)
+        )
+    if feature is None:  # the label
+        labels = arr.cast(pa.int64())
+        if n and (pc.min(labels).as_py() < 0 or pc.max(labels).as_py() > 1):
+            bad = pc.filter(labels, pc.or_(pc.less(labels, 0), pc.greater(labels, 1)))[0]
+            raise InputError(f"{path}: label column {column!r} holds {bad}; labels must be 0 or 1")
+        values = labels
+    else:
+        values = _cast_values(arr, feature, column, path)
+    return _wrap_scalar(values)
+
+
+def _cast_values(values: pa.Array, feature: Feature, column: str, path: str) -> pa.Array:
+    target = _target_type(feature)
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    try:
+        if target == pa.large_binary() and pa.types.is_integer(values.type):
+            values = pc.cast(values, pa.string())
+        return _as_binary(values).cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise InputError(
+            f"{path}: column {column!r} ({feature.kind.value}) cannot be read as {target}: {e}"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# The deterministic train/eval split
+
+
+def split_mask(config: Config, batch: pa.RecordBatch) -> np.ndarray:
+    """True for the rows of a batch (in the ``large_list`` layout) that belong to the eval split.
+
+    The split depends only on row content: the ``data.split_by`` column's value when set (so
+    all impressions of one query or user fall on one side), else every column of the row.
+    Re-running on the same log, in any format and on any runner, gives the same split.
+    """
+    if config.data.split_by:
+        key = _hash_list_column(batch.column(batch.schema.get_field_index(config.data.split_by)))
+    else:
+        key = np.zeros(batch.num_rows, dtype=np.uint64)
+        for i, arr in enumerate(batch.columns):
+            key = key * np.uint64(1_000_003) + _hash_list_column(arr) + np.uint64(i)
+    slot = key % np.uint64(_SPLIT_SLOTS)
+    return slot < np.uint64(round(config.data.eval_fraction * _SPLIT_SLOTS))
+
+
+def _hash_list_column(arr: pa.Array) -> np.ndarray:
+    """One hash a row of a ``large_list`` column: its elements' hashes summed, and its length."""
+    n = len(arr)
+    offsets = pc.subtract(arr.offsets, arr.offsets[0]).to_numpy()
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    # pandas' hash is a keyed SipHash with a fixed key: stable across runs and machines.
+    element = pd.util.hash_array(values, categorize=False) if len(values) else values
+    lengths = np.diff(offsets).astype(np.uint64)
+    sums = np.zeros(n, dtype=np.uint64)
+    nonempty = lengths > 0
+    if nonempty.any():
+        with np.errstate(over="ignore"):
+            sums[nonempty] = np.add.reduceat(element.astype(np.uint64), offsets[:-1][nonempty])
+    with np.errstate(over="ignore"):
+        return sums * np.uint64(31) + lengths

@@ -1,0 +1,80 @@
+"""The command line: help, errors as one line with exit status 2, and the stages it runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+
+
+def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for verb in ("simulate", "datagen"):
+        assert verb in out
+
+
+@pytest.mark.parametrize("verb", ["simulate", "datagen"])
+def test_each_verb_has_help_with_examples(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"widedeep {verb}" in out
+
+
+def test_bad_config_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("model_name: m\nlabel: y\nfeatures:\n  a: {kind: categorial}\n")
+    code = main(
+        [
+            "datagen",
+            "--config",
+            str(config),
+            "--input",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith("widedeep datagen: error:") and "features.a.kind" in err
+
+
+def test_simulate_then_datagen_through_the_console_script(tmp_path: Path) -> None:
+    """The installed entry point, as a user runs it, on a tiny simulated day."""
+    exe = Path(sys.executable).with_name("widedeep")
+    logs, data = tmp_path / "logs", tmp_path / "data"
+    sim = subprocess.run(
+        [str(exe), "simulate", "--out", str(logs), "--rows-per-day", "3000", "--seed", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "simulate finished" in sim.stdout
+    run = subprocess.run(
+        [str(exe), "datagen", "--config", "app_store", "--input", str(logs), "--out", str(data)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "datagen finished" in run.stdout and "vocabularies" in run.stdout
+    assert json.loads((data / "summary.json").read_text())["rows"] == 3000
+    # A second run into the same folder is refused and leaves it as it was.
+    again = subprocess.run(
+        [str(exe), "datagen", "--config", "app_store", "--input", str(logs), "--out", str(data)],
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert json.loads((data / "summary.json").read_text())["rows"] == 3000

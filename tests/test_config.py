@@ -1,0 +1,156 @@
+"""The config: presets load, round-trip, and every bad config is refused naming its key."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from transform.config import (
+    PRESETS,
+    ConfigError,
+    Kind,
+    Tower,
+    load_config,
+    parse_config,
+)
+
+BASE = """
+model_name: m
+label: y
+features:
+  app: {kind: categorical, vocabulary: apps, towers: [wide, deep]}
+  installed: {kind: categorical_list, vocabulary: apps}
+  score: {kind: numeric, quantiles: 4}
+crosses:
+  installed_x_app: {features: [installed, app], hash_buckets: 100}
+"""
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load_and_round_trip(name: str) -> None:
+    config = load_config(name)
+    assert parse_config(config.to_yaml()) == config
+    assert config.features and config.crosses
+
+
+def test_app_store_preset_mirrors_the_paper() -> None:
+    config = load_config("app_store")
+    assert config.model.embedding_dim == 32
+    assert config.model.hidden_units == (1024, 512, 256)
+    assert config.model.wide_optimizer.name == "ftrl"
+    assert config.model.wide_optimizer.l1_regularization > 0
+    assert config.model.deep_optimizer.name == "adagrad"
+    cross = config.crosses[0]
+    assert set(cross.features) == {"installed_apps", "impression_app"}
+    # The impression app and the installed apps share one id space.
+    apps = config.vocabularies["apps"]
+    assert {f.name for f in apps} == {"installed_apps", "impression_app"}
+    assert config.feature("installed_apps").kind is Kind.CATEGORICAL_LIST
+
+
+def test_defaults_and_derived_fields() -> None:
+    config = parse_config(BASE)
+    app = config.feature("app")
+    assert app.column == "app" and app.vocabulary == "apps"
+    assert app.towers == (Tower.WIDE, Tower.DEEP)
+    assert config.feature("score").towers == (Tower.DEEP,)
+    assert config.raw_columns == ("y", "app", "installed", "score")
+    assert config.embedding_dim(app) == 32
+    assert config.fingerprint() == parse_config(BASE).fingerprint()
+    changed = parse_config(BASE.replace("quantiles: 4", "quantiles: 5"))
+    assert changed.fingerprint() != config.fingerprint()
+
+
+def test_a_single_tower_may_be_written_without_brackets() -> None:
+    config = parse_config(BASE.replace("towers: [wide, deep]", "towers: wide"))
+    assert config.feature("app").towers == (Tower.WIDE,)
+
+
+BAD = [
+    # (change to BASE, expected words in the message)
+    (
+        ("{kind: categorical, v", "{min_cout: 3, kind: categorical, v"),
+        ["features.app.min_cout", "did you mean 'min_count'"],
+    ),
+    (("kind: numeric", "kind: numerical"), ["features.score.kind", "numerical"]),
+    (
+        ("[installed, app]", "[installed, score]"),
+        ["crosses.installed_x_app.features[1]", "numeric"],
+    ),
+    (
+        ("[installed, app]", "[installed, ap]"),
+        ["crosses.installed_x_app.features[1]", "unknown feature 'ap'", "did you mean 'app'"],
+    ),
+    (("[installed, app]", "[installed]"), ["crosses.installed_x_app.features", "two"]),
+    (("label: y", "label: app"), ["features.app", "label"]),
+    (("quantiles: 4", "quantiles: 1"), ["features.score.quantiles"]),
+    (("quantiles: 4", "quantiles: four"), ["features.score.quantiles", "integer"]),
+    (("model_name: m", "model_name: my model"), ["model_name", "not a valid name"]),
+    (("vocabulary: apps}", "vocabulary: apps, dtype: int}"), ["dtype", "shares vocabulary"]),
+    (("towers: [wide, deep]", "towers: []"), ["features.app.towers"]),
+    (("towers: [wide, deep]", "towers: [wide, tall]"), ["features.app.towers[1]", "tall"]),
+]
+
+
+@pytest.mark.parametrize(("change", "words"), BAD, ids=[w[0] for _, w in BAD])
+def test_bad_config_is_refused_naming_the_key(change: tuple[str, str], words: list[str]) -> None:
+    old, new = change
+    assert old in BASE
+    with pytest.raises(ConfigError) as e:
+        parse_config(BASE.replace(old, new, 1))
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_a_tower_with_no_features_is_refused() -> None:
+    no_deep = (
+        BASE.replace("vocabulary: apps}", "vocabulary: apps, towers: [wide]}")
+        .replace("quantiles: 4}", "quantiles: 4, towers: [wide]}")
+        .replace("towers: [wide, deep]", "towers: [wide]")
+    )
+    with pytest.raises(ConfigError, match=r"deep tower has no features"):
+        parse_config(no_deep)
+    no_wide = BASE.replace("towers: [wide, deep]", "towers: [deep]").split("crosses:")[0]
+    with pytest.raises(ConfigError, match=r"wide tower has no features"):
+        parse_config(no_wide)
+
+
+def test_duplicate_keys_are_refused() -> None:
+    text = BASE.replace("  score:", "  app: {kind: categorical}\n  score:")
+    with pytest.raises(ConfigError, match=r"duplicate key 'app'"):
+        parse_config(text)
+
+
+def test_sections_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"model.hidden_units"):
+        parse_config(BASE + "model: {hidden_units: []}\n")
+    with pytest.raises(ConfigError, match=r"model.wide_optimizer.name"):
+        parse_config(BASE + "model: {wide_optimizer: {name: lbfgs, learning_rate: 0.1}}\n")
+    with pytest.raises(ConfigError, match=r"data.eval_fraction"):
+        parse_config(BASE + "data: {eval_fraction: 1.5}\n")
+    with pytest.raises(ConfigError, match=r"training.batch_size"):
+        parse_config(BASE + "training: {batch_size: 0}\n")
+    with pytest.raises(ConfigError, match=r"training.bacth_size.*did you mean 'batch_size'"):
+        parse_config(BASE + "training: {bacth_size: 10}\n")
+
+
+def test_missing_required_keys() -> None:
+    with pytest.raises(ConfigError, match=r"^label: required"):
+        parse_config("model_name: m\nfeatures: {a: {kind: categorical}}\n")
+    with pytest.raises(ConfigError, match=r"^features: required"):
+        parse_config("model_name: m\nlabel: y\n")
+    with pytest.raises(ConfigError, match=r"features.a.kind: required"):
+        parse_config("model_name: m\nlabel: y\nfeatures: {a: {towers: [deep]}}\n")
+
+
+def test_load_config_names_the_file(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(textwrap.dedent(BASE).replace("kind: numeric", "kind: number"))
+    with pytest.raises(ConfigError, match=f"^{path}: features.score.kind"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"not found"):
+        load_config(tmp_path / "missing.yaml")
+    path.write_text("features: [unclosed")
+    with pytest.raises(ConfigError, match=r"not valid YAML"):
+        load_config(path)

@@ -1,0 +1,335 @@
+"""Data generation end to end: every input format, both configs, bad input, portable runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from pipeline.datagen import (
+    EVAL_DIR,
+    SUMMARY_JSON,
+    TRAIN_DIR,
+    OutputExistsError,
+    run_datagen,
+)
+from pipeline.sources import InputError
+from tests import logs
+from transform.config import load_config, parse_config
+
+MOVIES = load_config("movies")
+
+
+def _read_examples(folder: Path, data_dir: Path) -> list[dict]:
+    spec = tft.TFTransformOutput(str(data_dir)).transformed_feature_spec()
+    files = sorted(str(p) for p in folder.glob("*.tfrecord.gz"))
+    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(100_000)
+    rows = []
+    for batch in dataset:
+        parsed = tf.io.parse_example(batch, spec)
+        n = int(tf.shape(batch)[0])
+        for i in range(n):
+            row = {}
+            for k, v in parsed.items():
+                if isinstance(v, tf.SparseTensor):
+                    row[k] = tf.sparse.to_dense(tf.sparse.slice(v, [i, 0], [1, v.dense_shape[1]]))
+                    row[k] = row[k].numpy().ravel().tolist()
+                else:
+                    row[k] = v[i].numpy().item()
+            rows.append(row)
+            if len(rows) >= 50:
+                return rows
+    return rows
+
+
+def test_parquet_output_layout_and_summary(movies_data: Path, movies_table: pa.Table) -> None:
+    for name in (
+        "transform_fn",
+        "transformed_metadata",
+        "metadata",
+        "config.yaml",
+        "summary.txt",
+        SUMMARY_JSON,
+    ):
+        assert (movies_data / name).exists(), name
+    assert list((movies_data / TRAIN_DIR).glob("*.tfrecord.gz"))
+    assert list((movies_data / EVAL_DIR).glob("*.tfrecord.gz"))
+    summary = json.loads((movies_data / SUMMARY_JSON).read_text())
+    train, ev = summary["splits"][TRAIN_DIR], summary["splits"][EVAL_DIR]
+    assert train["rows"] + ev["rows"] == movies_table.num_rows == summary["rows"]
+    # eval_fraction is 0.2 of users; the split is by user, so only roughly 20% of rows.
+    assert 0.1 < ev["rows"] / summary["rows"] < 0.3
+    liked = pa.compute.sum(movies_table["liked"]).as_py()
+    assert train["label_rate"] * train["rows"] + ev["label_rate"] * ev["rows"] == pytest.approx(
+        liked
+    )
+    assert summary["vocabularies"]["movies"]["features"] == ["recent_movies", "movie_id"]
+    assert len(summary["quantiles"]["user_age"]["boundaries"]) == 7  # n_q = 8
+    assert summary["config_fingerprint"] == MOVIES.fingerprint()
+    # The raw schema is there: serving parses raw examples with it.
+    output = tft.TFTransformOutput(str(movies_data))
+    assert set(output.raw_feature_spec()) == set(MOVIES.raw_columns)
+
+
+def test_transformed_examples_hold_ids_and_normalised_values(movies_data: Path) -> None:
+    output = tft.TFTransformOutput(str(movies_data))
+    movies_size = output.vocabulary_size_by_name("movies")
+    rows = _read_examples(movies_data / TRAIN_DIR, movies_data)
+    assert rows
+    for row in rows:
+        assert 0 <= row["movie_id"] <= movies_size  # movies_size is the OOV id
+        assert all(0 <= i <= movies_size for i in row["recent_movies"])
+        assert 0.0 <= row["user_age"] <= 1.0 and 0.0 <= row["popularity"] <= 1.0
+        assert all(0 <= h < 50_000 for h in row["recent_x_movie"])
+        assert len(row["recent_x_movie"]) == len(row["recent_movies"])
+        assert row["liked"] in (0, 1)
+
+
+def test_split_is_by_user_and_deterministic(
+    movies_data: Path, movies_table: pa.Table, tmp_path: Path
+) -> None:
+    users = {TRAIN_DIR: set(), EVAL_DIR: set()}
+    output = tft.TFTransformOutput(str(movies_data))
+    vocab = output.vocabulary_by_name("user_id")
+    for split in users:
+        for row in _read_examples(movies_data / split, movies_data):
+            if row["user_id"] < len(vocab):
+                users[split].add(vocab[row["user_id"]])
+    assert users[TRAIN_DIR] and not users[TRAIN_DIR] & users[EVAL_DIR]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tfrecord"])
+def test_every_format_gives_the_same_result(
+    fmt: str, movies_table: pa.Table, movies_data: Path, tmp_path: Path
+) -> None:
+    if fmt == "csv":
+        log = logs.write_csv(movies_table, tmp_path / "log")
+    else:
+        numeric = tuple(f.column for f in MOVIES.numeric_features)
+        log = logs.write_tfrecord(movies_table, tmp_path / "log", float_columns=numeric)
+    result = run_datagen(MOVIES, str(log), tmp_path / "out", echo=None)
+    expected = json.loads((movies_data / SUMMARY_JSON).read_text())
+    got = result.summary
+    assert got["input"]["format"] == fmt
+    for split in (TRAIN_DIR, EVAL_DIR):
+        assert got["splits"][split]["rows"] == expected["splits"][split]["rows"]
+        assert got["splits"][split]["label_rate"] == expected["splits"][split]["label_rate"]
+    assert got["vocabularies"] == expected["vocabularies"]
+    for name, q in expected["quantiles"].items():
+        assert got["quantiles"][name]["boundaries"] == pytest.approx(q["boundaries"])
+
+
+def test_app_store_simulated_logs(tmp_path: Path) -> None:
+    from pipeline.simulator import SimulatorSettings, simulate
+
+    settings = SimulatorSettings(num_users=2000, num_apps=300)
+    simulate(tmp_path / "logs", days=1, rows_per_day=4000, seed=3, settings=settings)
+    config = load_config("app_store")
+    result = run_datagen(config, str(tmp_path / "logs"), tmp_path / "data", echo=None)
+    summary = result.summary
+    assert summary["rows"] == 4000
+    assert 0 < summary["vocabularies"]["apps"]["size"] <= 300
+    assert summary["vocabularies"]["hour"]["size"] == 24
+    assert summary["crosses"]["installed_x_impression"]["hash_buckets"] == 200_000
+    assert 0.0 < summary["splits"][TRAIN_DIR]["label_rate"] < 0.5
+
+
+def test_portable_runner(movies_parquet: Path, movies_data: Path, tmp_path: Path) -> None:
+    """The job runs on the portable Fn API path that Flink, Spark and Dataflow use."""
+    result = run_datagen(
+        MOVIES,
+        str(movies_parquet),
+        tmp_path / "out",
+        beam_args=[
+            "--runner=PortableRunner",
+            "--job_endpoint=embed",
+            "--environment_type=LOOPBACK",
+        ],
+        echo=None,
+    )
+    expected = json.loads((movies_data / SUMMARY_JSON).read_text())
+    assert result.summary["splits"] == expected["splits"]
+    assert result.summary["vocabularies"] == expected["vocabularies"]
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one clear message naming the file, column or key; nothing existing is touched.
+
+
+@pytest.fixture()
+def small_table(movies_table: pa.Table) -> pa.Table:
+    return movies_table.slice(0, 300)
+
+
+def _parquet(table: pa.Table, folder: Path) -> str:
+    return str(logs.write_parquet(table, folder, shards=1))
+
+
+def test_missing_column_is_named(small_table: pa.Table, tmp_path: Path) -> None:
+    log = _parquet(small_table.drop_columns(["genres"]), tmp_path / "log")
+    with pytest.raises(InputError, match=r"part-00000.parquet: no column 'genres' \(feature"):
+        run_datagen(MOVIES, log, tmp_path / "out", echo=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_misspelt_column_suggests_the_name(small_table: pa.Table, tmp_path: Path) -> None:
+    log = _parquet(
+        small_table.rename_columns(["user_id", "ocupation", *small_table.column_names[2:]]),
+        tmp_path / "log",
+    )
+    with pytest.raises(InputError, match=r"no column 'occupation'.*did you mean 'ocupation'"):
+        run_datagen(MOVIES, log, tmp_path / "out", echo=None)
+
+
+def test_wrong_type_is_named(small_table: pa.Table, tmp_path: Path) -> None:
+    table = small_table.set_column(
+        small_table.schema.get_field_index("popularity"),
+        "popularity",
+        pa.array(["high"] * small_table.num_rows),
+    )
+    log = _parquet(table, tmp_path / "log")
+    with pytest.raises(InputError, match=r"column 'popularity'.*holds string, expected numbers"):
+        run_datagen(MOVIES, log, tmp_path / "out", echo=None)
+
+
+def test_nulls_without_default_are_refused(small_table: pa.Table, tmp_path: Path) -> None:
+    ages = small_table["user_age"].to_pylist()
+    ages[5] = None
+    table = small_table.set_column(
+        small_table.schema.get_field_index("user_age"), "user_age", pa.array(ages, pa.int64())
+    )
+    log = _parquet(table, tmp_path / "log")
+    with pytest.raises(InputError, match=r"column 'user_age'.*1 missing value.*default"):
+        run_datagen(MOVIES, log, tmp_path / "out", echo=None)
+
+
+def test_nulls_in_csv_are_found_while_reading(small_table: pa.Table, tmp_path: Path) -> None:
+    ages = small_table["user_age"].to_pylist()
+    ages[250] = None  # past the first block the pre-flight check reads: found by the job
+    table = small_table.set_column(
+        small_table.schema.get_field_index("user_age"), "user_age", pa.array(ages, pa.int64())
+    )
+    log = logs.write_csv(table, tmp_path / "log")
+    with pytest.raises(Exception, match=r"log.csv: column 'user_age'.*missing value"):
+        run_datagen(MOVIES, str(log), tmp_path / "out", echo=None)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_label_must_be_binary(small_table: pa.Table, tmp_path: Path) -> None:
+    table = small_table.set_column(
+        small_table.schema.get_field_index("liked"),
+        "liked",
+        pa.array([3] * small_table.num_rows, pa.int64()),
+    )
+    log = _parquet(table, tmp_path / "log")
+    with pytest.raises(Exception, match=r"label column 'liked' holds 3"):
+        run_datagen(MOVIES, log, tmp_path / "out", echo=None)
+
+
+def test_empty_input(small_table: pa.Table, tmp_path: Path) -> None:
+    log = _parquet(small_table.slice(0, 0), tmp_path / "log")
+    with pytest.raises(InputError, match=r"hold no rows"):
+        run_datagen(MOVIES, log, tmp_path / "out", echo=None)
+    with pytest.raises(InputError, match=r"matches no non-empty"):
+        run_datagen(MOVIES, str(tmp_path / "nothing-*.parquet"), tmp_path / "out", echo=None)
+
+
+def test_corrupt_file_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "log" / "broken.parquet"
+    bad.parent.mkdir()
+    bad.write_bytes(b"this is not parquet" * 100)
+    with pytest.raises(InputError, match=r"broken.parquet: not a readable Parquet file"):
+        run_datagen(MOVIES, str(bad.parent), tmp_path / "out", echo=None)
+    gz = tmp_path / "tf" / "broken.tfrecord.gz"
+    gz.parent.mkdir()
+    gz.write_bytes(b"\x1f\x8b garbage" * 50)
+    with pytest.raises(InputError, match=r"broken.tfrecord.gz: not a readable TFRecord"):
+        run_datagen(MOVIES, str(gz), tmp_path / "out", echo=None)
+
+
+def test_existing_output_is_refused_and_kept(small_table: pa.Table, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    log = _parquet(small_table, tmp_path / "log")
+    with pytest.raises(OutputExistsError, match=r"already holds results.*--overwrite"):
+        run_datagen(MOVIES, log, out, echo=None)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_failed_overwrite_keeps_the_old_output(small_table: pa.Table, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    ages = small_table["user_age"].to_pylist()
+    ages[250] = None
+    bad = small_table.set_column(
+        small_table.schema.get_field_index("user_age"), "user_age", pa.array(ages, pa.int64())
+    )
+    log = logs.write_csv(bad, tmp_path / "log")
+    with pytest.raises(Exception, match=r"missing value"):
+        run_datagen(MOVIES, str(log), out, overwrite=True, echo=None)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_mixed_formats_are_refused(small_table: pa.Table, tmp_path: Path) -> None:
+    folder = tmp_path / "log"
+    _parquet(small_table, folder)
+    logs.write_csv(small_table, folder)
+    with pytest.raises(InputError, match=r"mix formats"):
+        run_datagen(MOVIES, str(folder), tmp_path / "out", echo=None)
+
+
+def test_config_default_fills_missing_values(movies_data: Path, movies_table: pa.Table) -> None:
+    # The movies log has missing occupations and release years; the config gives defaults.
+    assert movies_table["occupation"].null_count > 0
+    assert movies_table["release_year"].null_count > 0
+    vocab = tft.TFTransformOutput(str(movies_data)).vocabulary_by_name("occupation")
+    assert b"unknown" in vocab
+
+
+def test_int_categorical_read_from_strings_is_refused(
+    small_table: pa.Table, tmp_path: Path
+) -> None:
+    table = small_table.set_column(
+        0, "user_id", pa.array([str(v) for v in small_table["user_id"].to_pylist()])
+    )
+    log = _parquet(table, tmp_path / "log")
+    with pytest.raises(InputError, match=r"column 'user_id'.*expected integers"):
+        run_datagen(MOVIES, log, tmp_path / "out", echo=None)
+
+
+def test_config_with_other_column_names(small_table: pa.Table, tmp_path: Path) -> None:
+    """Nothing assumes a column name: a config may map features to any columns."""
+    config = parse_config(
+        """
+model_name: renamed
+label: clicked
+features:
+  who: {kind: categorical, column: member, dtype: int, towers: [wide, deep]}
+  what: {kind: categorical, column: item}
+  tags: {kind: categorical_list, column: labels}
+  how_old: {kind: numeric, column: age, quantiles: 4}
+crosses:
+  who_x_what: {features: [who, what], hash_buckets: 64}
+"""
+    )
+    table = pa.table(
+        {
+            "member": small_table["user_id"],
+            "item": small_table["movie_id"],
+            "labels": small_table["genres"],
+            "age": small_table["user_age"],
+            "clicked": small_table["liked"],
+        }
+    )
+    log = _parquet(table, tmp_path / "log")
+    result = run_datagen(config, log, tmp_path / "out", echo=None)
+    assert result.summary["rows"] == small_table.num_rows
+    assert set(result.summary["vocabularies"]) == {"who", "what", "tags"}
+    spec = tft.TFTransformOutput(str(tmp_path / "out")).transformed_feature_spec()
+    assert set(spec) == {"who", "what", "tags", "how_old", "who_x_what", "clicked"}

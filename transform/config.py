@@ -1,0 +1,641 @@
+"""The pipeline config: one YAML file, loaded into typed objects and validated on load.
+
+A config describes one ranking pipeline: the label column, every feature with its kind, its
+vocabulary minimum count or quantile count and the tower(s) it feeds, the cross-product
+transformations of the wide tower, and the model, training, validation and serving settings.
+It is the single source of truth: the raw parsing spec, the tf.Transform ``preprocessing_fn``,
+the model inputs and the serving signature are all derived from it.
+
+Every problem is reported as a :class:`ConfigError` whose message names the key, e.g.
+``features.country.min_count: expected an integer >= 1, got 'ten'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESETS = ("app_store", "movies")
+"""Configs shipped with the package, usable by name wherever a config path is expected."""
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending key."""
+
+
+class Kind(StrEnum):
+    """How a raw column is read and transformed."""
+
+    CATEGORICAL = "categorical"
+    """One string or integer id per row: vocabulary ids, one-hot in wide, embedding in deep."""
+    CATEGORICAL_LIST = "categorical_list"
+    """A list of ids per row (e.g. installed apps): vocabulary ids, embeddings pooled."""
+    NUMERIC = "numeric"
+    """A real value: normalised to [0, 1] by its quantile, (i - 1) / (n_q - 1)."""
+
+
+class Tower(StrEnum):
+    """The two towers of the model."""
+
+    WIDE = "wide"
+    DEEP = "deep"
+
+
+class DType(StrEnum):
+    """Raw value type of a categorical column."""
+
+    STRING = "string"
+    INT = "int"
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One input feature: a raw column and how it is transformed and used.
+
+    Attributes:
+      name: Name of the feature, used for the transformed feature and the model input.
+      kind: categorical, categorical_list or numeric.
+      column: Raw column in the impression log (defaults to ``name``).
+      dtype: Raw type of a categorical column's values: ``string`` or ``int``.
+      min_count: Values seen fewer times than this get the out-of-vocabulary id.
+      vocabulary: Name of a vocabulary shared with other features (same id space);
+        defaults to the feature's own name.
+      quantiles: Number of quantiles n_q of a numeric feature.
+      towers: Which towers the feature feeds.
+      embedding_dim: Embedding size in the deep tower (defaults to ``model.embedding_dim``).
+      default: Value used when the raw value is missing; without it a missing value is an error.
+    """
+
+    name: str
+    kind: Kind
+    column: str = ""
+    dtype: DType = DType.STRING
+    min_count: int = 1
+    vocabulary: str = ""
+    quantiles: int = 10
+    towers: tuple[Tower, ...] = (Tower.DEEP,)
+    embedding_dim: int | None = None
+    default: str | int | float | None = None
+
+    @property
+    def is_categorical(self) -> bool:
+        """True for categorical and categorical_list features."""
+        return self.kind in (Kind.CATEGORICAL, Kind.CATEGORICAL_LIST)
+
+    @property
+    def in_wide(self) -> bool:
+        """True if the feature feeds the wide tower."""
+        return Tower.WIDE in self.towers
+
+    @property
+    def in_deep(self) -> bool:
+        """True if the feature feeds the deep tower."""
+        return Tower.DEEP in self.towers
+
+
+@dataclass(frozen=True)
+class Cross:
+    """A cross-product transformation of the wide tower: AND of its features' values.
+
+    The cross of a list feature with a scalar one (installed apps x impression app) has one
+    value per element of the list. Crosses are hashed into ``hash_buckets`` ids, so they need no
+    vocabulary and keep their ids from one data set to the next (which makes them warm-startable).
+    """
+
+    name: str
+    features: tuple[str, ...]
+    hash_buckets: int = 100_000
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """One tower's optimizer. FTRL settings apply to ``ftrl`` only."""
+
+    name: str
+    learning_rate: float
+    l1_regularization: float = 0.0
+    l2_regularization: float = 0.0
+    initial_accumulator_value: float = 0.1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the two towers and their optimizers (paper section 4.2, Figure 4)."""
+
+    embedding_dim: int = 32
+    hidden_units: tuple[int, ...] = (1024, 512, 256)
+    dropout: float = 0.0
+    wide_optimizer: OptimizerConfig = OptimizerConfig(
+        name="ftrl", learning_rate=0.05, l1_regularization=0.001
+    )
+    deep_optimizer: OptimizerConfig = OptimizerConfig(name="adagrad", learning_rate=0.05)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How the trainer runs."""
+
+    batch_size: int = 512
+    epochs: int = 1
+    steps_per_checkpoint: int = 500
+    shuffle_buffer: int = 10_000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How data generation reads the log and splits it.
+
+    Attributes:
+      eval_fraction: Share of rows held out for evaluation.
+      split_by: Column whose value decides the split (e.g. a user or query id, so all of its
+        rows land on one side); empty to split by the whole row.
+      csv_delimiter: Field delimiter of CSV input.
+      list_delimiter: Delimiter of list values inside one CSV field.
+      shard_rows: Target rows per output shard.
+    """
+
+    eval_fraction: float = 0.1
+    split_by: str = ""
+    csv_delimiter: str = ","
+    list_delimiter: str = "|"
+    shard_rows: int = 200_000
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """The dry run and quality check a model passes before it is deployed."""
+
+    auc_tolerance: float = 0.005
+    log_loss_tolerance: float = 0.01
+    num_candidates: int = 200
+    latency_budget_ms: float = 50.0
+    num_requests: int = 50
+    load_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How candidates are scored through the model server (paper section 4.3)."""
+
+    batch_size: int = 50
+    parallelism: int = 4
+    timeout_s: float = 5.0
+    retries: int = 3
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole pipeline config. Build it with :func:`load_config` or :func:`parse_config`."""
+
+    model_name: str
+    label: str
+    features: tuple[Feature, ...]
+    crosses: tuple[Cross, ...] = ()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    data: DataConfig = DataConfig()
+    validation: ValidationConfig = ValidationConfig()
+    serving: ServingConfig = ServingConfig()
+
+    def feature(self, name: str) -> Feature:
+        """The feature called ``name``."""
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    @property
+    def categorical_features(self) -> tuple[Feature, ...]:
+        """Features with a vocabulary."""
+        return tuple(f for f in self.features if f.is_categorical)
+
+    @property
+    def numeric_features(self) -> tuple[Feature, ...]:
+        """Features normalised by quantiles."""
+        return tuple(f for f in self.features if f.kind is Kind.NUMERIC)
+
+    @property
+    def vocabularies(self) -> dict[str, tuple[Feature, ...]]:
+        """Each vocabulary name and the features that share it, in config order."""
+        out: dict[str, list[Feature]] = {}
+        for f in self.categorical_features:
+            out.setdefault(f.vocabulary, []).append(f)
+        return {k: tuple(v) for k, v in out.items()}
+
+    @property
+    def raw_columns(self) -> tuple[str, ...]:
+        """Every raw column the pipeline reads: the label and each feature's column."""
+        cols = [self.label]
+        for f in self.features:
+            if f.column not in cols:
+                cols.append(f.column)
+        return tuple(cols)
+
+    def embedding_dim(self, feature: Feature) -> int:
+        """Embedding size of a categorical feature in the deep tower."""
+        return feature.embedding_dim or self.model.embedding_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data, in the YAML layout it was loaded from."""
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        """The config as YAML text that :func:`parse_config` reads back unchanged."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self, sections: tuple[str, ...] = ("label", "features", "crosses")) -> str:
+        """A stable hash of some sections (by default those that shape the data)."""
+        d = self.to_dict()
+        payload = json.dumps({k: d[k] for k in sections}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses duplicate keys, which plain YAML silently overwrites."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def preset_path(name: str) -> Path:
+    """Path of a config shipped with the package (see :data:`PRESETS`)."""
+    return Path(str(resources.files("transform") / "configs" / f"{name}.yaml"))
+
+
+def load_config(path_or_preset: str | Path) -> Config:
+    """Loads and validates a config from a YAML file, or a preset by name.
+
+    Raises:
+      ConfigError: the file is missing or not YAML, or the config is invalid; the message
+        names the file and the key.
+    """
+    text_path = str(path_or_preset)
+    path = preset_path(text_path) if text_path in PRESETS else Path(text_path)
+    if not path.is_file():
+        hint = f" (or one of the presets: {', '.join(PRESETS)})"
+        raise ConfigError(f"{path}: config file not found{hint}")
+    try:
+        return parse_config(path.read_text())
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def parse_config(text_or_data: str | Mapping[str, Any]) -> Config:
+    """Parses and validates a config from YAML text or already-parsed data."""
+    if isinstance(text_or_data, str):
+        try:
+            data = yaml.load(text_or_data, Loader=_UniqueKeyLoader)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"not valid YAML: {e}") from None
+    else:
+        data = text_or_data
+    if not isinstance(data, Mapping):
+        raise ConfigError("the config must be a mapping of keys to values")
+    data = dict(data)
+    features = data.pop("features", None)
+    crosses = data.pop("crosses", None) or {}
+    if not isinstance(features, Mapping) or not features:
+        raise ConfigError("features: required, a mapping of feature name to its settings")
+    if not isinstance(crosses, Mapping):
+        raise ConfigError("crosses: expected a mapping of cross name to its settings")
+    parsed_features = tuple(
+        _build(Feature, _with_name(spec, name, f"features.{name}"), f"features.{name}")
+        for name, spec in features.items()
+    )
+    parsed_crosses = tuple(
+        _build(Cross, _with_name(spec, name, f"crosses.{name}"), f"crosses.{name}")
+        for name, spec in crosses.items()
+    )
+    data["features"] = parsed_features
+    data["crosses"] = parsed_crosses
+    config = _build(Config, data, "")
+    config = dataclasses.replace(config, features=tuple(_resolve(f) for f in config.features))
+    _validate(config)
+    return config
+
+
+def _with_name(spec: Any, name: Any, where: str) -> dict[str, Any]:
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of settings, got {spec!r}")
+    if "name" in spec:
+        raise ConfigError(f"{where}.name: the name is the key; remove 'name'")
+    return {"name": str(name), **spec}
+
+
+def _resolve(f: Feature) -> Feature:
+    """Fills in the defaults that depend on other fields."""
+    return dataclasses.replace(f, column=f.column or f.name, vocabulary=f.vocabulary or f.name)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Builds dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = (
+                f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
+            )
+            raise ConfigError(f"{_join(where, key)}: unknown key{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = _join(where, name)
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required")
+    return cls(**kwargs)
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Checks ``value`` against the type hint ``hint`` and converts it."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: unexpected value {value!r}")
+    if origin is tuple:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            value = [value]  # a single tower or feature may be written without brackets
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in hint)
+            raise ConfigError(
+                f"{key}: unknown value {value!r}; expected one of {allowed}"
+            ) from None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported value {value!r}")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: many small checks, each naming the key it refuses.
+
+
+def _validate(config: Config) -> None:
+    _check_name("model_name", config.model_name)
+    _check_name("label", config.label)
+    names = [f.name for f in config.features]
+    for f in config.features:
+        _validate_feature(f, config)
+    columns = {}
+    for f in config.features:
+        if f.column == config.label:
+            raise ConfigError(f"features.{f.name}.column: {f.column!r} is the label column")
+        if f.column in columns and config.feature(columns[f.column]).kind is not f.kind:
+            raise ConfigError(
+                f"features.{f.name}.column: column {f.column!r} is already read as "
+                f"{config.feature(columns[f.column]).kind.value} by feature {columns[f.column]!r}"
+            )
+        columns.setdefault(f.column, f.name)
+    _validate_vocabularies(config)
+    cross_names = set()
+    for c in config.crosses:
+        where = f"crosses.{c.name}"
+        _check_name(where, c.name)
+        if c.name in names or c.name in cross_names:
+            raise ConfigError(f"{where}: the name {c.name!r} is already used")
+        cross_names.add(c.name)
+        if len(c.features) < 2:
+            raise ConfigError(f"{where}.features: a cross needs at least two features")
+        if len(set(c.features)) != len(c.features):
+            raise ConfigError(f"{where}.features: a feature is listed twice")
+        lists = 0
+        for i, name in enumerate(c.features):
+            if name not in names:
+                raise ConfigError(f"{where}.features[{i}]: {_unknown(name, names)}")
+            kind = config.feature(name).kind
+            if kind is Kind.NUMERIC:
+                raise ConfigError(
+                    f"{where}.features[{i}]: {name!r} is numeric; only categorical features "
+                    "can be crossed"
+                )
+            lists += kind is Kind.CATEGORICAL_LIST
+        if lists > 1:
+            raise ConfigError(
+                f"{where}.features: at most one categorical_list feature per cross "
+                "(the cross of two lists grows with the product of their lengths)"
+            )
+        _positive(f"{where}.hash_buckets", c.hash_buckets)
+    if not any(f.in_wide for f in config.features) and not config.crosses:
+        raise ConfigError(
+            "features: the wide tower has no features (no feature has tower "
+            "'wide' and there are no crosses)"
+        )
+    if not any(f.in_deep for f in config.features):
+        raise ConfigError("features: the deep tower has no features (no feature has tower 'deep')")
+    _validate_sections(config)
+
+
+def _validate_feature(f: Feature, config: Config) -> None:
+    where = f"features.{f.name}"
+    _check_name(where, f.name)
+    if f.name == config.label:
+        raise ConfigError(f"{where}: the label {config.label!r} cannot also be a feature")
+    if not f.towers:
+        raise ConfigError(f"{where}.towers: a feature must feed at least one tower")
+    if len(set(f.towers)) != len(f.towers):
+        raise ConfigError(f"{where}.towers: a tower is listed twice")
+    _positive(f"{where}.min_count", f.min_count)
+    if f.embedding_dim is not None:
+        _positive(f"{where}.embedding_dim", f.embedding_dim)
+    if f.kind is Kind.NUMERIC:
+        if f.quantiles < 2:
+            raise ConfigError(f"{where}.quantiles: expected an integer >= 2, got {f.quantiles}")
+        if f.dtype is not DType.STRING:  # dtype was given: it means nothing for numbers
+            raise ConfigError(f"{where}.dtype: only categorical features take a dtype")
+        if f.default is not None and isinstance(f.default, str):
+            raise ConfigError(f"{where}.default: expected a number, got {f.default!r}")
+    else:
+        if f.default is not None:
+            want = str if f.dtype is DType.STRING else int
+            if not isinstance(f.default, want) or isinstance(f.default, bool):
+                raise ConfigError(
+                    f"{where}.default: expected a {f.dtype.value} for a {f.dtype.value} "
+                    f"feature, got {f.default!r}"
+                )
+        _check_name(f"{where}.vocabulary", f.vocabulary)
+
+
+def _validate_vocabularies(config: Config) -> None:
+    for vocab, members in config.vocabularies.items():
+        first = members[0]
+        for f in members[1:]:
+            where = f"features.{f.name}"
+            if f.dtype is not first.dtype:
+                raise ConfigError(
+                    f"{where}.dtype: shares vocabulary {vocab!r} with {first.name!r} "
+                    f"but its dtype is {f.dtype.value}, not {first.dtype.value}"
+                )
+            if f.min_count != first.min_count:
+                raise ConfigError(
+                    f"{where}.min_count: shares vocabulary {vocab!r} with {first.name!r} "
+                    f"but its min_count is {f.min_count}, not {first.min_count}"
+                )
+    for f in config.numeric_features:
+        if f.vocabulary != f.name:
+            raise ConfigError(f"features.{f.name}.vocabulary: numeric features have no vocabulary")
+
+
+def _validate_sections(config: Config) -> None:
+    m = config.model
+    _positive("model.embedding_dim", m.embedding_dim)
+    if not m.hidden_units:
+        raise ConfigError("model.hidden_units: the deep tower needs at least one layer")
+    for i, units in enumerate(m.hidden_units):
+        _positive(f"model.hidden_units[{i}]", units)
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout: expected a number in [0, 1), got {m.dropout}")
+    for key, opt, allowed in (
+        ("model.wide_optimizer", m.wide_optimizer, ("ftrl", "adagrad", "adam", "sgd")),
+        ("model.deep_optimizer", m.deep_optimizer, ("adagrad", "adam", "sgd", "ftrl")),
+    ):
+        if opt.name not in allowed:
+            raise ConfigError(
+                f"{key}.name: unknown optimizer {opt.name!r}; expected one of {', '.join(allowed)}"
+            )
+        if opt.learning_rate <= 0:
+            raise ConfigError(f"{key}.learning_rate: must be > 0, got {opt.learning_rate}")
+        for attr in ("l1_regularization", "l2_regularization", "initial_accumulator_value"):
+            if getattr(opt, attr) < 0:
+                raise ConfigError(f"{key}.{attr}: must be >= 0, got {getattr(opt, attr)}")
+    t = config.training
+    _positive("training.batch_size", t.batch_size)
+    _positive("training.epochs", t.epochs)
+    _positive("training.steps_per_checkpoint", t.steps_per_checkpoint)
+    _positive("training.shuffle_buffer", t.shuffle_buffer)
+    d = config.data
+    if not 0.0 < d.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction: expected a number in (0, 1), got {d.eval_fraction}")
+    if d.split_by and d.split_by == config.label:
+        raise ConfigError("data.split_by: cannot split by the label")
+    if len(d.csv_delimiter) != 1:
+        raise ConfigError(f"data.csv_delimiter: expected one character, got {d.csv_delimiter!r}")
+    if not d.list_delimiter or d.list_delimiter == d.csv_delimiter:
+        raise ConfigError("data.list_delimiter: must be non-empty and differ from csv_delimiter")
+    _positive("data.shard_rows", d.shard_rows)
+    v = config.validation
+    for attr in ("auc_tolerance", "log_loss_tolerance"):
+        if getattr(v, attr) < 0:
+            raise ConfigError(f"validation.{attr}: must be >= 0")
+    _positive("validation.num_candidates", v.num_candidates)
+    _positive("validation.num_requests", v.num_requests)
+    if v.latency_budget_ms <= 0 or v.load_timeout_s <= 0:
+        raise ConfigError("validation: latency_budget_ms and load_timeout_s must be > 0")
+    s = config.serving
+    _positive("serving.batch_size", s.batch_size)
+    _positive("serving.parallelism", s.parallelism)
+    if s.timeout_s <= 0 or s.retries < 0:
+        raise ConfigError("serving: timeout_s must be > 0 and retries >= 0")
+
+
+def _check_name(key: str, name: str) -> None:
+    if not _NAME_RE.match(name):
+        raise ConfigError(
+            f"{key}: {name!r} is not a valid name (letters, digits and '_', not starting "
+            "with a digit)"
+        )
+
+
+def _positive(key: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{key}: expected an integer >= 1, got {value}")
+
+
+def _unknown(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"unknown feature {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, Config):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.name == "features":
+                out["features"] = {x.name: _strip_name(_to_plain(x)) for x in value}
+            elif f.name == "crosses":
+                out["crosses"] = {x.name: _strip_name(_to_plain(x)) for x in value}
+            else:
+                out[f.name] = _to_plain(value)
+        return out
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, tuple | list):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _strip_name(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k != "name"}

@@ -1,0 +1,164 @@
+"""What the features are and how they are transformed, derived from one :class:`Config`.
+
+- :func:`raw_feature_spec` is how a raw impression is parsed (in data generation and, without
+  the label, in the serving signature);
+- :func:`preprocessing_fn` is the tf.Transform function: vocabularies of categorical features
+  seen at least ``min_count`` times, quantile normalisation of numeric features to
+  (i - 1) / (n_q - 1) (paper section 4.1), and the hashed cross-product transformations of the
+  wide tower (section 3.1).
+
+Transformed features keep their config names: a categorical feature becomes its vocabulary id
+(``vocabulary_size`` is the out-of-vocabulary id), a list feature a sparse list of ids, a
+numeric feature its normalised value in [0, 1], and a cross a sparse list of hashed ids.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from transform.config import Config, DType, Feature, Kind
+
+NUM_OOV_BUCKETS = 1
+"""Ids a vocabulary reserves past its last token for values it has not seen often enough."""
+
+QUANTILE_EPSILON = 0.001
+"""Error bound of the quantile sketch, as a fraction of the rows (tft.quantiles' epsilon)."""
+
+
+def raw_dtype(feature: Feature) -> tf.dtypes.DType:
+    """The TF dtype of a feature's raw values."""
+    if feature.kind is Kind.NUMERIC:
+        return tf.float32
+    return tf.string if feature.dtype is DType.STRING else tf.int64
+
+
+def raw_feature_spec(
+    config: Config, *, with_label: bool = True, with_defaults: bool = False
+) -> dict[str, tf.io.FixedLenFeature | tf.io.VarLenFeature]:
+    """Parsing spec of a raw impression, keyed by raw column name.
+
+    Args:
+      config: The pipeline config.
+      with_label: Include the label (data generation); serving requests carry no label.
+      with_defaults: Give columns that have a configured ``default`` that default value, so a
+        request that omits them still parses (the serving signature).
+    """
+    spec: dict[str, tf.io.FixedLenFeature | tf.io.VarLenFeature] = {}
+    if with_label:
+        spec[config.label] = tf.io.FixedLenFeature([], tf.int64)
+    for f in config.features:
+        if f.column in spec:
+            continue  # two features may read one column
+        if f.kind is Kind.CATEGORICAL_LIST:
+            spec[f.column] = tf.io.VarLenFeature(raw_dtype(f))
+        else:
+            default = f.default if with_defaults else None
+            spec[f.column] = tf.io.FixedLenFeature([], raw_dtype(f), default_value=default)
+    return spec
+
+
+def make_preprocessing_fn(config: Config) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+    """The tf.Transform ``preprocessing_fn`` of a config.
+
+    The analyzers run once over the training split during data generation; their results
+    (vocabularies, quantile boundaries) become constants and files of the transform graph, so
+    training and serving transform features the same way.
+    """
+
+    def preprocessing_fn(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        outputs: dict[str, tf.Tensor] = {config.label: tf.cast(inputs[config.label], tf.int64)}
+        # A vocabulary shared by several features is computed over all their values at once.
+        vocab_paths = {}
+        for vocab, members in config.vocabularies.items():
+            values = [_values(inputs[f.column]) for f in members]
+            tokens = tf.concat(values, 0) if len(values) > 1 else values[0]
+            vocab_paths[vocab] = tft.vocabulary(
+                tokens,
+                # Unit weights make tf.Transform count tokens batch by batch inside the graph;
+                # unweighted, it sends every single token through Beam, which was slower.
+                weights=tf.ones_like(tokens, dtype=tf.float32),
+                # tft warns that a threshold of 1 is a no-op: say "no threshold" as None.
+                frequency_threshold=members[0].min_count if members[0].min_count > 1 else None,
+                vocab_filename=vocab,
+                name=f"vocabulary_{vocab}",
+            )
+        for f in config.features:
+            x = inputs[f.column]
+            if f.kind is Kind.NUMERIC:
+                outputs[f.name] = quantile_normalize(x, f.quantiles, name=f.name)
+            else:
+                outputs[f.name] = tft.apply_vocabulary(
+                    x,
+                    deferred_vocab_filename_tensor=vocab_paths[f.vocabulary],
+                    num_oov_buckets=NUM_OOV_BUCKETS,
+                    name=f"apply_vocabulary_{f.name}",
+                )
+        for cross in config.crosses:
+            parts = [_as_cross_input(inputs[config.feature(n).column]) for n in cross.features]
+            outputs[cross.name] = tf.sparse.cross_hashed(parts, num_buckets=cross.hash_buckets)
+        return outputs
+
+    return preprocessing_fn
+
+
+def quantile_normalize(x: tf.Tensor, num_quantiles: int, name: str) -> tf.Tensor:
+    """Maps a value in the i-th of ``num_quantiles`` quantiles to (i - 1) / (n_q - 1).
+
+    A value equal to a boundary belongs to the quantile that starts at that boundary.
+    """
+    boundaries = tft.quantiles(
+        x, num_buckets=num_quantiles, epsilon=QUANTILE_EPSILON, name=f"quantiles_{name}"
+    )
+    # Kept under a stable name so the summary can report the boundaries.
+    boundaries = tf.identity(boundaries, name=f"{BOUNDARIES_PREFIX}{name}")
+    buckets = tft.apply_buckets(x, boundaries)
+    return tf.cast(buckets, tf.float32) / float(num_quantiles - 1)
+
+
+BOUNDARIES_PREFIX = "widedeep_quantile_boundaries__"
+"""Op name prefix of each numeric feature's boundaries inside the transform graph."""
+
+
+def _values(x: tf.Tensor | tf.SparseTensor) -> tf.Tensor:
+    return x.values if isinstance(x, tf.SparseTensor) else tf.reshape(x, [-1])
+
+
+def _as_cross_input(x: tf.Tensor | tf.SparseTensor) -> tf.Tensor | tf.SparseTensor:
+    # cross_hashed takes rank-2 inputs: a scalar feature becomes a one-element list.
+    return x if isinstance(x, tf.SparseTensor) else tf.expand_dims(x, 1)
+
+
+def read_quantile_boundaries(transform_output_dir: str) -> dict[str, list[float]]:
+    """Each numeric feature's quantile boundaries, read back from the transform graph.
+
+    tf.Transform bakes analyzer results into the graph as captured constants and has no public
+    API to list them; each is found by the stable name :func:`quantile_normalize` gives it.
+    """
+    import numpy as np
+
+    loaded = tf.saved_model.load(os.path.join(transform_output_dir, "transform_fn"))
+    fn = loaded.signatures["serving_default"]
+    library = {f.signature.name: f for f in fn.graph.as_graph_def().library.function}
+    position = {t.name: i for i, t in enumerate(fn.graph.inputs)}
+    first_capture = len(fn.graph.inputs) - len(fn.captured_inputs)
+    suffix = "_input"
+    out: dict[str, list[float]] = {}
+    for op in fn.graph.get_operations():
+        if op.type not in ("StatefulPartitionedCall", "PartitionedCall"):
+            continue
+        inner = library.get(op.get_attr("f").name)
+        if inner is None:
+            continue
+        for arg, outer in zip(inner.signature.input_arg, op.inputs, strict=False):
+            if not (arg.name.startswith(BOUNDARIES_PREFIX) and arg.name.endswith(suffix)):
+                continue
+            index = position.get(outer.name, -1)
+            if index >= first_capture:
+                value = fn.captured_inputs[index - first_capture]
+                name = arg.name[len(BOUNDARIES_PREFIX) : -len(suffix)]
+                out[name] = [float(v) for v in np.asarray(value).ravel()]
+    return out
