@@ -9,6 +9,7 @@ Output layout (``out_dir``)::
 
     transform_fn/  transformed_metadata/  metadata/   the tf.Transform output (graph, schemas)
     train/part-*.tfrecord.gz  eval/part-*.tfrecord.gz transformed tf.Examples
+    eval_raw/part-*.tfrecord.gz                       the eval split's raw tf.Examples
     config.yaml  summary.json  summary.txt            the config used and what the run saw
 
 The job is built by :func:`build_pipeline`, a pure factory; :func:`run_datagen` adds the
@@ -45,6 +46,7 @@ SUMMARY_TXT = "summary.txt"
 CONFIG_YAML = "config.yaml"
 TRAIN_DIR = "train"
 EVAL_DIR = "eval"
+EVAL_RAW_DIR = "eval_raw"
 SHARD_SUFFIX = ".tfrecord.gz"
 _STATS_NAME = "_stats"
 
@@ -217,11 +219,15 @@ def build_pipeline(
     ) | "TransformEval" >> tft_beam.TransformDataset(output_record_batches=True)
 
     _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(out_dir)
-    for name, data in ((TRAIN_DIR, train), (EVAL_DIR, eval_data)):
+    # The raw eval rows are kept too: models built on other vocabularies (the one being served,
+    # the next one) can only be compared on raw examples, and the dry run sends raw requests.
+    outputs = ((TRAIN_DIR, train), (EVAL_DIR, eval_data), (EVAL_RAW_DIR, split[EVAL_DIR]))
+    for name, data in outputs:
+        step = "".join(part.capitalize() for part in name.split("_"))
         _ = (
             data
-            | f"Encode{name.capitalize()}Examples" >> beam.Map(_encode)
-            | f"Write{name.capitalize()}TFRecords"
+            | f"Encode{step}Examples" >> beam.Map(_encode)
+            | f"Write{step}TFRecords"
             >> WriteFramedTFRecords(os.path.join(out_dir, name, "part"), SHARD_SUFFIX)
         )
     _ = (

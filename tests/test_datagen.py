@@ -12,6 +12,7 @@ import tensorflow_transform as tft
 
 from pipeline.datagen import (
     EVAL_DIR,
+    EVAL_RAW_DIR,
     SUMMARY_JSON,
     TRAIN_DIR,
     OutputExistsError,
@@ -73,6 +74,20 @@ def test_parquet_output_layout_and_summary(movies_data: Path, movies_table: pa.T
     # The raw schema is there: serving parses raw examples with it.
     output = tft.TFTransformOutput(str(movies_data))
     assert set(output.raw_feature_spec()) == set(MOVIES.raw_columns)
+
+
+def test_raw_eval_examples_are_kept(movies_data: Path) -> None:
+    """Raw eval rows let models with other vocabularies be compared on the same examples."""
+    from transform.features import raw_feature_spec
+
+    files = sorted(str(p) for p in (movies_data / EVAL_RAW_DIR).glob("*.tfrecord.gz"))
+    records = list(tf.data.TFRecordDataset(files, compression_type="GZIP"))
+    summary = json.loads((movies_data / SUMMARY_JSON).read_text())
+    assert len(records) == summary["splits"][EVAL_DIR]["rows"]
+    parsed = tf.io.parse_example(tf.stack(records), raw_feature_spec(MOVIES))
+    assert parsed["movie_id"].dtype == tf.string and parsed["user_id"].dtype == tf.int64
+    # Missing values were filled with the config's defaults before they were written.
+    assert b"unknown" in set(parsed["occupation"].numpy().tolist())
 
 
 def test_transformed_examples_hold_ids_and_normalised_values(movies_data: Path) -> None:
