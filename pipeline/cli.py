@@ -11,7 +11,9 @@ import logging
 import os
 import sys
 import textwrap
+import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 EXIT_USAGE = 2
 
@@ -125,6 +127,192 @@ def _datagen(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+@_verb(
+    "train",
+    "train wide & deep (or one tower) on datagen output, evaluate it and export a SavedModel",
+    """
+    widedeep train --config app_store --data data/day1 --out models/day1
+    widedeep train --config app_store --data data/day2 --out models/day2 \\
+        --warm-start-from models/day1
+    widedeep train --config app_store --data data/day1 --out models/wide --towers wide
+    TF_CONFIG='{...}' widedeep train --config app_store --data data/day1 --out models/mw \\
+        --distribute multi_worker
+
+    A run that was interrupted resumes from its last checkpoint when started again with the
+    same arguments. Writes checkpoints/, export/ (the SavedModel, with its warmup requests),
+    metrics.json, roc.png, logs/ (TensorBoard) and config.yaml into --out.
+    """,
+)
+def _train(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from trainer.train import format_result, train
+    from transform.config import load_config
+
+    config = load_config(args.config)
+    result = train(
+        config,
+        args.data,
+        args.out,
+        towers=args.towers,
+        warm_start_from=args.warm_start_from,
+        overwrite=args.overwrite,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        distribute=args.distribute,
+        verbose=0 if args.quiet else 1,
+    )
+    if result.metrics is not None:
+        print(format_result(result))
+    return 0
+
+
+@_verb(
+    "serve",
+    "start a model server on a TF Serving model base path (gRPC, and REST on a second port)",
+    """
+    widedeep serve --port 8500 --rest_api_port 8501 --model_name app_ranker \\
+        --model_base_path serving/app_ranker
+    widedeep serve --port 8500 --model_config_file docker/models.config
+
+    Takes tensorflow_model_server's own flags. Runs tensorflow_model_server when it is on PATH
+    (writing a model config file for --model_name/--model_base_path), else the built-in server
+    that speaks the same gRPC and REST API. --builtin forces the built-in one.
+    """,
+)
+def _serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from serving import tfserving
+
+    binary = None if args.builtin else tfserving.find_binary()
+    if binary:
+        argv = tfserving.binary_argv(binary, extra)
+        print("widedeep serve: running " + " ".join(argv), flush=True)
+        os.execv(binary, argv)
+    from serving.server import main as server_main
+
+    return server_main(list(extra))
+
+
+@_verb(
+    "validate",
+    "dry run in a model server and quality check against the served model; writes a verdict",
+    """
+    widedeep validate --model models/day2 --data data/day2 --model_base_path serving
+    widedeep validate --model models/day2 --data data/day2 --baseline models/day1
+
+    Exit status 0 when the model passed, 1 when it failed; the verdict is in
+    MODEL/verdict.json either way.
+    """,
+)
+def _validate(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from serving.validate import format_verdict, validate
+
+    config = _model_config(args.config, args.model)
+    verdict = validate(
+        args.model,
+        args.data,
+        config,
+        baseline=args.baseline,
+        model_base_path=args.model_base_path,
+        skip_dry_run=args.skip_dry_run,
+    )
+    print(format_verdict(verdict))
+    return 0 if verdict.passed else 1
+
+
+@_verb(
+    "deploy",
+    "push a validated model into a TF Serving model base path as the next version, atomically",
+    """
+    widedeep deploy --model models/day2 --model_base_path serving --server localhost:8500
+    widedeep deploy --rollback --model_base_path serving --model_name app_ranker \\
+        --server localhost:8500
+    """,
+)
+def _deploy(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from serving.deploy import deploy, rollback
+
+    if args.rollback:
+        name = args.model_name or _model_config(args.config, args.model).model_name
+        done = rollback(args.model_base_path, name, server=args.server, timeout_s=args.timeout)
+        print(
+            f"deploy: rolled back {name} from version {done.previous} to {done.version}"
+            + (" (confirmed AVAILABLE)" if done.confirmed else "")
+        )
+        return 0
+    if not args.model:
+        raise ValueError("--model: required unless --rollback")
+    name = args.model_name or _model_config(args.config, args.model).model_name
+    done = deploy(
+        args.model, args.model_base_path, name, server=args.server, timeout_s=args.timeout
+    )
+    print(
+        f"deploy: {name} version {done.version} -> {done.path}"
+        + (" (confirmed AVAILABLE)" if done.confirmed else "")
+    )
+    return 0
+
+
+@_verb(
+    "query",
+    "score and rank one query's candidates through the gRPC endpoint",
+    """
+    widedeep query --server localhost:8500 --model_name app_ranker --config app_store \\
+        --query query.json
+    echo '{"query": {...}, "candidates": [{...}, ...]}' | widedeep query \\
+        --server localhost:8500 --model_name app_ranker
+
+    The JSON holds "query" (features shared by every candidate: user and context) and
+    "candidates" (a list of each candidate's features). With --config, feature types follow
+    the config; without, they follow the JSON values.
+    """,
+)
+def _query(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    import json
+
+    from serving.client import ClientSettings, RankingClient, format_ranking
+    from transform.config import load_config
+
+    text = sys.stdin.read() if args.query in (None, "-") else Path(args.query).read_text()
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--query: not valid JSON ({e})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("candidates"), list):
+        raise ValueError('--query: expected {"query": {...}, "candidates": [{...}, ...]}')
+    config = load_config(args.config) if args.config else None
+    base = ClientSettings.from_config(config) if config else ClientSettings()
+    settings = ClientSettings(
+        batch_size=args.batch_size or base.batch_size,
+        parallelism=args.parallelism or base.parallelism,
+        timeout_s=args.timeout or base.timeout_s,
+        retries=base.retries,
+    )
+    with RankingClient(args.server, args.model_name, settings, config=config) as client:
+        ranked = client.rank(payload.get("query") or {}, payload["candidates"])
+    if args.json:
+        print(
+            json.dumps(
+                [{"rank": r.rank, "score": r.score, "candidate": r.candidate} for r in ranked],
+                indent=2,
+            )
+        )
+    else:
+        print(format_ranking(ranked, id_key=args.id_key, top=args.top))
+    return 0
+
+
+def _model_config(config: str | None, model_dir: str | None):
+    """The config given, or the one a training output folder saved beside its model."""
+    from transform.config import load_config
+
+    if config:
+        return load_config(config)
+    if model_dir:
+        for candidate in (Path(model_dir) / "config.yaml", Path(model_dir).parent / "config.yaml"):
+            if candidate.exists():
+                return load_config(candidate)
+    raise ValueError("--config: required (the model folder holds no config.yaml)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every verb."""
     parser = argparse.ArgumentParser(
@@ -175,6 +363,97 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an output folder that holds results (kept until the new output is complete)",
     )
     p.set_defaults(run=_datagen)
+
+    p = add("train")
+    _config_arg(p)
+    p.add_argument("--data", required=True, help="datagen output folder")
+    p.add_argument("--out", required=True, help="model folder")
+    p.add_argument(
+        "--towers",
+        choices=["wide_deep", "wide", "deep"],
+        default="wide_deep",
+        help="the paper's three models (default wide_deep)",
+    )
+    p.add_argument(
+        "--warm-start-from",
+        "--warm_start_from",
+        dest="warm_start_from",
+        help="previous model folder: embeddings and wide weights carried by token",
+    )
+    p.add_argument("--epochs", type=int, help="passes over the train split (default: config)")
+    p.add_argument(
+        "--max-steps",
+        "--max_steps",
+        dest="max_steps",
+        type=int,
+        help="stop at this global step (a later run with the same arguments resumes)",
+    )
+    p.add_argument(
+        "--distribute",
+        choices=["multi_worker"],
+        help="MultiWorkerMirroredStrategy over the cluster in TF_CONFIG",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard a finished model or unfinished run in --out and start over",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_train)
+
+    p = add("serve")
+    p.add_argument(
+        "--builtin",
+        action="store_true",
+        help="use the built-in server even if tensorflow_model_server is on PATH",
+    )
+    p.set_defaults(run=_serve)
+
+    p = add("validate")
+    p.add_argument("--model", required=True, help="training output folder (or its SavedModel)")
+    p.add_argument("--data", required=True, help="datagen output whose eval split is used")
+    p.add_argument("--config", help="pipeline config (default: the model's config.yaml)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--baseline", help="compare with this model")
+    group.add_argument(
+        "--model_base_path",
+        "--model-base-path",
+        help="compare with the newest version served from this base path",
+    )
+    p.add_argument("--skip-dry-run", action="store_true", help="quality check only")
+    p.set_defaults(run=_validate)
+
+    p = add("deploy")
+    p.add_argument("--model", help="training output folder with a passing verdict")
+    p.add_argument(
+        "--model_base_path",
+        "--model-base-path",
+        required=True,
+        help="TF Serving model base path (holds MODEL_NAME/VERSION/)",
+    )
+    p.add_argument("--model_name", "--model-name", help="name on the server (default: config)")
+    p.add_argument("--config", help="pipeline config (default: the model's config.yaml)")
+    p.add_argument("--server", help="host:port of the server, to confirm the version is served")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for it")
+    p.add_argument(
+        "--rollback",
+        action="store_true",
+        help="retire the newest version so the previous one is served again",
+    )
+    p.set_defaults(run=_deploy)
+
+    p = add("query")
+    p.add_argument("--server", required=True, help="host:port of the gRPC endpoint")
+    p.add_argument("--model_name", "--model-name", required=True, help="the model's name")
+    p.add_argument("--query", help="JSON file with the query and its candidates (default stdin)")
+    p.add_argument("--config", help="pipeline config, to type the features exactly")
+    p.add_argument("--batch-size", type=int, help="candidates per request")
+    p.add_argument("--parallelism", type=int, help="requests in flight at once")
+    p.add_argument("--timeout", type=float, help="deadline of the whole query, seconds")
+    p.add_argument("--id-key", help="candidate feature to show (default: its first key)")
+    p.add_argument("--top", type=int, help="show only the best N")
+    p.add_argument("--json", action="store_true", help="print the ranking as JSON")
+    p.set_defaults(run=_query)
     return parser
 
 
@@ -193,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help()
         return EXIT_USAGE
-    if extra and args.verb != "datagen":
+    if extra and args.verb not in ("datagen", "serve"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_tensorflow(args.verbose)
     _setup_logging(args.verbose)
@@ -202,6 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args, extra) or 0)
     except USER_ERRORS as e:
+        if args.verbose:
+            traceback.print_exc()
         print(f"widedeep {args.verb}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 from pipeline.datagen import OutputExistsError
 from pipeline.sources import InputError
+from serving.client import ScoringError
+from serving.deploy import DeployError
+from serving.validate import ValidationError
+from trainer.errors import TrainError
 from transform.config import ConfigError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
     InputError,
     OutputExistsError,
+    DeployError,
+    TrainError,
+    ValidationError,
+    ScoringError,
     FileExistsError,
     FileNotFoundError,
+    ValueError,
 )

@@ -17,11 +17,11 @@ def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for verb in ("simulate", "datagen"):
+    for verb in ("simulate", "datagen", "train", "validate", "deploy", "serve", "query"):
         assert verb in out
 
 
-@pytest.mark.parametrize("verb", ["simulate", "datagen"])
+@pytest.mark.parametrize("verb", ["simulate", "datagen", "train", "validate", "deploy", "query"])
 def test_each_verb_has_help_with_examples(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main([verb, "--help"])
@@ -70,6 +70,31 @@ def test_simulate_then_datagen_through_the_console_script(tmp_path: Path) -> Non
     assert run.returncode == 0, run.stderr
     assert "datagen finished" in run.stdout and "vocabularies" in run.stdout
     assert json.loads((data / "summary.json").read_text())["rows"] == 3000
+    model = tmp_path / "model"
+    run = subprocess.run(
+        [
+            str(exe),
+            "train",
+            "--config",
+            "app_store",
+            "--data",
+            str(data),
+            "--out",
+            str(model),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "eval        AUC" in run.stdout and (model / "export" / "saved_model.pb").exists()
+    run = subprocess.run(
+        [str(exe), "validate", "--model", str(model), "--data", str(data), "--skip-dry-run"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "validate: PASSED" in run.stdout and (model / "verdict.json").exists()
     # A second run into the same folder is refused and leaves it as it was.
     again = subprocess.run(
         [str(exe), "datagen", "--config", "app_store", "--input", str(logs), "--out", str(data)],

@@ -1,0 +1,210 @@
+"""Deploying a validated model into a TF Serving model base path, and rolling back.
+
+A version appears in ``<base>/<model_name>/<version>/`` all at once: it is copied into a hidden
+temporary folder beside it and renamed into place, so a server that polls the base path never
+sees half a model. A rollback moves the newest version out of the base path (into
+``<base>/<model_name>/.retired/``), so a server with the usual "latest version" policy serves
+the previous one again; nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+VERDICT_FILE = "verdict.json"
+RETIRED_DIR = ".retired"
+_AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+
+
+class DeployError(RuntimeError):
+    """A model that may not be deployed, or a deployment the server did not confirm."""
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What a deploy or rollback did."""
+
+    model_name: str
+    version: int
+    path: Path
+    confirmed: bool
+    previous: int | None
+
+
+def export_dir(model_dir: str | Path) -> Path:
+    """The SavedModel of a training output folder (``<dir>/export``) or the folder itself."""
+    path = Path(model_dir)
+    if (path / "saved_model.pb").exists():
+        return path
+    if (path / "export" / "saved_model.pb").exists():
+        return path / "export"
+    raise DeployError(f"{path}: no SavedModel (saved_model.pb) in it or in its export/ folder")
+
+
+def fingerprint(model_dir: str | Path) -> str:
+    """A hash of every file of a SavedModel: a verdict holds only for the model it judged."""
+    root = export_dir(model_dir)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+def versions(base_path: str | Path, model_name: str) -> list[int]:
+    """The version numbers under ``<base>/<model_name>/``, ascending."""
+    folder = Path(base_path) / model_name
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def check_verdict(model_dir: str | Path) -> dict:
+    """The model's passing verdict; raises :class:`DeployError` if there is none for it."""
+    model = Path(model_dir)
+    path = model / VERDICT_FILE
+    if not path.exists():
+        raise DeployError(f"{model}: no {VERDICT_FILE}; run 'widedeep validate' on it first")
+    verdict = json.loads(path.read_text())
+    if not verdict.get("passed"):
+        reasons = "; ".join(verdict.get("reasons", [])) or "see the verdict"
+        raise DeployError(f"{model}: its validation failed ({reasons}); it is not deployed")
+    if verdict.get("fingerprint") != fingerprint(model):
+        raise DeployError(
+            f"{model}: the model changed after it was validated (fingerprint "
+            f"{verdict.get('fingerprint')} vs {fingerprint(model)}); validate it again"
+        )
+    return verdict
+
+
+def deploy(
+    model_dir: str | Path,
+    base_path: str | Path,
+    model_name: str,
+    server: str | None = None,
+    timeout_s: float = 120.0,
+) -> Deployment:
+    """Copies a validated model into the base path as the next version.
+
+    Args:
+      model_dir: Training output folder (or its SavedModel).
+      base_path: The TF Serving model base path (holds ``<model_name>/<version>/``).
+      model_name: The model's name on the server.
+      server: ``host:port`` of a server watching the base path, to confirm the new version
+        becomes AVAILABLE; None to skip the check.
+      timeout_s: How long to wait for the confirmation.
+
+    Raises:
+      DeployError: no passing verdict for this exact model, or the server did not confirm.
+    """
+    check_verdict(model_dir)
+    source = export_dir(model_dir)
+    folder = Path(base_path) / model_name
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = versions(base_path, model_name)
+    retired = _retired_versions(folder)
+    version = max([0, *existing, *retired]) + 1
+    staging = folder / f".staging-{version}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    # A rename within one folder is atomic: the version appears whole or not at all.
+    os.rename(staging, folder / str(version))
+    confirmed = False
+    if server:
+        wait_for_version(server, model_name, version, timeout_s)
+        confirmed = True
+    return Deployment(
+        model_name, version, folder / str(version), confirmed, existing[-1] if existing else None
+    )
+
+
+def rollback(
+    base_path: str | Path, model_name: str, server: str | None = None, timeout_s: float = 120.0
+) -> Deployment:
+    """Retires the newest version so the previous one is served again.
+
+    Raises:
+      DeployError: fewer than two versions, or the server did not confirm the previous one.
+    """
+    existing = versions(base_path, model_name)
+    if len(existing) < 2:
+        raise DeployError(
+            f"{Path(base_path) / model_name}: {len(existing)} version(s); a rollback needs a "
+            "previous version to return to"
+        )
+    folder = Path(base_path) / model_name
+    newest, previous = existing[-1], existing[-2]
+    retired = folder / RETIRED_DIR
+    retired.mkdir(exist_ok=True)
+    os.rename(folder / str(newest), retired / str(newest))
+    confirmed = False
+    if server:
+        wait_for_version(server, model_name, previous, timeout_s)
+        confirmed = True
+    return Deployment(model_name, previous, folder / str(previous), confirmed, newest)
+
+
+def _retired_versions(folder: Path) -> list[int]:
+    retired = folder / RETIRED_DIR
+    if not retired.is_dir():
+        return []
+    return [int(p.name) for p in retired.iterdir() if p.name.isdigit()]
+
+
+def version_states(server: str, model_name: str, timeout_s: float = 5.0) -> dict[int, int]:
+    """Each version's state (``ModelVersionStatus.State``) as the server reports it."""
+    with grpc.insecure_channel(server) as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = model_name
+        response = stub.GetModelStatus(request, timeout=timeout_s)
+    return {s.version: s.state for s in response.model_version_status}
+
+
+def serving_version(server: str, model_name: str) -> int | None:
+    """The highest AVAILABLE version on the server, or None."""
+    try:
+        states = version_states(server, model_name)
+    except grpc.RpcError:
+        return None
+    available = [v for v, s in states.items() if s == _AVAILABLE]
+    return max(available) if available else None
+
+
+def wait_for_version(
+    server: str, model_name: str, version: int, timeout_s: float, poll_s: float = 0.2
+) -> None:
+    """Waits until ``version`` is the server's newest AVAILABLE version.
+
+    Raises:
+      DeployError: not so within ``timeout_s``; the message gives the last states seen.
+    """
+    deadline = time.monotonic() + timeout_s
+    last: object = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            states = version_states(server, model_name)
+            last = {
+                v: get_model_status_pb2.ModelVersionStatus.State.Name(s) for v, s in states.items()
+            }
+            available = [v for v, s in states.items() if s == _AVAILABLE]
+            if available and max(available) == version:
+                return
+        except grpc.RpcError as e:
+            last = f"{e.code().name}: {e.details()}"
+        time.sleep(poll_s)
+    raise DeployError(
+        f"{server}: version {version} of {model_name!r} was not AVAILABLE within "
+        f"{timeout_s:.0f} s (last seen: {last})"
+    )

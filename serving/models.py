@@ -1,0 +1,636 @@
+"""Which model versions are served: the model config, the file-system watch and version switches.
+
+This is TF Serving's ServerCore in small: a `ModelServerConfig` names models and base paths; each
+poll lists `<base_path>/<version>/` folders, the version policy picks the aspired versions, and
+the availability-preserving policy decides what to load and unload. New versions load (and warm
+up) in the background; requests switch to a version only once it is AVAILABLE, and an old
+version is unloaded only once a newer aspired one is AVAILABLE, so a version that fails to load
+never takes the model down. Requests read an immutable routing table, never a lock.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from tensorflow_serving.apis import model_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving.errors import (
+    ServingError,
+    as_serving_error,
+    failed_precondition,
+    invalid_argument,
+    not_found,
+)
+from serving.metrics import Metrics
+from serving.servable import Servable, ServableOptions
+
+log = logging.getLogger(__name__)
+
+TENSORFLOW_PLATFORM = "tensorflow"
+_VERSION_DIR = re.compile(r"\d+", re.ASCII)
+
+Loader = Callable[[str, int, Path], Servable]
+
+
+class State(enum.IntEnum):
+    """A version's state, numbered as `ModelVersionStatus.State` in get_model_status.proto."""
+
+    UNKNOWN = 0
+    START = 10
+    LOADING = 20
+    AVAILABLE = 30
+    UNLOADING = 40
+    END = 50
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """What GetModelStatus reports for one version: its state and, after a failure, the error."""
+
+    version: int
+    state: State
+    error: ServingError | None = None
+
+
+@dataclass(frozen=True)
+class ManagerSettings:
+    """How versions are found and loaded; names follow TF Serving's flags.
+
+    `file_system_poll_wait_seconds` <= 0 polls once, when a config is applied (as TF Serving
+    does for 0); `poll_now()` polls at any time. A failed load is retried
+    `max_num_load_retries` times, `load_retry_interval_seconds` apart, before the version is
+    reported END with its error.
+    """
+
+    file_system_poll_wait_seconds: float = 1.0
+    max_num_load_retries: int = 5
+    load_retry_interval_seconds: float = 60.0
+    num_load_threads: int = 2
+    allow_version_labels_for_unavailable_models: bool = False
+    servable: ServableOptions = field(default_factory=ServableOptions)
+
+
+@dataclass
+class _Harness:
+    """The manager's hold on one aspired or loaded version."""
+
+    version: int
+    path: Path
+    state: State
+    servable: Servable | None = None
+    error: ServingError | None = None
+
+
+@dataclass
+class _Model:
+    config: model_server_config_pb2.ModelConfig
+    statuses: dict[int, VersionStatus]
+    aspired: dict[int, Path] = field(default_factory=dict)
+    harnesses: dict[int, _Harness] = field(default_factory=dict)
+    labels: dict[str, int] = field(default_factory=dict)
+    loading: int | None = None
+    polled: bool = False
+    base_path_error: str | None = None
+
+
+@dataclass(frozen=True)
+class _Routes:
+    """An immutable snapshot of what one model serves; replaced whole on every change."""
+
+    versions: Mapping[int, Servable]
+    latest: Servable | None
+    labels: Mapping[str, int]
+
+
+def single_model_config(name: str, base_path: str) -> model_server_config_pb2.ModelServerConfig:
+    """The config TF Serving builds from `--model_name` and `--model_base_path`."""
+    config = model_server_config_pb2.ModelServerConfig()
+    model = config.model_config_list.config.add()
+    model.name = name
+    model.base_path = base_path
+    model.model_platform = TENSORFLOW_PLATFORM
+    return config
+
+
+def validate_config(config: model_server_config_pb2.ModelServerConfig) -> None:
+    """Refuse a config TF Serving refuses, with TF Serving's message (INVALID_ARGUMENT)."""
+    kind = config.WhichOneof("config")
+    if kind is None:
+        return
+    if kind != "model_config_list":
+        raise invalid_argument(
+            "ServerModelConfig type not supported by HandleReloadConfigRequest. "
+            "Only ModelConfigList is currently supported"
+        )
+    names: set[str] = set()
+    for model in config.model_config_list.config:
+        if model.name in names:
+            raise invalid_argument(
+                f"Illegal to list model {model.name} multiple times in config list"
+            )
+        names.add(model.name)
+        if not Path(model.base_path).is_absolute() and "://" not in model.base_path:
+            raise invalid_argument(
+                f"Expected model {model.name} to have an absolute path or URI; "
+                f"got base_path()={model.base_path}"
+            )
+        platform = model.model_platform
+        if model.model_type != model_server_config_pb2.MODEL_TYPE_UNSPECIFIED:
+            if platform:
+                raise invalid_argument(
+                    "Illegal setting both ModelServerConfig::model_type (deprecated) and "
+                    "ModelServerConfig::model_platform."
+                )
+            platform = (
+                TENSORFLOW_PLATFORM
+                if model.model_type == model_server_config_pb2.TENSORFLOW
+                else f"model_type {model.model_type}"
+            )
+        if not platform:
+            raise invalid_argument(
+                "Illegal setting neither ModelServerConfig::model_type (deprecated) nor "
+                "ModelServerConfig::model_platform."
+            )
+        if platform != TENSORFLOW_PLATFORM:
+            raise invalid_argument(f"Model {model.name} requests unsupported platform {platform}")
+
+
+class _BasePathMissing(Exception):
+    pass
+
+
+def aspired_versions(config: model_server_config_pb2.ModelConfig) -> dict[int, Path]:
+    """The versions under the model's base path that its version policy wants served."""
+    base = Path(config.base_path)
+    if not base.is_dir():
+        raise _BasePathMissing(f"Could not find base path {base} for servable {config.name}")
+    found = {
+        int(child.name): child
+        for child in base.iterdir()
+        if _VERSION_DIR.fullmatch(child.name) and child.is_dir()
+    }
+    if not found:
+        log.warning(
+            "No versions of servable %s found under base path %s. Did you forget to name your "
+            "leaf directories as numbers (eg. '/1/', '/2/')?",
+            config.name,
+            base,
+        )
+    policy = config.model_version_policy
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "all":
+        return found
+    if choice == "specific":
+        wanted = set(policy.specific.versions)
+        missing = wanted - set(found)
+        if missing:
+            log.warning(
+                "Versions %s of servable %s not found under base path %s",
+                sorted(missing),
+                config.name,
+                base,
+            )
+        return {version: path for version, path in found.items() if version in wanted}
+    count = max(policy.latest.num_versions, 1) if choice == "latest" else 1
+    return {version: found[version] for version in sorted(found, reverse=True)[:count]}
+
+
+class ModelManager:
+    """Loads, routes and unloads model versions as the config and the file system change."""
+
+    def __init__(
+        self,
+        settings: ManagerSettings | None = None,
+        *,
+        loader: Loader | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings or ManagerSettings()
+        self._loader: Loader = loader or self._load_servable
+        self._metrics = metrics or Metrics()
+        self._lock = threading.Condition(threading.RLock())
+        self._reload_lock = threading.Lock()
+        self._poll_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._models: dict[str, _Model] = {}
+        # TF Serving's state monitor keeps the last state of versions of removed models.
+        self._retired: dict[str, dict[int, VersionStatus]] = {}
+        self._routes: dict[str, _Routes] = {}
+        self._executor = ThreadPoolExecutor(
+            max_workers=max(1, self.settings.num_load_threads), thread_name_prefix="model-load"
+        )
+        self._poll_thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------------------------------
+    # Life cycle
+
+    def start(self) -> None:
+        """Start polling the base paths every `file_system_poll_wait_seconds`."""
+        interval = self.settings.file_system_poll_wait_seconds
+        if interval > 0 and self._poll_thread is None:
+            self._poll_thread = threading.Thread(
+                target=self._poll_loop, args=(interval,), name="model-poll", daemon=True
+            )
+            self._poll_thread.start()
+
+    def stop(self) -> None:
+        """Stop polling and loading; versions already loaded stay usable by their holders."""
+        self._stop.set()
+        with self._lock:
+            self._lock.notify_all()
+        if self._poll_thread is not None:
+            self._poll_thread.join()
+            self._poll_thread = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _poll_loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.poll_now()
+            except Exception:
+                # A poll must never end the watch: the next one may succeed.
+                log.exception("File system poll failed")
+
+    # ----------------------------------------------------------------------------------------
+    # Config
+
+    @property
+    def model_names(self) -> list[str]:
+        """The names of the models in the current config."""
+        with self._lock:
+            return sorted(self._models)
+
+    def reload_config(
+        self,
+        config: model_server_config_pb2.ModelServerConfig,
+        *,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> None:
+        """Apply a new model config, as TF Serving's `ServerCore::ReloadConfig`.
+
+        Models not in the new config are unloaded; changed base paths and version policies take
+        effect at once; labels must point at AVAILABLE versions unless
+        `allow_version_labels_for_unavailable_models`. With `wait`, returns once every version
+        aspired by a model new to the server has loaded or failed, and raises UNKNOWN naming the
+        new models left without an AVAILABLE version.
+        """
+        validate_config(config)
+        if config.WhichOneof("config") is None:
+            log.info("Taking no action for empty config.")
+            return
+        with self._reload_lock:
+            configs = [_copy_model_config(model) for model in config.model_config_list.config]
+            with self._lock:
+                labels = self._checked_labels(configs)
+                new_names = [model.name for model in configs if model.name not in self._models]
+                for model_config in configs:
+                    model = self._models.get(model_config.name)
+                    if model is None:
+                        statuses = self._retired.pop(model_config.name, {})
+                        model = self._models[model_config.name] = _Model(model_config, statuses)
+                    model.config = model_config
+                    model.labels = labels.get(model_config.name, {})
+                    self._publish(model)
+                for name in set(self._models) - {model.name for model in configs}:
+                    self._remove_model(name)
+                self._lock.notify_all()
+            log.info("Models in config: %s", ", ".join(model.name for model in configs))
+            self.poll_now()
+            if wait:
+                self._await_models(new_names, timeout)
+
+    def _checked_labels(
+        self, configs: Iterable[model_server_config_pb2.ModelConfig]
+    ) -> dict[str, dict[str, int]]:
+        labels: dict[str, dict[str, int]] = {}
+        for config in configs:
+            model = self._models.get(config.name)
+            for label, version in config.version_labels.items():
+                allowed = False
+                if self.settings.allow_version_labels_for_unavailable_models:
+                    previous = model.labels.get(label) if model else None
+                    allowed = previous is None or previous == version
+                harness = model.harnesses.get(version) if model else None
+                available = harness is not None and harness.state == State.AVAILABLE
+                if not (allowed or available):
+                    raise failed_precondition(
+                        f"Request to assign label to version {version} of model {config.name}, "
+                        "which is not currently available for inference"
+                    )
+                labels.setdefault(config.name, {})[label] = version
+        return labels
+
+    def _remove_model(self, name: str) -> None:
+        model = self._models.pop(name)
+        for version in sorted(model.harnesses):
+            harness = model.harnesses[version]
+            if harness.state == State.AVAILABLE:
+                self._unload(model, harness)
+            elif harness.state == State.START:
+                self._set_status(model, version, State.END)
+        model.aspired = {}
+        self._retired[name] = model.statuses
+        self._routes = {key: value for key, value in self._routes.items() if key != name}
+        log.info("Removed model %s from the config", name)
+
+    def _await_models(self, names: list[str], timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while not self._stop.is_set():
+                if all(self._settled(name) for name in names):
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._lock.wait(remaining)
+            failures = [
+                self._failure_description(name)
+                for name in names
+                if name in self._models and self._routes.get(name, _NO_ROUTES).latest is None
+            ]
+        if failures:
+            raise ServingError(
+                grpc.StatusCode.UNKNOWN,
+                f"{len(failures)} model(s) did not become available: {{{''.join(failures)}}}",
+            )
+
+    def _settled(self, name: str) -> bool:
+        # Every aspired version has been tried, not just the latest: a server that has started
+        # serves all the versions its policy asks for (and labels on older ones work at once).
+        model = self._models.get(name)
+        if model is None or model.base_path_error is not None:
+            return True
+        busy = any(h.state in (State.START, State.LOADING) for h in model.harnesses.values())
+        return model.polled and not busy
+
+    def _failure_description(self, name: str) -> str:
+        model = self._models[name]
+        if model.base_path_error is not None:
+            return f"{{{{name: {name}}} due to error: {model.base_path_error}}}, "
+        failed = [h for h in model.harnesses.values() if h.error is not None]
+        if not failed:
+            reason = f"no versions found under {model.config.base_path}"
+            return f"{{{{name: {name}}} due to error: {reason}}}, "
+        return "".join(
+            f"{{{{name: {name} version: {h.version}}} due to error: {h.error}}}, "
+            for h in sorted(failed, key=lambda h: -h.version)
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # File-system watch and version policy
+
+    def poll_now(self) -> None:
+        """List every model's base path now and start loading or unloading what changed.
+
+        Returns once the changes are started; loads finish in the background
+        (see `wait_until_available`).
+        """
+        with self._poll_lock:
+            with self._lock:
+                configs = [model.config for model in self._models.values()]
+            for config in configs:
+                try:
+                    aspired: dict[int, Path] | None = aspired_versions(config)
+                    error = None
+                except (_BasePathMissing, OSError) as exc:
+                    aspired, error = None, str(exc)
+                    log.error("File system storage path source: %s", error)
+                with self._lock:
+                    model = self._models.get(config.name)
+                    if model is None or model.config is not config:
+                        continue  # the config changed meanwhile; the next poll sees the new one
+                    model.polled = True
+                    model.base_path_error = error
+                    if aspired is not None:
+                        self._set_aspired(model, aspired)
+                        self._reconcile(model)
+                    self._lock.notify_all()
+
+    def _set_aspired(self, model: _Model, aspired: dict[int, Path]) -> None:
+        model.aspired = aspired
+        for version, path in aspired.items():
+            if version not in model.harnesses:
+                model.harnesses[version] = _Harness(version, path, State.START)
+                self._set_status(model, version, State.START)
+        for version in list(model.harnesses):
+            harness = model.harnesses[version]
+            if version in aspired:
+                continue
+            if harness.state == State.START:
+                del model.harnesses[version]
+                self._set_status(model, version, State.END)
+            elif harness.state == State.END:
+                # Forget the failure: if the folder comes back it is loaded afresh.
+                del model.harnesses[version]
+
+    def _reconcile(self, model: _Model) -> None:
+        """One step of TF Serving's AvailabilityPreservingPolicy, repeated until stable.
+
+        Unload a version that is no longer aspired only when an aspired version is AVAILABLE,
+        when nothing is aspired, or when another unaspired version is still AVAILABLE; then load
+        the highest new aspired version, one at a time per model.
+        """
+        while True:
+            ready = sorted(v for v, h in model.harnesses.items() if h.state == State.AVAILABLE)
+            aspired_ready = [v for v in ready if v in model.aspired]
+            unaspired_ready = [v for v in ready if v not in model.aspired]
+            if unaspired_ready and (not model.aspired or aspired_ready or len(unaspired_ready) > 1):
+                self._unload(model, model.harnesses[unaspired_ready[0]])
+                continue
+            break
+        if model.loading is None and not self._stop.is_set():
+            new = [
+                v
+                for v, h in model.harnesses.items()
+                if h.state == State.START and v in model.aspired
+            ]
+            if new:
+                harness = model.harnesses[max(new)]
+                harness.state = State.LOADING
+                model.loading = harness.version
+                self._set_status(model, harness.version, State.LOADING)
+                self._executor.submit(self._load, model, harness)
+        self._publish(model)
+        self._lock.notify_all()
+
+    def _unload(self, model: _Model, harness: _Harness) -> None:
+        # Requests in flight keep their own reference to the servable and finish on it.
+        self._set_status(model, harness.version, State.UNLOADING)
+        harness.servable = None
+        harness.state = State.END
+        model.harnesses.pop(harness.version, None)
+        self._set_status(model, harness.version, State.END)
+        log.info(
+            "Unloaded servable version {name: %s version: %d}", model.config.name, harness.version
+        )
+
+    def _load_servable(self, name: str, version: int, path: Path) -> Servable:
+        return Servable.load(name, version, path, self.settings.servable)
+
+    def _load(self, model: _Model, harness: _Harness) -> None:
+        name, version = model.config.name, harness.version
+        attempts = max(0, self.settings.max_num_load_retries) + 1
+        servable: Servable | None = None
+        error: ServingError | None = None
+        for attempt in range(attempts):
+            log.info("Loading servable version {name: %s version: %d}", name, version)
+            try:
+                servable = self._loader(name, version, harness.path)
+                error = None
+                self._metrics.record_load(name, version, "OK")
+                break
+            except Exception as exc:
+                error = as_serving_error(exc)
+                self._metrics.record_load(name, version, error.code.name)
+                log.error(
+                    "Loading servable: {name: %s version: %d} failed: %s", name, version, error
+                )
+            with self._lock:
+                wanted = self._models.get(name) is model and version in model.aspired
+            if attempt + 1 == attempts or not wanted:
+                break
+            log.info(
+                "Retrying load of {name: %s version: %d} in %.3g s (retry %d of %d)",
+                name,
+                version,
+                self.settings.load_retry_interval_seconds,
+                attempt + 1,
+                attempts - 1,
+            )
+            if self._stop.wait(self.settings.load_retry_interval_seconds):
+                break
+        with self._lock:
+            if model.loading == version:
+                model.loading = None
+            current = self._models.get(name) is model and model.harnesses.get(version) is harness
+            # A model removed meanwhile keeps reporting its last states, unless it was added
+            # back: then these statuses belong to the new model's versions.
+            reported = current or self._retired.get(name) is model.statuses
+            if error is None and current and servable is not None:
+                harness.servable = servable
+                harness.state = State.AVAILABLE
+                self._set_status(model, version, State.AVAILABLE)
+                log.info(
+                    "Successfully loaded servable version {name: %s version: %d}", name, version
+                )
+            else:
+                harness.state = State.END
+                harness.error = error
+                if reported:
+                    self._set_status(model, version, State.END, error)
+            if self._models.get(name) is model:
+                self._reconcile(model)
+            self._lock.notify_all()
+
+    # ----------------------------------------------------------------------------------------
+    # State and routing
+
+    @staticmethod
+    def _set_status(
+        model: _Model, version: int, state: State, error: ServingError | None = None
+    ) -> None:
+        model.statuses[version] = VersionStatus(version, state, error)
+
+    def _publish(self, model: _Model) -> None:
+        versions = {
+            version: harness.servable
+            for version, harness in model.harnesses.items()
+            if harness.state == State.AVAILABLE and harness.servable is not None
+        }
+        latest = versions[max(versions)] if versions else None
+        routes = _Routes(versions, latest, dict(model.labels))
+        self._routes = {**self._routes, model.config.name: routes}
+
+    def servable(self, spec: model_pb2.ModelSpec) -> Servable:
+        """The servable a request's ModelSpec names, or TF Serving's error for it."""
+        name = spec.name
+        if not name:
+            raise invalid_argument("ModelSpec has no name specified.")
+        routes = self._routes.get(name)
+        choice = spec.WhichOneof("version_choice")
+        if choice == "version_label":
+            label = spec.version_label
+            version = routes.labels.get(label) if routes is not None else None
+            if version is None:
+                raise invalid_argument(f"Unrecognized servable version label: {label}")
+            return self._specific(routes, name, version)
+        if choice == "version":
+            return self._specific(routes, name, spec.version.value)
+        latest = routes.latest if routes is not None else None
+        if latest is None:
+            raise not_found(f"Servable not found for request: Latest({name})")
+        return latest
+
+    @staticmethod
+    def _specific(routes: _Routes | None, name: str, version: int) -> Servable:
+        servable = routes.versions.get(version) if routes is not None else None
+        if servable is None:
+            raise not_found(f"Servable not found for request: Specific({name}, {version})")
+        return servable
+
+    def is_configured(self, name: str) -> bool:
+        """Whether the current config names this model."""
+        return name in self._routes
+
+    def version_statuses(self, name: str, version: int | None = None) -> list[VersionStatus]:
+        """The states GetModelStatus reports, highest version first."""
+        with self._lock:
+            model = self._models.get(name)
+            statuses = dict(model.statuses if model is not None else self._retired.get(name, {}))
+        if version is not None:
+            status = statuses.get(version)
+            if status is None:
+                raise not_found(f"Could not find version {version} of model {name}")
+            return [status]
+        if not statuses:
+            raise not_found(f"Could not find any versions of model {name}")
+        return [statuses[v] for v in sorted(statuses, reverse=True)]
+
+    def wait_until_available(
+        self, name: str, version: int | None = None, timeout: float = 30.0
+    ) -> bool:
+        """Wait until the model (or this version of it) is served; False on timeout.
+
+        Returns False early when the named version has failed to load: it will not become
+        available unless its folder changes.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not self._stop.is_set():
+                routes = self._routes.get(name)
+                if routes is not None and (
+                    routes.latest is not None if version is None else version in routes.versions
+                ):
+                    return True
+                if version is not None:
+                    model = self._models.get(name)
+                    status = model.statuses.get(version) if model is not None else None
+                    if status is not None and status.state == State.END and status.error:
+                        return False
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._lock.wait(remaining)
+        return False
+
+
+_NO_ROUTES = _Routes({}, None, {})
+
+
+def _copy_model_config(
+    config: model_server_config_pb2.ModelConfig,
+) -> model_server_config_pb2.ModelConfig:
+    copy = model_server_config_pb2.ModelConfig()
+    copy.CopyFrom(config)
+    return copy

@@ -1,0 +1,746 @@
+"""TF Serving's REST API: `/v1/models/<name>[/versions/<v>|/labels/<l>][:predict|:classify|...]`.
+
+Requests are turned into the gRPC API's protos and answered by the same handlers, so both front
+ends give the same results and errors. The JSON rules follow TF Serving's `json_tensor.cc`: row
+(`instances`) and columnar (`inputs`) predict formats, `{"b64": ...}` for binary strings, string
+outputs whose name ends in `_bytes` returned base64-encoded, `{"error": ...}` bodies with the
+HTTP status TF Serving maps each error code to.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from google.protobuf import json_format
+from tensorflow.core.framework import types_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    predict_pb2,
+)
+
+from serving import wire
+from serving.api import REST, ServingApi
+from serving.errors import ServingError, invalid_argument
+from serving.metrics import PROMETHEUS_PATH
+from serving.servable import DEFAULT_SIGNATURE, dtype_name
+
+log = logging.getLogger(__name__)
+
+_PREDICTION_PATH = re.compile(
+    r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)",
+    re.IGNORECASE,
+)
+_STATUS_PATH = re.compile(
+    r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?",
+    re.IGNORECASE,
+)
+_API_PATH = re.compile(r"/v1/.*", re.IGNORECASE | re.DOTALL)
+_INT64_MAX = 2**63 - 1
+_ERROR_VALUE_CHARS = 2000
+_MAX_DISCARDED_BYTES = 64 << 20
+# numpy's limit on dimensions; TensorFlow's is higher, but no model input comes close.
+_MAX_RANK = 32
+
+_FLOAT_TYPES = {types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_HALF, types_pb2.DT_BFLOAT16}
+_INT32_TYPES = {types_pb2.DT_INT32, types_pb2.DT_INT16, types_pb2.DT_INT8, types_pb2.DT_UINT8}
+_FLOAT_MANTISSA_MAX = {types_pb2.DT_FLOAT: 2**24 - 1, types_pb2.DT_DOUBLE: 2**53 - 1}
+
+
+@dataclass(frozen=True)
+class RestResponse:
+    """An HTTP answer: status, body and content type."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+
+# --------------------------------------------------------------------------------------------
+# JSON values <-> tensors
+
+
+def _dump(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    if len(text) > _ERROR_VALUE_CHARS:
+        text = text[:_ERROR_VALUE_CHARS] + "..."
+    return text
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "Null"
+    if value is True:
+        return "True"
+    if value is False:
+        return "False"
+    if isinstance(value, dict):
+        return "Object"
+    if isinstance(value, list):
+        return "Array"
+    if isinstance(value, str):
+        return "String"
+    return "Number"
+
+
+def _format_error(document: Any, *parts: str) -> ServingError:
+    return invalid_argument(f"JSON Value: {_dump(document)} {''.join(parts)}")
+
+
+def _is_b64(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("b64"), str)
+
+
+def _b64_decode(value: Any) -> bytes:
+    if not _is_b64(value):
+        raise invalid_argument(
+            f"JSON Value: {_dump(value)} not formatted correctly for base64 data"
+        )
+    try:
+        return base64.b64decode(value["b64"], validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise invalid_argument("Unable to base64 decode") from error
+
+
+def _type_error(value: Any, dtype: int) -> ServingError:
+    return invalid_argument(
+        f"JSON Value: {_dump(value)} Type: {_json_type(value)} is not of expected type: "
+        f"{dtype_name(dtype)}"
+    )
+
+
+def _lossy(value: Any, target: str) -> ServingError:
+    return invalid_argument(
+        f"Cannot convert JSON value: {_dump(value)} to {target} without loss of precision."
+    )
+
+
+def _leaf(value: Any, dtype: int) -> Any:
+    if isinstance(value, dict):
+        if dtype == types_pb2.DT_STRING:
+            return _b64_decode(value)
+        raise _type_error(value, dtype)
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if dtype in _FLOAT_TYPES:
+        if not (is_int or isinstance(value, float)):
+            raise _type_error(value, dtype)
+        limit = _FLOAT_MANTISSA_MAX.get(dtype)
+        if is_int and limit is not None and abs(value) > limit:
+            raise _lossy(value, dtype_name(dtype))
+        return float(value)
+    if dtype in _INT32_TYPES:
+        if not is_int or not -(2**31) <= value < 2**31:
+            raise _type_error(value, dtype)
+        return value
+    if dtype == types_pb2.DT_INT64:
+        if not is_int or not -(2**63) <= value <= _INT64_MAX:
+            raise _type_error(value, dtype)
+        return value
+    if dtype in (types_pb2.DT_UINT32, types_pb2.DT_UINT64):
+        bits = 32 if dtype == types_pb2.DT_UINT32 else 64
+        if not is_int or not 0 <= value < 2**bits:
+            raise _type_error(value, dtype)
+        return value
+    if dtype == types_pb2.DT_BOOL:
+        if not isinstance(value, bool):
+            raise _type_error(value, dtype)
+        return value
+    if dtype == types_pb2.DT_STRING:
+        if not isinstance(value, str):
+            raise _type_error(value, dtype)
+        return value.encode("utf-8")
+    raise ServingError(
+        grpc.StatusCode.UNIMPLEMENTED,
+        f"Conversion of JSON Value: {_dump(value)} to type: {dtype_name(dtype)}",
+    )
+
+
+def _fill(value: Any, level: int, shape: list[int], dtype: int, out: list[Any]) -> None:
+    rank = len(shape)
+    if not isinstance(value, list):
+        if level != rank:
+            raise invalid_argument(
+                f"JSON Value: {_dump(value)} found at incorrect level: {level + 1} in the JSON "
+                f"DOM. Expected at level: {rank}"
+            )
+        out.append(_leaf(value, dtype))
+        return
+    if level >= rank:
+        raise invalid_argument(f"Encountered list at unexpected level: {level} expected < {rank}")
+    if len(value) != shape[level]:
+        raise invalid_argument(
+            f"Encountered list at unexpected size: {len(value)} at level: {level} "
+            f"expected size: {shape[level]}"
+        )
+    for item in value:
+        _fill(item, level + 1, shape, dtype, out)
+
+
+def json_to_array(value: Any, dtype: int) -> np.ndarray:
+    """A dense tensor from nested JSON lists, checked as TF Serving checks it."""
+    shape: list[int] = []
+    probe = value
+    while isinstance(probe, list):
+        shape.append(len(probe))
+        if not probe:
+            break
+        probe = probe[0]
+    if len(shape) > _MAX_RANK:
+        raise invalid_argument(
+            f"JSON Value nested {len(shape)} lists deep; a tensor has at most {_MAX_RANK} dimensions"
+        )
+    flat: list[Any] = []
+    _fill(value, 0, shape, dtype, flat)
+    if dtype == types_pb2.DT_STRING:
+        array = np.empty(len(flat), dtype=object)
+        array[:] = flat
+        return array.reshape(shape)
+    return np.array(flat, dtype=tf.dtypes.as_dtype(dtype).as_numpy_dtype).reshape(shape)
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "[" + ",".join(str(size) for size in shape) + "]"
+
+
+def _instances_to_arrays(
+    document: dict[str, Any], instances: Any, infos: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    if not isinstance(instances, list):
+        raise _format_error(document, "Excepting 'instances' to be an list/array")
+    if not instances:
+        raise _format_error(document, "No values in 'instances' array")
+
+    def is_object(value: Any) -> bool:
+        return isinstance(value, dict) and not _is_b64(value)
+
+    if not is_object(instances[0]) and len(infos) > 1:
+        raise invalid_argument(
+            "instances is a plain list, but expecting list of objects as multiple input "
+            "tensors required as per tensorinfo_map"
+        )
+    as_objects = is_object(instances[0])
+    names = sorted(infos)
+    rows: dict[str, list[np.ndarray]] = {}
+
+    def add(index: int, name: str, value: Any, key_text: str) -> None:
+        try:
+            if name not in infos:
+                raise invalid_argument(f"JSON object: does not have named input: {name}")
+            array = json_to_array(value, infos[name].dtype)
+            previous = rows.get(name)
+            if previous:
+                if previous[0].size != array.size:
+                    raise invalid_argument(
+                        f"Expecting tensor size: {previous[0].size} but got: {array.size}"
+                    )
+                if previous[0].shape != array.shape:
+                    raise invalid_argument(
+                        f"Expecting shape {_shape_text(previous[0].shape)} but got: "
+                        f"{_shape_text(array.shape)}"
+                    )
+            rows.setdefault(name, []).append(array)
+        except ServingError as error:
+            raise invalid_argument(
+                f"Failed to process element: {index}{key_text} of 'instances' list. Error: {error}"
+            ) from error
+
+    for index, element in enumerate(instances):
+        if as_objects:
+            if not is_object(element):
+                raise invalid_argument(
+                    f"Expecting object but got list at item {index} of input list"
+                )
+            for name, value in element.items():
+                add(index, name, value, f" key: {name}")
+            if set(element) != set(infos):
+                raise invalid_argument(
+                    f"Failed to process element: {index} of 'instances' list. JSON object: "
+                    f"{_dump(element)} keys must be equal to: {','.join(names)}"
+                )
+        else:
+            if is_object(element):
+                raise invalid_argument(
+                    f"Expecting value/list but got object at item {index} of input list"
+                )
+            add(index, names[0], element, "")
+    return {name: np.stack(arrays) for name, arrays in rows.items()}
+
+
+def _columns_to_arrays(inputs: Any, infos: dict[str, Any]) -> dict[str, np.ndarray]:
+    if not isinstance(inputs, dict) or _is_b64(inputs):
+        if len(infos) > 1:
+            raise invalid_argument(
+                "inputs is a plain value/list, but expecting an object as multiple input "
+                "tensors required as per tensorinfo_map"
+            )
+        (name,) = infos
+        return {name: json_to_array(inputs, infos[name].dtype)}
+    arrays = {}
+    for name in sorted(infos):
+        if name not in inputs:
+            raise invalid_argument(f"Missing named input: {name} in 'inputs' object.")
+        arrays[name] = json_to_array(inputs[name], infos[name].dtype)
+    return arrays
+
+
+def _json_values(array: np.ndarray, dtype: int, as_base64: bool) -> Any:
+    """Nested lists for JSON, numbers written as TF Serving writes them."""
+    if dtype in (types_pb2.DT_FLOAT, types_pb2.DT_HALF, types_pb2.DT_BFLOAT16):
+        # Shortest decimal that reads back as the same float32: 0.1, not 0.10000000149011612.
+        return array.astype(np.float32).astype(str).astype(np.float64).tolist()
+    if dtype == types_pb2.DT_STRING:
+        if as_base64:
+            return _map_nested(
+                array.tolist(), lambda b: {"b64": base64.b64encode(b).decode("ascii")}
+            )
+        return _map_nested(array.tolist(), lambda b: b.decode("utf-8", errors="replace"))
+    return array.tolist()
+
+
+def _map_nested(value: Any, function: Any) -> Any:
+    if isinstance(value, list):
+        return [_map_nested(item, function) for item in value]
+    return function(value)
+
+
+def _float32_json(value: float) -> float:
+    return float(str(np.float32(value)))
+
+
+# --------------------------------------------------------------------------------------------
+# Examples from JSON (classify and regress)
+
+
+def _feature_kind_error(name: str, kind: str | None) -> ServingError:
+    names = {"bytes_list": "bytes", "float_list": "float", "int64_list": "int64", None: "UNKNOWN"}
+    return invalid_argument(
+        f"Unexpected element type in feature: {name} expecting type: {names[kind]}"
+    )
+
+
+def _example_from_json(value: Any) -> tf.train.Example:
+    if not isinstance(value, dict):
+        raise invalid_argument(f"Example must be JSON object but got JSON {_json_type(value)}")
+    example = tf.train.Example()
+    for name, content in value.items():
+        feature = example.features.feature[name]
+        items = content if isinstance(content, list) else [content]
+        kind: str | None = None
+        for item in items:
+            if (
+                item is None
+                or isinstance(item, list)
+                or (isinstance(item, dict) and not _is_b64(item))
+            ):
+                raise invalid_argument(
+                    f"Feature: {name} has element with unexpected JSON type: {_json_type(item)}"
+                )
+            if isinstance(item, bool):
+                wanted, converted = "int64_list", int(item)
+            elif isinstance(item, dict):
+                wanted, converted = "bytes_list", _b64_decode(item)
+            elif isinstance(item, str):
+                wanted, converted = "bytes_list", item.encode("utf-8")
+            elif isinstance(item, float):
+                if abs(item) > np.finfo(np.float32).max and np.isfinite(item):
+                    raise _lossy(item, "float")
+                wanted, converted = "float_list", item
+            else:
+                if item > _INT64_MAX:
+                    raise invalid_argument(
+                        f"Feature: {name} has uint64 element. Only int64 is supported."
+                    )
+                wanted, converted = "int64_list", item
+            if kind is not None and kind != wanted:
+                raise _feature_kind_error(name, kind)
+            kind = wanted
+            getattr(feature, wanted).value.append(converted)
+    return example
+
+
+# --------------------------------------------------------------------------------------------
+# Request dispatch
+
+
+class RestApi:
+    """Answers REST requests with the shared `ServingApi`."""
+
+    def __init__(self, api: ServingApi, max_body_bytes: int | None = None) -> None:
+        self.api = api
+        self.max_body_bytes = max_body_bytes
+
+    def handle(self, method: str, target: str, body: bytes) -> RestResponse:
+        """Answer one HTTP request; never raises."""
+        path = urlsplit(target).path
+        if path == PROMETHEUS_PATH:
+            if method != "GET":
+                return _error_response(invalid_argument(f"Unexpected method: {method}"))
+            return RestResponse(
+                200, self.api.metrics.render().encode(), "text/plain; version=0.0.4"
+            )
+        if not _API_PATH.fullmatch(path):
+            return RestResponse(404, json.dumps({"error": f"Not found: {path}"}).encode())
+        start = time.perf_counter()
+        record: dict[str, str] = {"api": "", "model": "", "version": ""}
+        status = "OK"
+        try:
+            output = self._dispatch(method, path, body, record)
+            return RestResponse(200, output)
+        except ServingError as error:
+            status = error.code.name
+            return _error_response(error)
+        except RecursionError as error:
+            status = grpc.StatusCode.INVALID_ARGUMENT.name
+            return _error_response(invalid_argument(f"Request is nested too deeply: {error}"))
+        except Exception as error:
+            status = grpc.StatusCode.INTERNAL.name
+            log.exception("REST request %s %s failed", method, path)
+            return _error_response(
+                ServingError(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+            )
+        finally:
+            if record["api"]:
+                self.api.record(
+                    record["api"], REST, record["model"], record["version"], status, start
+                )
+
+    def _dispatch(self, method: str, path: str, body: bytes, record: dict[str, str]) -> bytes:
+        malformed = invalid_argument(f"Malformed request: {method} {path}")
+        if method == "POST":
+            match = _PREDICTION_PATH.fullmatch(path)
+        elif method == "GET":
+            match = _STATUS_PATH.fullmatch(path)
+        else:
+            match = None
+        if match is None:
+            raise malformed
+        name, version_text, label, verb = match.groups()
+        name = unquote(name) if name else ""
+        spec = model_pb2.ModelSpec(name=name)
+        if version_text:
+            version = int(version_text)
+            if version > _INT64_MAX:
+                raise invalid_argument(f"Failed to convert version: {version_text} to numeric.")
+            spec.version.value = version
+        if label:
+            spec.version_label = unquote(label)
+        record["model"] = name
+        if method == "POST":
+            if self.max_body_bytes is not None and len(body) > self.max_body_bytes:
+                raise ServingError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"Request body of {len(body)} bytes is larger than the maximum of "
+                    f"{self.max_body_bytes} bytes",
+                )
+            if verb == "predict":
+                record["api"] = "Predict"
+                return self._predict(spec, body, record)
+            if verb in ("classify", "regress"):
+                record["api"] = verb.capitalize()
+                return self._classify_or_regress(verb, spec, body, record)
+            raise malformed
+        if not name:
+            raise invalid_argument("Missing model name in request.")
+        if verb == "metadata":
+            record["api"] = "GetModelMetadata"
+            return self._metadata(spec, record)
+        record["api"] = "GetModelStatus"
+        return self._status(spec)
+
+    @staticmethod
+    def _document(body: bytes) -> dict[str, Any]:
+        if not body:
+            raise invalid_argument("JSON Parse error: The document is empty")
+        try:
+            document = json.loads(body)
+        except json.JSONDecodeError as error:
+            raise invalid_argument(
+                f"JSON Parse error: {error.msg} at offset: {error.pos}"
+            ) from error
+        except RecursionError as error:
+            raise invalid_argument("JSON Parse error: the document is nested too deeply") from error
+        except UnicodeDecodeError as error:
+            raise invalid_argument(
+                f"JSON Parse error: Invalid encoding in string. {error}"
+            ) from error
+        if not isinstance(document, dict):
+            raise _format_error(document, "Is not object")
+        return document
+
+    @staticmethod
+    def _signature_name(document: dict[str, Any]) -> str:
+        name = document.get("signature_name", "")
+        if not isinstance(name, str):
+            raise _format_error(
+                document, "not formatted correctly. 'signature_name' key must be a string value."
+            )
+        return name
+
+    def _predict(self, spec: model_pb2.ModelSpec, body: bytes, record: dict[str, str]) -> bytes:
+        document = self._document(body)
+        spec.signature_name = self._signature_name(document)
+        servable = self.api.manager.servable(spec)
+        signature_key = spec.signature_name or DEFAULT_SIGNATURE
+        signature: meta_graph_pb2.SignatureDef | None = servable.signature_defs.get(signature_key)
+        if signature is None:
+            raise invalid_argument(
+                f'Serving signature name: "{signature_key}" not found in signature def'
+            )
+        infos = dict(signature.inputs)
+        if not infos:
+            raise invalid_argument(
+                f"Failed to get input map for signature: {spec.signature_name or 'DEFAULT'}"
+            )
+        has_instances, has_inputs = "instances" in document, "inputs" in document
+        if has_instances and has_inputs:
+            raise _format_error(
+                document,
+                "Not formatted correctly expecting only one of 'inputs' or 'instances' keys "
+                "to exist ",
+            )
+        if has_instances:
+            arrays = _instances_to_arrays(document, document["instances"], infos)
+        elif has_inputs:
+            arrays = _columns_to_arrays(document["inputs"], infos)
+        else:
+            raise invalid_argument("Missing 'inputs' or 'instances' key")
+        request = predict_pb2.PredictRequest()
+        request.model_spec.CopyFrom(spec)
+        for name, array in arrays.items():
+            dtype = tf.dtypes.as_dtype(infos[name].dtype)
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(array, dtype=dtype))
+        response = self.api.predict(request, entrypoint=None)
+        record["version"] = str(response.model_spec.version.value)
+        outputs = {
+            alias: (tf.make_ndarray(proto), proto.dtype)
+            for alias, proto in sorted(response.outputs.items())
+        }
+        if not outputs:
+            raise invalid_argument("Cannot convert empty tensor map to JSON")
+        if has_instances:
+            return json.dumps({"predictions": _rows(outputs)}).encode()
+        columns = {
+            alias: _json_values(array, dtype, _bytes_output(alias, dtype))
+            for alias, (array, dtype) in outputs.items()
+        }
+        value = next(iter(columns.values())) if len(columns) == 1 else columns
+        return json.dumps({"outputs": value}).encode()
+
+    def _classify_or_regress(
+        self, verb: str, spec: model_pb2.ModelSpec, body: bytes, record: dict[str, str]
+    ) -> bytes:
+        document = self._document(body)
+        spec.signature_name = self._signature_name(document)
+        request = wire.inference_request_type()()
+        request.model_spec.CopyFrom(spec)
+        if "context" in document:
+            with_context = request.input.example_list_with_context
+            with_context.context = _example_from_json(document["context"]).SerializeToString()
+            target = with_context.examples
+        else:
+            target = request.input.example_list.examples
+        examples = document.get("examples")
+        if "examples" not in document:
+            raise _format_error(
+                document, "When method is classify, key 'examples' is expected and was not found"
+            )
+        if not isinstance(examples, list):
+            raise _format_error(document, "Expecting 'examples' value to be an list/array")
+        if not examples:
+            raise _format_error(document, "'examples' value is an empty array")
+        target.extend(_example_from_json(example).SerializeToString() for example in examples)
+        if verb == "classify":
+            response = self.api.classify(request, entrypoint=None)
+            record["version"] = str(response.model_spec.version.value)
+            results = [
+                [[entry.label, _float32_json(entry.score)] for entry in row.classes]
+                for row in response.result.classifications
+            ]
+            if not results:
+                raise invalid_argument("Cannot convert empty ClassificationResults to JSON")
+        else:
+            response = self.api.regress(request, entrypoint=None)
+            record["version"] = str(response.model_spec.version.value)
+            results = [_float32_json(entry.value) for entry in response.result.regressions]
+            if not results:
+                raise invalid_argument("Cannot convert empty RegressionResults to JSON")
+        return json.dumps({"results": results}).encode()
+
+    def _metadata(self, spec: model_pb2.ModelSpec, record: dict[str, str]) -> bytes:
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request.model_spec.CopyFrom(spec)
+        response = self.api.get_model_metadata(request, entrypoint=None)
+        record["version"] = str(response.model_spec.version.value)
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signature_map)
+        options = {
+            "preserving_proto_field_name": True,
+            "always_print_fields_with_no_presence": True,
+        }
+        document = {
+            "model_spec": json_format.MessageToDict(response.model_spec, **options),
+            "metadata": {"signature_def": json_format.MessageToDict(signature_map, **options)},
+        }
+        return json.dumps(document, indent=1).encode()
+
+    def _status(self, spec: model_pb2.ModelSpec) -> bytes:
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.CopyFrom(spec)
+        response = self.api.get_model_status(request, entrypoint=None)
+        document = json_format.MessageToDict(response, always_print_fields_with_no_presence=True)
+        return json.dumps(document, indent=1).encode()
+
+
+def _bytes_output(alias: str, dtype: int) -> bool:
+    return dtype == types_pb2.DT_STRING and alias.endswith("_bytes")
+
+
+def _rows(outputs: dict[str, tuple[np.ndarray, int]]) -> list[Any]:
+    batch = -1
+    for alias, (array, _) in outputs.items():
+        if array.ndim == 0:
+            raise invalid_argument(f"Tensor name: {alias} has no shape information ")
+        if batch >= 0 and array.shape[0] != batch:
+            raise invalid_argument(
+                f"Tensor name: {alias} has inconsistent batch size: {array.shape[0]} "
+                f"expecting: {batch}"
+            )
+        batch = array.shape[0]
+    columns = {
+        alias: _json_values(array, dtype, _bytes_output(alias, dtype))
+        for alias, (array, dtype) in outputs.items()
+    }
+    if len(columns) == 1:
+        return next(iter(columns.values()))
+    return [{alias: column[row] for alias, column in columns.items()} for row in range(batch)]
+
+
+def _error_response(error: ServingError) -> RestResponse:
+    return RestResponse(error.http_status, json.dumps({"error": error.message}).encode())
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP server
+
+
+class _Handler(BaseHTTPRequestHandler):
+    rest: RestApi
+    server_version = "widedeep-model-server"
+    # An idle or stalled client must not hold a thread (and a graceful stop) for long.
+    timeout = 30
+
+    def _answer(self) -> None:
+        length_header = self.headers.get("Content-Length")
+        limit = self.rest.max_body_bytes
+        try:
+            length = int(length_header) if length_header else 0
+        except ValueError:
+            length = -1
+        if length < 0:
+            response = _error_response(invalid_argument("Invalid Content-Length header"))
+        elif limit is not None and length > limit:
+            self._discard_body(length)
+            response = _error_response(
+                ServingError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"Request body of {length} bytes is larger than the maximum of {limit} bytes",
+                )
+            )
+        else:
+            body = self.rfile.read(length) if length else b""
+            response = self.rest.handle(self.command, self.path, body)
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(response.body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _answer
+
+    def _discard_body(self, length: int) -> None:
+        # Reading a refused body lets the client finish sending and read the error; past a
+        # bound the connection is cut instead.
+        self.close_connection = True
+        if length > _MAX_DISCARDED_BYTES:
+            return
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1 << 20))
+            if not chunk:
+                return
+            length -= len(chunk)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s - %s", self.address_string(), format % args)
+
+
+class RestServer(ThreadingHTTPServer):
+    """A threaded HTTP server whose `stop` lets requests in flight finish."""
+
+    # Track request threads so `stop` can wait for them (ThreadingHTTPServer's are daemons).
+    daemon_threads = False
+    block_on_close = False
+
+    def __init__(self, host: str, port: int, rest: RestApi) -> None:
+        handler = type("RestHandler", (_Handler,), {"rest": rest})
+        super().__init__((host, port), handler)
+        self._thread: threading.Thread | None = None
+        self._in_flight: set[threading.Thread] = set()
+        self._in_flight_lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        """The port the server is bound to."""
+        return self.server_address[1]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        thread = threading.Thread(
+            target=self._serve_one, args=(request, client_address), name="rest-request"
+        )
+        with self._in_flight_lock:
+            self._in_flight.add(thread)
+        thread.start()
+
+    def _serve_one(self, request: Any, client_address: Any) -> None:
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.discard(threading.current_thread())
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up mid-answer is not a server fault; log it, don't print it.
+        log.debug("REST connection from %s failed", client_address, exc_info=True)
+
+    def start(self) -> None:
+        """Serve in a background thread."""
+        self._thread = threading.Thread(target=self.serve_forever, name="rest-server", daemon=True)
+        self._thread.start()
+
+    def stop(self, grace: float | None) -> None:
+        """Stop accepting, then wait up to `grace` seconds for requests in flight."""
+        self.shutdown()
+        self.server_close()
+        deadline = None if grace is None else time.monotonic() + grace
+        with self._in_flight_lock:
+            threads = list(self._in_flight)
+        for thread in threads:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            thread.join(remaining)
+        if self._thread is not None:
+            self._thread.join()

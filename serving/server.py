@@ -1,0 +1,420 @@
+"""The built-in model server: TF Serving's gRPC and REST APIs over a model base path.
+
+`ModelServer(ServerSettings(...)).start()` serves `<base>/<model_name>/<version>/` SavedModels on
+a gRPC port (`PredictionService`, `ModelService`) and, optionally, a REST port (`/v1/models/...`
+and Prometheus metrics at `/monitoring/prometheus/metrics`). `main(argv)` is the command line,
+taking `tensorflow_model_server`'s own flag names, so the two servers are interchangeable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving.api import ServingApi
+from serving.errors import ServingError
+from serving.grpc_api import service_handlers
+from serving.metrics import Metrics
+from serving.models import ManagerSettings, ModelManager, single_model_config
+from serving.rest import RestApi, RestServer
+from serving.servable import ServableOptions
+
+log = logging.getLogger(__name__)
+
+# TF Serving accepts messages up to 2 GiB (`SetMaxMessageSize(kint32max)`) unless
+# `--grpc_channel_arguments` lowers it.
+GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What to serve and how; names follow `tensorflow_model_server`'s flags.
+
+    Give either `model_config_file` (a text `ModelServerConfig`) or `model_base_path` (served as
+    `model_name`). Ports: 0 picks a free port; `rest_api_port=None` serves no REST API.
+    `max_receive_message_length` bounds a request on both APIs (larger ones are refused with
+    RESOURCE_EXHAUSTED). `grpc_channel_arguments` are passed to the gRPC server as is.
+    """
+
+    model_name: str = "default"
+    model_base_path: str | None = None
+    model_config_file: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8500
+    rest_api_port: int | None = None
+    file_system_poll_wait_seconds: float = 1.0
+    model_config_file_poll_wait_seconds: float = 0.0
+    max_num_load_retries: int = 5
+    load_retry_interval_seconds: float = 60.0
+    num_load_threads: int = 2
+    enable_model_warmup: bool = True
+    allow_version_labels_for_unavailable_models: bool = False
+    enable_signature_method_name_check: bool = False
+    saved_model_tags: tuple[str, ...] = ("serve",)
+    grpc_max_threads: int = 8
+    max_receive_message_length: int = GRPC_MAX_MESSAGE_BYTES
+    grpc_channel_arguments: tuple[tuple[str, int | str], ...] = ()
+
+
+def load_model_server_config(settings: ServerSettings) -> model_server_config_pb2.ModelServerConfig:
+    """The ModelServerConfig the settings describe (parsed file, or the single model)."""
+    if settings.model_config_file:
+        return parse_model_config_file(Path(settings.model_config_file))
+    if not settings.model_base_path:
+        raise ValueError(
+            "Both server_options.model_base_path and server_options.model_config_file are empty!"
+        )
+    base_path = str(Path(settings.model_base_path).absolute())
+    return single_model_config(settings.model_name, base_path)
+
+
+def parse_model_config_file(path: Path) -> model_server_config_pb2.ModelServerConfig:
+    """Parse a model config file in TF Serving's text-proto `ModelServerConfig` format."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ValueError(f"Cannot read model config file {path}: {error}") from error
+    config = model_server_config_pb2.ModelServerConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as error:
+        raise ValueError(f"Invalid model config file {path}: {error}") from error
+    return config
+
+
+def _address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+class ModelServer:
+    """TF Serving's gRPC and REST APIs served from Python, with TF Serving's version management.
+
+    Started once and stopped once (also as a context manager). After `start()`, `grpc_port` and
+    `rest_api_port` hold the bound ports; `manager` holds the versions, `metrics` the counters.
+    """
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.manager = ModelManager(
+            ManagerSettings(
+                file_system_poll_wait_seconds=settings.file_system_poll_wait_seconds,
+                max_num_load_retries=settings.max_num_load_retries,
+                load_retry_interval_seconds=settings.load_retry_interval_seconds,
+                num_load_threads=settings.num_load_threads,
+                allow_version_labels_for_unavailable_models=(
+                    settings.allow_version_labels_for_unavailable_models
+                ),
+                servable=ServableOptions(
+                    tags=settings.saved_model_tags,
+                    enable_model_warmup=settings.enable_model_warmup,
+                    enable_signature_method_name_check=settings.enable_signature_method_name_check,
+                ),
+            ),
+            metrics=self.metrics,
+        )
+        self.api = ServingApi(self.manager, self.metrics)
+        self.grpc_port: int | None = None
+        self.rest_api_port: int | None = None
+        self._grpc_server: grpc.Server | None = None
+        self._rest_server: RestServer | None = None
+        self._stopped = threading.Event()
+        self._config_thread: threading.Thread | None = None
+        self._config_text: str | None = None
+
+    def __enter__(self) -> ModelServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Load the configured models, then open the ports and start watching the base paths.
+
+        Like TF Serving, waits for the first load of every model before serving. A model that
+        fails to load is reported by GetModelStatus and the server still starts (TF Serving
+        would exit), so a later good version can be deployed without a restart. An invalid
+        config raises `ValueError` or `ServingError`; a port in use raises `OSError`.
+        """
+        try:
+            self._start()
+        except BaseException:
+            self.stop(grace=0)
+            raise
+
+    def _start(self) -> None:
+        config = load_model_server_config(self.settings)
+        if self.settings.model_config_file:
+            self._config_text = Path(self.settings.model_config_file).read_text()
+        try:
+            self.manager.reload_config(config, wait=True)
+        except ServingError as error:
+            if error.code != grpc.StatusCode.UNKNOWN:
+                raise
+            log.error("Serving without some models: %s", error.message)
+        self.manager.start()
+        self._start_grpc()
+        if self.settings.rest_api_port is not None:
+            rest = RestApi(self.api, max_body_bytes=self._max_message_bytes())
+            address = _address(self.settings.host, self.settings.rest_api_port)
+            try:
+                self._rest_server = RestServer(
+                    self.settings.host, self.settings.rest_api_port, rest
+                )
+            except OSError as error:
+                raise OSError(f"Cannot listen for HTTP/REST on {address}: {error}") from error
+            self._rest_server.start()
+            self.rest_api_port = self._rest_server.port
+            log.info(
+                "Exporting HTTP/REST API at:%s ...",
+                _address(self.settings.host, self.rest_api_port),
+            )
+        if (
+            self.settings.model_config_file
+            and self.settings.model_config_file_poll_wait_seconds > 0
+        ):
+            self._config_thread = threading.Thread(
+                target=self._watch_config_file, name="model-config-poll", daemon=True
+            )
+            self._config_thread.start()
+
+    def _channel_arguments(self) -> dict[str, int | str]:
+        arguments: dict[str, int | str] = {
+            "grpc.max_receive_message_length": self.settings.max_receive_message_length,
+            "grpc.max_send_message_length": GRPC_MAX_MESSAGE_BYTES,
+            # A second server on a busy port must fail, not silently share the port.
+            "grpc.so_reuseport": 0,
+        }
+        arguments.update(dict(self.settings.grpc_channel_arguments))
+        return arguments
+
+    def _max_message_bytes(self) -> int:
+        return int(self._channel_arguments()["grpc.max_receive_message_length"])
+
+    def _start_grpc(self) -> None:
+        server = grpc.server(
+            ThreadPoolExecutor(
+                max_workers=self.settings.grpc_max_threads, thread_name_prefix="grpc-request"
+            ),
+            options=list(self._channel_arguments().items()),
+        )
+        server.add_generic_rpc_handlers(service_handlers(self.api))
+        address = _address(self.settings.host, self.settings.port)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as error:
+            server.stop(None)
+            raise OSError(f"Cannot listen for gRPC on {address}: {error}") from error
+        if port == 0:
+            server.stop(None)
+            raise OSError(f"Cannot listen for gRPC on {address}")
+        server.start()
+        self._grpc_server = server
+        self.grpc_port = port
+        log.info("Running gRPC ModelServer at %s ...", _address(self.settings.host, port))
+
+    def _watch_config_file(self) -> None:
+        path = Path(str(self.settings.model_config_file))
+        while not self._stopped.wait(self.settings.model_config_file_poll_wait_seconds):
+            try:
+                text = path.read_text()
+                if text == self._config_text:
+                    continue
+                self._config_text = text
+                log.info("Model config file %s changed; reloading", path)
+                self.manager.reload_config(parse_model_config_file(path), wait=True)
+            except (OSError, ValueError, ServingError) as error:
+                log.error("Model config file %s not applied: %s", path, error)
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Stop accepting requests, let those in flight finish (up to `grace` s), then unload."""
+        self._stopped.set()
+        grpc_done = self._grpc_server.stop(grace) if self._grpc_server is not None else None
+        if self._rest_server is not None:
+            self._rest_server.stop(grace)
+            self._rest_server = None
+        if grpc_done is not None:
+            grpc_done.wait()
+        self._grpc_server = None
+        # The manager first: a config reload waiting for loads ends when the manager stops.
+        self.manager.stop()
+        if self._config_thread is not None:
+            self._config_thread.join()
+            self._config_thread = None
+
+    def wait_until_available(
+        self, model_name: str, version: int | None = None, timeout: float = 30.0
+    ) -> bool:
+        """Wait until the model (or that version) is served; False on timeout or failed load."""
+        return self.manager.wait_until_available(model_name, version, timeout)
+
+    def poll_now(self) -> None:
+        """Look for new, removed or changed versions now instead of at the next poll."""
+        self.manager.poll_now()
+
+    def reload_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
+        """Apply a new model config, as HandleReloadConfigRequest does."""
+        self.manager.reload_config(config, wait=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def _flag_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "t"):
+        return True
+    if lowered in ("0", "false", "no", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_channel_arguments(text: str) -> tuple[tuple[str, int | str], ...]:
+    """Parse `--grpc_channel_arguments` ("key=value,key=value"; int values become ints)."""
+    arguments: list[tuple[str, int | str]] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise argparse.ArgumentTypeError(f"expected key=value, got {item!r}")
+        try:
+            arguments.append((key.strip(), int(value)))
+        except ValueError:
+            arguments.append((key.strip(), value.strip()))
+    return tuple(arguments)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `tensorflow_model_server`, for the flags this server implements."""
+    parser = argparse.ArgumentParser(
+        prog="widedeep serve",
+        description=(
+            "Serve SavedModels over TensorFlow Serving's gRPC and REST APIs, with "
+            "tensorflow_model_server's flags."
+        ),
+        epilog=(
+            "examples:\n"
+            "  widedeep serve --port=8500 --rest_api_port=8501 --model_name=ranker "
+            "--model_base_path=/models/ranker\n"
+            "  widedeep serve --port=8500 --model_config_file=/models/models.config "
+            "--model_config_file_poll_wait_seconds=30"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    flag = parser.add_argument
+    flag("--port", type=int, default=8500, help="gRPC port (0 picks a free one)")
+    flag("--rest_api_port", type=int, default=0, help="REST port; 0 (default) serves no REST")
+    flag("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    flag("--model_name", default="default", help="name of the model served from the base path")
+    flag("--model_base_path", default="", help="folder of numbered SavedModel versions")
+    flag("--model_config_file", default="", help="text ModelServerConfig naming the models")
+    flag("--model_config_file_poll_wait_seconds", type=int, default=0,
+         help="re-read the model config file this often (0: never)")  # fmt: skip
+    flag("--file_system_poll_wait_seconds", type=int, default=1,
+         help="look for new versions this often")  # fmt: skip
+    flag("--max_num_load_retries", type=int, default=5)
+    flag("--load_retry_interval_micros", type=int, default=60_000_000)
+    flag("--num_load_threads", type=int, default=2)
+    flag("--grpc_max_threads", type=int, default=8)
+    flag("--grpc_channel_arguments", type=parse_channel_arguments, default=(),
+         help='e.g. "grpc.max_receive_message_length=4194304"')  # fmt: skip
+    flag("--saved_model_tags", default="serve")
+    for name, default in (
+        ("enable_model_warmup", True),
+        ("allow_version_labels_for_unavailable_models", False),
+        ("enable_signature_method_name_check", False),
+    ):
+        flag(f"--{name}", type=_flag_bool, nargs="?", const=True, default=default)
+    return parser
+
+
+def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
+    """ServerSettings from `tensorflow_model_server`-style arguments."""
+    args = build_parser().parse_args(argv)
+    if not args.model_config_file and not args.model_base_path:
+        raise ValueError(
+            "Both server_options.model_base_path and server_options.model_config_file are empty!"
+        )
+    channel_arguments = dict(args.grpc_channel_arguments)
+    max_receive = int(
+        channel_arguments.get("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES)
+    )
+    return ServerSettings(
+        model_name=args.model_name,
+        model_base_path=args.model_base_path or None,
+        model_config_file=args.model_config_file or None,
+        host=args.host,
+        port=args.port,
+        rest_api_port=args.rest_api_port or None,
+        file_system_poll_wait_seconds=float(args.file_system_poll_wait_seconds),
+        model_config_file_poll_wait_seconds=float(args.model_config_file_poll_wait_seconds),
+        max_num_load_retries=args.max_num_load_retries,
+        load_retry_interval_seconds=args.load_retry_interval_micros / 1e6,
+        num_load_threads=args.num_load_threads,
+        enable_model_warmup=args.enable_model_warmup,
+        allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
+        enable_signature_method_name_check=args.enable_signature_method_name_check,
+        saved_model_tags=tuple(tag for tag in args.saved_model_tags.split(",") if tag),
+        grpc_max_threads=args.grpc_max_threads,
+        max_receive_message_length=max_receive,
+        grpc_channel_arguments=tuple(args.grpc_channel_arguments),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the model server until SIGTERM or SIGINT; returns the process exit code."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        settings = settings_from_args(argv)
+    except ValueError as error:
+        print(f"Failed to start server. Error: {error}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {}
+    if in_main_thread:
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    server = ModelServer(settings)
+    try:
+        try:
+            server.start()
+        except (ValueError, OSError, ServingError) as error:
+            print(f"Failed to start server. Error: {error}", file=sys.stderr)
+            return 1
+        print(f"Running gRPC ModelServer at {_address(settings.host, server.grpc_port or 0)} ...")
+        if server.rest_api_port is not None:
+            print(f"Exporting HTTP/REST API at:{_address(settings.host, server.rest_api_port)} ...")
+        sys.stdout.flush()
+        # Wake now and then: a signal handler runs only between Python bytecodes.
+        while not stop.wait(0.5):
+            pass
+        log.info("Shutting down: finishing requests in flight")
+        server.stop(grace=10.0)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

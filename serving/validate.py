@@ -1,0 +1,420 @@
+"""Validation before a model reaches the servers (paper, section 4.2): a dry run and a quality check.
+
+- **Dry run**: the model is loaded by a model server in a separate process, waited for with a
+  deadline until AVAILABLE, sent its own warmup requests and requests of real eval examples;
+  answers must be finite probabilities equal to the in-process scores, and the p99 latency of a
+  request of ``validation.num_candidates`` candidates must stay within the latency budget.
+- **Quality check**: eval AUC and log loss of the new model against the baseline (the version
+  being served from the base path, or a model given explicitly) on the same raw eval examples.
+  Each model transforms them with its own vocabularies, so models of different days compare.
+
+The verdict (every number, and the fingerprint of the model it judged) is written as JSON
+beside the model; ``deploy`` accepts only a model with a passing verdict.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_log_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from serving.client import EXAMPLES_INPUT, PROBABILITIES_OUTPUT
+from serving.deploy import VERDICT_FILE, export_dir, fingerprint, versions
+from transform.config import Config
+
+EVAL_RAW_DIR = "eval_raw"
+MAX_QUALITY_EXAMPLES = 200_000
+SCORE_TOLERANCE = 1e-4
+"""How far a served score may differ from the in-process one (float32 arithmetic)."""
+
+
+class ValidationError(RuntimeError):
+    """Validation could not run (as opposed to a model that failed it)."""
+
+
+class ServerState(StrEnum):
+    """What the dry run's model server is doing, as InfraValidator names it."""
+
+    NOT_READY = "NOT_READY"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass
+class Verdict:
+    """The outcome of ``validate``: passed or not, why, and every number measured."""
+
+    model: str
+    fingerprint: str
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    dry_run: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
+    baseline: str | None = None
+    created: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
+
+    def to_json(self) -> str:
+        """The verdict as indented JSON."""
+        return json.dumps(asdict(self), indent=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Examples and metrics
+
+
+def read_raw_eval_examples(
+    data_dir: str | Path, limit: int = MAX_QUALITY_EXAMPLES
+) -> tuple[list[bytes], np.ndarray, Config | None]:
+    """Raw eval tf.Examples of a datagen output and their labels."""
+    from pipeline.datagen import CONFIG_YAML
+    from transform.config import load_config
+
+    folder = Path(data_dir) / EVAL_RAW_DIR
+    files = sorted(str(p) for p in folder.glob("*.tfrecord.gz"))
+    if not files:
+        raise ValidationError(f"{folder}: no raw eval examples; is {data_dir} a datagen output?")
+    config = (
+        load_config(Path(data_dir) / CONFIG_YAML)
+        if (Path(data_dir) / CONFIG_YAML).exists()
+        else None
+    )
+    records = [
+        r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP").take(limit)
+    ]
+    if not records:
+        raise ValidationError(f"{folder}: the eval split is empty")
+    labels = np.zeros(len(records), dtype=np.float64)
+    if config is not None:
+        for i, r in enumerate(records):
+            feature = tf.train.Example.FromString(r).features.feature[config.label]
+            labels[i] = feature.int64_list.value[0]
+    return records, labels, config
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (ties share their average rank)."""
+    positives = labels > 0.5
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    # Average ranks over ties so that equal scores do not bias the area.
+    _, starts, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = starts + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def log_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Mean logistic loss."""
+    p = np.clip(probabilities.astype(np.float64), 1e-7, 1 - 1e-7)
+    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+
+
+def score_in_process(
+    model_dir: str | Path, examples: Sequence[bytes], batch_size: int = 4096
+) -> np.ndarray:
+    """Probabilities of raw examples from a SavedModel loaded in this process."""
+    loaded = tf.saved_model.load(str(export_dir(model_dir)))
+    fn = loaded.signatures["serving_default"]
+    out = []
+    for i in range(0, len(examples), batch_size):
+        batch = tf.constant(list(examples[i : i + batch_size]), dtype=tf.string)
+        out.append(fn(**{EXAMPLES_INPUT: batch})[PROBABILITIES_OUTPUT].numpy().reshape(-1))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+# --------------------------------------------------------------------------------------------
+# Dry run
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DryRunServer:
+    """A model server in its own process, serving one model from a private base path."""
+
+    def __init__(self, model_dir: str | Path, model_name: str):
+        self.model_name = model_name
+        self._base = Path(tempfile.mkdtemp(prefix="widedeep-dryrun-"))
+        (self._base / model_name).mkdir()
+        os.symlink(export_dir(model_dir).absolute(), self._base / model_name / "1")
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self._log = (self._base / "server.log").open("w+")
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Starts ``widedeep serve`` (the real binary when installed, else built-in)."""
+        self._process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.cli",
+                "serve",
+                f"--port={self.port}",
+                f"--model_name={self.model_name}",
+                f"--model_base_path={self._base / self.model_name}",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        )
+
+    def state(self) -> ServerState:
+        """NOT_READY while loading, READY once version 1 is AVAILABLE, UNAVAILABLE if dead."""
+        if self._process is None or self._process.poll() is not None:
+            return ServerState.UNAVAILABLE
+        try:
+            with grpc.insecure_channel(self.target) as channel:
+                stub = model_service_pb2_grpc.ModelServiceStub(channel)
+                request = get_model_status_pb2.GetModelStatusRequest()
+                request.model_spec.name = self.model_name
+                response = stub.GetModelStatus(request, timeout=2.0)
+        except grpc.RpcError:
+            return ServerState.NOT_READY
+        for status in response.model_version_status:
+            if status.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE:
+                return ServerState.READY
+            if status.state == get_model_status_pb2.ModelVersionStatus.END:
+                return ServerState.UNAVAILABLE
+        return ServerState.NOT_READY
+
+    def wait_until_ready(self, timeout_s: float, poll_s: float = 0.25) -> float:
+        """Seconds until READY; raises ValidationError if unavailable or past the deadline."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            state = self.state()
+            if state is ServerState.READY:
+                return time.monotonic() - started
+            if state is ServerState.UNAVAILABLE:
+                raise ValidationError(f"the model server could not load the model:\n{self.log()}")
+            time.sleep(poll_s)
+        raise ValidationError(f"the model was not AVAILABLE within {timeout_s:.0f} s")
+
+    def log(self, lines: int = 20) -> str:
+        """The last lines the server printed."""
+        self._log.flush()
+        self._log.seek(0)
+        return "\n".join(self._log.read().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """Stops the server gracefully (SIGTERM) and removes its base path."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._log.close()
+        shutil.rmtree(self._base, ignore_errors=True)
+
+
+def dry_run(
+    model_dir: str | Path, config: Config, examples: Sequence[bytes], expected: np.ndarray
+) -> dict[str, Any]:
+    """Loads the model in a separate server process and checks its answers and latency."""
+    v = config.validation
+    server = DryRunServer(model_dir, config.model_name)
+    result: dict[str, Any] = {"problems": []}
+    try:
+        server.start()
+        result["load_seconds"] = round(server.wait_until_ready(v.load_timeout_s), 2)
+        with grpc.insecure_channel(server.target) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            result["warmup_requests"] = _replay_warmup(stub, model_dir, config, result)
+            latencies, worst = [], 0.0
+            n = min(v.num_candidates, len(examples))
+            for r in range(v.num_requests):
+                start = (r * n) % max(1, len(examples) - n + 1)
+                batch = examples[start : start + n]
+                request = _predict_request(config.model_name, batch)
+                began = time.perf_counter()
+                response = stub.Predict(request, timeout=30)
+                latencies.append((time.perf_counter() - began) * 1000)
+                served = tf.make_ndarray(response.outputs[PROBABILITIES_OUTPUT]).reshape(-1)
+                if not np.all(np.isfinite(served)) or served.min() < 0 or served.max() > 1:
+                    result["problems"].append("a served score is not a probability in [0, 1]")
+                    break
+                worst = max(worst, float(np.abs(served - expected[start : start + n]).max()))
+        result.update(
+            requests=len(latencies),
+            candidates_per_request=n,
+            p50_ms=round(float(np.percentile(latencies, 50)), 3),
+            p99_ms=round(float(np.percentile(latencies, 99)), 3),
+            latency_budget_ms=v.latency_budget_ms,
+            max_score_difference=worst,
+        )
+        if worst > SCORE_TOLERANCE:
+            result["problems"].append(
+                f"served scores differ from in-process scores by up to {worst:.2e}"
+            )
+        if result["p99_ms"] > v.latency_budget_ms:
+            result["problems"].append(
+                f"p99 latency {result['p99_ms']:.1f} ms over the budget of "
+                f"{v.latency_budget_ms:.0f} ms for {n} candidates"
+            )
+    except (ValidationError, grpc.RpcError) as e:
+        detail = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
+        result["problems"].append(f"dry run failed: {detail}")
+    finally:
+        server.stop()
+    result["passed"] = not result["problems"]
+    return result
+
+
+def _predict_request(model_name: str, examples: Sequence[bytes]) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model_name
+    request.model_spec.signature_name = "serving_default"
+    request.inputs[EXAMPLES_INPUT].CopyFrom(
+        tf.make_tensor_proto(list(examples), dtype=tf.string, shape=[len(examples)])
+    )
+    return request
+
+
+def _replay_warmup(stub: Any, model_dir: str | Path, config: Config, result: dict) -> int:
+    path = export_dir(model_dir) / "assets.extra" / "tf_serving_warmup_requests"
+    if not path.exists():
+        result["problems"].append("the model has no assets.extra/tf_serving_warmup_requests")
+        return 0
+    count = 0
+    for record in tf.data.TFRecordDataset(str(path)):
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        if log.WhichOneof("log_type") != "predict_log":
+            continue
+        request = log.predict_log.request
+        request.model_spec.name = config.model_name
+        response = stub.Predict(request, timeout=30)
+        for name, proto in response.outputs.items():
+            if not np.all(np.isfinite(tf.make_ndarray(proto))):
+                result["problems"].append(f"warmup request {count}: output {name} not finite")
+        count += 1
+    return count
+
+
+# --------------------------------------------------------------------------------------------
+# The whole validation
+
+
+def resolve_baseline(
+    config: Config, baseline: str | Path | None, model_base_path: str | Path | None
+) -> Path | None:
+    """The baseline model: the one given, or the newest version under the base path."""
+    if baseline is not None:
+        return Path(baseline)
+    if model_base_path is not None:
+        found = versions(model_base_path, config.model_name)
+        if found:
+            return Path(model_base_path) / config.model_name / str(found[-1])
+    return None
+
+
+def validate(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    config: Config,
+    baseline: str | Path | None = None,
+    model_base_path: str | Path | None = None,
+    skip_dry_run: bool = False,
+) -> Verdict:
+    """Runs the dry run and the quality check and writes ``<model_dir>/verdict.json``."""
+    examples, labels, _ = read_raw_eval_examples(data_dir)
+    scores = score_in_process(model_dir, examples)
+    verdict = Verdict(
+        model=str(Path(model_dir).absolute()), fingerprint=fingerprint(model_dir), passed=False
+    )
+    quality: dict[str, Any] = {
+        "examples": len(examples),
+        "label_rate": float(labels.mean()),
+        "auc": auc(labels, scores),
+        "log_loss": log_loss(labels, scores),
+        "auc_tolerance": config.validation.auc_tolerance,
+        "log_loss_tolerance": config.validation.log_loss_tolerance,
+    }
+    base = resolve_baseline(config, baseline, model_base_path)
+    if base is not None:
+        verdict.baseline = str(base.absolute())
+        base_scores = score_in_process(base, examples)
+        quality["baseline_auc"] = auc(labels, base_scores)
+        quality["baseline_log_loss"] = log_loss(labels, base_scores)
+        if quality["auc"] < quality["baseline_auc"] - config.validation.auc_tolerance:
+            verdict.reasons.append(
+                f"eval AUC {quality['auc']:.4f} is worse than the baseline's "
+                f"{quality['baseline_auc']:.4f} by more than {config.validation.auc_tolerance}"
+            )
+        if (
+            quality["log_loss"]
+            > quality["baseline_log_loss"] + config.validation.log_loss_tolerance
+        ):
+            verdict.reasons.append(
+                f"eval log loss {quality['log_loss']:.4f} is worse than the baseline's "
+                f"{quality['baseline_log_loss']:.4f} by more than "
+                f"{config.validation.log_loss_tolerance}"
+            )
+    if not np.all(np.isfinite(scores)):
+        verdict.reasons.append("the model gives non-finite scores in process")
+    verdict.quality = quality
+    if not skip_dry_run:
+        verdict.dry_run = dry_run(model_dir, config, examples, scores)
+        verdict.reasons.extend(verdict.dry_run["problems"])
+    verdict.passed = not verdict.reasons
+    target = Path(model_dir) / VERDICT_FILE
+    target.write_text(verdict.to_json() + "\n")
+    return verdict
+
+
+def format_verdict(verdict: Verdict) -> str:
+    """The verdict as the lines a person reads."""
+    q, d = verdict.quality, verdict.dry_run
+    lines = [
+        f"validate: {'PASSED' if verdict.passed else 'FAILED'}  {verdict.model}",
+        f"  fingerprint  {verdict.fingerprint}",
+        f"  eval         {q['examples']:,} examples, AUC {q['auc']:.4f}, "
+        f"log loss {q['log_loss']:.4f}",
+    ]
+    if verdict.baseline:
+        lines.append(
+            f"  baseline     AUC {q['baseline_auc']:.4f}, log loss "
+            f"{q['baseline_log_loss']:.4f}  ({verdict.baseline})"
+        )
+    else:
+        lines.append("  baseline     none (no model is being served)")
+    if d:
+        lines.append(
+            f"  dry run      loaded in {d.get('load_seconds', float('nan'))} s, "
+            f"{d.get('warmup_requests', 0)} warmup requests, {d.get('requests', 0)} requests of "
+            f"{d.get('candidates_per_request', 0)} candidates: p50 {d.get('p50_ms', 'n/a')} ms, "
+            f"p99 {d.get('p99_ms', 'n/a')} ms (budget {d.get('latency_budget_ms', 'n/a')} ms)"
+        )
+    lines.extend(f"  reason       {r}" for r in verdict.reasons)
+    return "\n".join(lines)

@@ -1,0 +1,213 @@
+"""Validate, deploy, serve and query a trained model: the path from training to users.
+
+Everything is real: a model trained on the movies log, a model server in its own process for
+the dry run, the built-in server watching a base path, and the standard TF Serving client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from serving import tfserving
+from serving.client import ClientSettings, RankingClient, ScoringError
+from serving.deploy import DeployError, deploy, rollback, serving_version, versions
+from serving.server import ModelServer, ServerSettings
+from serving.validate import read_raw_eval_examples, score_in_process, validate
+from transform.config import load_config
+
+DOCKER = Path(__file__).resolve().parent.parent / "docker"
+
+
+def _small(config):
+    model = dataclasses.replace(config.model, hidden_units=(16, 8), embedding_dim=8)
+    training = dataclasses.replace(config.training, batch_size=128, epochs=2)
+    return dataclasses.replace(config, model=model, training=training)
+
+
+@pytest.fixture(scope="module")
+def config():
+    return _small(load_config("movies"))
+
+
+@pytest.fixture(scope="module")
+def trained(movies_data: Path, config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainer.train import train
+
+    out = tmp_path_factory.mktemp("model") / "good"
+    train(config, movies_data, out, verbose=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def undertrained(movies_data: Path, config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainer.train import train
+
+    out = tmp_path_factory.mktemp("model") / "bad"
+    train(config, movies_data, out, towers="wide", max_steps=1, verbose=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def validated(trained: Path, movies_data: Path, config) -> Path:
+    verdict = validate(trained, movies_data, config)
+    assert verdict.passed, verdict.reasons
+    return trained
+
+
+def test_verdict_holds_every_number(validated: Path) -> None:
+    verdict = json.loads((validated / "verdict.json").read_text())
+    assert verdict["passed"] and verdict["fingerprint"]
+    dry = verdict["dry_run"]
+    assert dry["warmup_requests"] >= 1 and dry["requests"] >= 1
+    assert dry["max_score_difference"] <= 1e-4
+    assert 0 < dry["p50_ms"] <= dry["p99_ms"]
+    assert 0.5 < verdict["quality"]["auc"] <= 1.0
+    assert verdict["baseline"] is None
+
+
+def test_quality_check_fails_a_worse_model(
+    undertrained: Path, trained: Path, movies_data: Path, config
+) -> None:
+    verdict = validate(undertrained, movies_data, config, baseline=trained, skip_dry_run=True)
+    assert not verdict.passed
+    assert any("worse than the baseline" in r for r in verdict.reasons)
+    assert verdict.quality["baseline_auc"] > verdict.quality["auc"]
+    with pytest.raises(DeployError, match="validation failed"):
+        deploy(undertrained, movies_data.parent / "never", config.model_name)
+
+
+def test_deploy_refuses_unvalidated_or_changed_models(
+    validated: Path, tmp_path: Path, config
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(validated, copy)
+    (copy / "verdict.json").unlink()
+    with pytest.raises(DeployError, match="run 'widedeep validate'"):
+        deploy(copy, tmp_path / "base", config.model_name)
+    shutil.copy(validated / "verdict.json", copy / "verdict.json")
+    (copy / "export" / "assets.extra" / "extra.txt").write_text("changed")
+    with pytest.raises(DeployError, match="changed after it was validated"):
+        deploy(copy, tmp_path / "base", config.model_name)
+    assert versions(tmp_path / "base", config.model_name) == []
+
+
+def test_deploy_serve_query_and_rollback(
+    validated: Path, movies_data: Path, tmp_path: Path, config
+) -> None:
+    base = tmp_path / "base"
+    first = deploy(validated, base, config.model_name)
+    assert first.version == 1 and (base / config.model_name / "1" / "saved_model.pb").exists()
+    settings = ServerSettings(
+        model_name=config.model_name,
+        model_base_path=str(base / config.model_name),
+        port=0,
+        file_system_poll_wait_seconds=0.2,
+    )
+    with ModelServer(settings) as server:
+        target = f"127.0.0.1:{server.grpc_port}"
+        server.wait_until_available(config.model_name, 1, timeout=60)
+        # Scores through gRPC equal the in-process ones, however the candidates are split.
+        examples, _, _ = read_raw_eval_examples(movies_data, limit=120)
+        expected = score_in_process(validated, examples)
+        for batch_size, parallelism in ((120, 1), (25, 4), (7, 3)):
+            client_settings = ClientSettings(batch_size=batch_size, parallelism=parallelism)
+            with RankingClient(target, config.model_name, client_settings) as client:
+                got = client.score_examples(examples)
+            np.testing.assert_allclose(got, expected, atol=1e-5)
+        # A query and its candidates, as a user sends them: ranked by score.
+        query = {
+            "user_id": 3,
+            "occupation": "writer",
+            "user_age": 31,
+            "recent_movies": ["m1", "m2"],
+        }
+        candidates = [
+            {
+                "movie_id": f"m{i}",
+                "genres": ["drama"],
+                "release_year": 1990 + i,
+                "popularity": 0.1 * i,
+            }
+            for i in range(30)
+        ]
+        with RankingClient(target, config.model_name, config=config) as client:
+            ranked = client.rank(query, candidates)
+        assert [r.rank for r in ranked] == list(range(1, 31))
+        assert all(a.score >= b.score for a, b in itertools.pairwise(ranked))
+        # The next version is deployed and confirmed, then rolled back.
+        second = deploy(validated, base, config.model_name, server=target, timeout_s=60)
+        assert second.version == 2 and second.confirmed and second.previous == 1
+        back = rollback(base, config.model_name, server=target, timeout_s=60)
+        assert back.version == 1 and back.confirmed
+        assert serving_version(target, config.model_name) == 1
+        assert versions(base, config.model_name) == [1]
+        # A third deploy never reuses the retired version's number.
+        assert deploy(validated, base, config.model_name).version == 3
+        with pytest.raises(ScoringError, match="NOT_FOUND"):
+            RankingClient(target, "no_such_model").score_examples(examples[:2])
+
+
+def test_rollback_needs_a_previous_version(tmp_path: Path) -> None:
+    with pytest.raises(DeployError, match="needs a previous version"):
+        rollback(tmp_path, "m")
+
+
+# --------------------------------------------------------------------------------------------
+# docker/: files for production, checked against what `serve` generates (no engine here).
+
+
+def test_model_config_file_matches_what_serve_writes() -> None:
+    shipped = tfserving.read_model_config_file(DOCKER / "models.config")
+    expected = tfserving.model_server_config("app_ranker", "/models/app_ranker")
+    assert shipped == expected
+    assert load_config("app_store").model_name == "app_ranker"
+
+
+def test_serve_generates_a_config_file_for_the_real_binary(tmp_path: Path) -> None:
+    argv = tfserving.binary_argv(
+        "/usr/bin/tensorflow_model_server",
+        ["--port=8500", "--model_name", "m", "--model_base_path", str(tmp_path)],
+    )
+    assert argv[:2] == ["/usr/bin/tensorflow_model_server", "--port=8500"]
+    config_flag = next(a for a in argv if a.startswith("--model_config_file="))
+    parsed = tfserving.read_model_config_file(config_flag.split("=", 1)[1])
+    assert parsed == tfserving.model_server_config("m", str(tmp_path))
+
+
+def test_compose_file_serves_the_config_and_ports() -> None:
+    compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+    service = compose["services"]["serving"]
+    assert service["image"].startswith("tensorflow/serving:")
+    flags = dict(f.lstrip("-").split("=", 1) for f in service["command"])
+    assert flags["port"] == "8500" and flags["rest_api_port"] == "8501"
+    # "source:target:mode", where the source may be "${VAR:-default}".
+    mounts = {v.rsplit(":", 2)[1]: v.rsplit(":", 2)[0] for v in service["volumes"]}
+    for key in ("model_config_file", "batching_parameters_file", "monitoring_config_file"):
+        source = mounts[flags[key]]
+        assert (DOCKER / source).exists(), source
+    shipped = tfserving.read_model_config_file(DOCKER / "models.config")
+    assert shipped.model_config_list.config[0].base_path.startswith("/models/")
+    assert "/models" in mounts
+
+
+def test_batching_and_monitoring_files_parse() -> None:
+    text = (DOCKER / "batching_parameters.txt").read_text()
+    for key in ("max_batch_size", "batch_timeout_micros", "num_batch_threads"):
+        assert key in text
+    monitoring = (DOCKER / "monitoring.config").read_text()
+    assert 'path: "/monitoring/prometheus/metrics"' in monitoring
+
+
+def test_dockerfile_installs_the_project() -> None:
+    text = (DOCKER / "Dockerfile").read_text()
+    for package in ("pipeline", "transform", "trainer", "serving"):
+        assert f"COPY {package} ./{package}" in text
+    assert 'ENTRYPOINT ["widedeep"]' in text

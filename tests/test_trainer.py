@@ -1,0 +1,827 @@
+"""The trainer: variable groups, the three models, resume, warm start, export and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_transform as tft
+import tf_keras
+
+from tests import logs
+from trainer import train as train_lib
+from trainer.errors import TrainError
+from trainer.export import CLASSIFY_SIGNATURE, SERVING_SIGNATURE, WARMUP_FILE, read_warmup_requests
+from trainer.model import (
+    build_model,
+    check_variable_groups,
+    checkpoint_objects,
+    optimizer_slots,
+)
+from trainer.spec import ModelSpec, build_model_spec, incompatibilities
+from trainer.train import TrainResult, train
+from transform.config import Config, OptimizerConfig, load_config
+from transform.features import raw_feature_spec
+
+MOVIES = load_config("movies")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_config(**training: Any) -> Config:
+    """The movies preset with a small deep tower, which learns fast enough for a few steps."""
+    return dataclasses.replace(
+        MOVIES,
+        model=dataclasses.replace(
+            MOVIES.model,
+            hidden_units=(32, 16),
+            deep_optimizer=OptimizerConfig(name="adagrad", learning_rate=0.2),
+        ),
+        training=dataclasses.replace(
+            MOVIES.training, **{"batch_size": 256, "steps_per_checkpoint": 5, **training}
+        ),
+    )
+
+
+STEPS_PER_EPOCH = -(-9334 // 256)  # train rows of the 12k-row log (fixed by its seed) / batch
+CONFIG = small_config()
+
+
+def _datagen(tmp_path_factory: pytest.TempPathFactory, rows: int, seed: int, name: str) -> Path:
+    from pipeline.datagen import run_datagen
+
+    folder = tmp_path_factory.mktemp(name)
+    log = logs.write_parquet(logs.movies_table(rows, seed=seed), folder / "log")
+    run_datagen(MOVIES, str(log), folder / "data", echo=None)
+    return folder / "data"
+
+
+@pytest.fixture(scope="session")
+def trainer_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Datagen output of a 12k-row movies log: enough eval rows for a stable AUC."""
+    return _datagen(tmp_path_factory, 12_000, seed=0, name="trainer_data")
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Datagen output of a smaller, different log: a smaller vocabulary with other ids."""
+    return _datagen(tmp_path_factory, 200, seed=1, name="trainer_small_data")
+
+
+@pytest.fixture(scope="module")
+def tft_output(trainer_data: Path) -> Any:
+    return tft.TFTransformOutput(str(trainer_data))
+
+
+def _restore(model_dir: Path, config: Config = CONFIG) -> tuple[Any, dict[str, int]]:
+    """The model and optimizers of a model folder's latest checkpoint, and its counters."""
+    spec = ModelSpec.load(model_dir / "model_spec.json")
+    optimizers = {"wide": config.model.wide_optimizer, "deep": config.model.deep_optimizer}
+    model = build_model(spec, optimizers)
+    counters = {k: tf.Variable(0, dtype=tf.int64) for k in ("step", "epoch", "batch_in_epoch")}
+    checkpoint = tf.train.Checkpoint(**checkpoint_objects(model), **counters)
+    latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
+    checkpoint.restore(latest).assert_consumed()
+    return model, {k: int(v.numpy()) for k, v in counters.items()}
+
+
+def _tokens(path: Path) -> list[str]:
+    return path.read_text().split("\n")[:-1]
+
+
+# --------------------------------------------------------------------------------------------
+# Model and variable groups
+
+
+@pytest.mark.parametrize("towers", ["wide", "deep", "wide_deep"])
+def test_variable_groups_are_disjoint_and_cover_every_variable(tft_output: Any, towers: str):
+    spec = build_model_spec(CONFIG, tft_output, towers)
+    model = build_model(
+        spec, {"wide": CONFIG.model.wide_optimizer, "deep": CONFIG.model.deep_optimizer}
+    )
+    groups = model.variable_groups()
+    ids = [id(v) for g in groups.values() for v in g]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(v) for v in model.trainable_variables}
+    assert (
+        set(groups) == {"wide_deep": {"wide", "deep"}, "wide": {"wide"}, "deep": {"deep"}}[towers]
+    )
+    # The one bias b of equation 3 belongs to the wide (linear) part when there is one.
+    assert any(v is model.bias for v in groups["wide" if towers != "deep" else "deep"])
+    if towers != "deep":
+        wide_tables = {v.name.split(":")[0] for v in model.wide.trainable_variables}
+        assert wide_tables == {i.name for i in spec.wide_inputs}
+        assert {"occupation_x_genre", "recent_x_movie", "popularity"} <= wide_tables
+    if towers != "wide":
+        assert set(model.deep.embeddings) == {i.name for i in spec.deep_inputs if i.embedding_dim}
+        assert model.deep.embeddings["genres"].shape[1] == 8  # its own embedding_dim
+        assert model.deep.embeddings["movie_id"].shape[1] == 16  # model.embedding_dim
+    # Optimizers are the paper's: FTRL (with L1) for wide, AdaGrad for deep.
+    kinds = {k: type(o).__name__ for k, o in model.tower_optimizers.items()}
+    assert kinds == {k: {"wide": "Ftrl", "deep": "Adagrad"}[k] for k in groups}
+
+
+def test_check_variable_groups_refuses_overlap_and_orphans():
+    a, b, c = tf.Variable(1.0, name="a"), tf.Variable(2.0, name="b"), tf.Variable(3.0, name="c")
+    check_variable_groups({"wide": [a], "deep": [b, c]}, [a, b, c])
+    with pytest.raises(TrainError, match="both the wide and the deep optimizer"):
+        check_variable_groups({"wide": [a, b], "deep": [b, c]}, [a, b, c])
+    with pytest.raises(TrainError, match="trained by no optimizer: c"):
+        check_variable_groups({"wide": [a], "deep": [b]}, [a, b, c])
+    with pytest.raises(TrainError, match="does not train"):
+        check_variable_groups({"wide": [a], "deep": [b, c]}, [a, b])
+
+
+def test_a_variable_outside_the_towers_is_refused(tft_output: Any):
+    spec = build_model_spec(CONFIG, tft_output, "wide_deep")
+    model = build_model(spec)
+    model.stray = tf.Variable(tf.zeros([3]), name="stray")  # trainable, in no tower
+    optimizers = {
+        "wide": tf_keras.optimizers.legacy.SGD(),
+        "deep": tf_keras.optimizers.legacy.SGD(),
+    }
+    with pytest.raises(TrainError, match="trained by no optimizer: stray"):
+        model.set_optimizers(**optimizers)
+
+
+def test_wide_tower_is_a_linear_model_over_active_ids(tft_output: Any):
+    """One-hot, multi-hot (summed), quantile-bucket one-hot and hashed crosses."""
+    spec = build_model_spec(CONFIG, tft_output, "wide")
+    model = build_model(spec)
+    for name, table in model.wide.tables.items():
+        table.assign(
+            tf.reshape(tf.range(table.shape[0], dtype=tf.float32), [-1, 1]) * 0.001
+            + (1000.0 if name == "occupation" else 0.0)
+        )
+    features = {
+        "occupation": tf.constant([2, 0], tf.int64),
+        "genres": tf.sparse.SparseTensor([[0, 0], [0, 1]], tf.constant([1, 3], tf.int64), [2, 2]),
+        "popularity": tf.constant([1.0, 0.0]),  # buckets 9 and 0
+        "occupation_x_genre": tf.sparse.SparseTensor([[1, 0]], tf.constant([7], tf.int64), [2, 1]),
+        "recent_x_movie": tf.sparse.SparseTensor(
+            tf.zeros([0, 2], tf.int64), tf.zeros([0], tf.int64), [2, 0]
+        ),
+    }
+    logits = model(features).numpy().ravel()
+    expected = [1000.002 + 0.001 + 0.003 + 0.009, 1000.0 + 0.0 + 0.007]
+    np.testing.assert_allclose(logits, expected, rtol=1e-6)
+
+
+def test_deep_tower_pools_lists_and_zeros_empty_lists(tft_output: Any):
+    spec = build_model_spec(CONFIG, tft_output, "deep")
+    model = build_model(spec)
+    table = model.deep.embeddings["recent_movies"]
+    ids = tf.sparse.SparseTensor([[0, 0], [0, 1]], tf.constant([4, 6], tf.int64), [2, 2])
+    pooled = tf.nn.safe_embedding_lookup_sparse(table, ids, combiner="mean").numpy()
+    np.testing.assert_allclose(pooled[0], (table.numpy()[4] + table.numpy()[6]) / 2, rtol=1e-6)
+    np.testing.assert_array_equal(pooled[1], np.zeros(table.shape[1]))
+
+
+class FakeTransformOutput:
+    """The two things the model spec reads from a transform output, derived from a config."""
+
+    def __init__(self, config: Config, vocabulary_size: int = 50, drop: str = "", **types: Any):
+        self.spec: dict[str, Any] = {config.label: tf.io.FixedLenFeature([], tf.int64)}
+        for f in config.features:
+            if f.kind.value == "categorical_list":
+                self.spec[f.name] = tf.io.VarLenFeature(tf.int64)
+            elif f.kind.value == "numeric":
+                self.spec[f.name] = tf.io.FixedLenFeature([], tf.float32)
+            else:
+                self.spec[f.name] = tf.io.FixedLenFeature([], tf.int64)
+        for c in config.crosses:
+            self.spec[c.name] = tf.io.VarLenFeature(tf.int64)
+        self.spec.update(types)
+        self.spec.pop(drop, None)
+        self.vocabulary_size = vocabulary_size
+
+    def transformed_feature_spec(self) -> dict[str, Any]:
+        return dict(self.spec)
+
+    def vocabulary_size_by_name(self, name: str) -> int:
+        return self.vocabulary_size
+
+
+def _random_batch(spec: ModelSpec, rows: int = 8) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    batch: dict[str, Any] = {}
+    for i in spec.inputs:
+        if i.role.value == "numeric":
+            batch[i.name] = tf.constant(rng.random(rows), tf.float32)
+        elif i.is_sparse:
+            batch[i.name] = tf.sparse.from_dense(
+                tf.constant(rng.integers(0, i.size, (rows, 3)) * rng.integers(0, 2, (rows, 3)))
+            )
+        else:
+            batch[i.name] = tf.constant(rng.integers(0, i.size, rows), tf.int64)
+    return batch
+
+
+@pytest.mark.parametrize("towers", ["wide", "deep", "wide_deep"])
+def test_the_app_store_model_builds_and_takes_a_step(towers: str):
+    """The other preset: the paper's own model (installed apps x impression app in wide)."""
+    config = load_config("app_store")
+    config = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, hidden_units=(8, 4))
+    )
+    spec = build_model_spec(config, FakeTransformOutput(config), towers)
+    if towers != "deep":
+        assert [i.name for i in spec.wide_inputs] == ["impression_app", "installed_x_impression"]
+        assert spec.input("installed_x_impression").size == 200_000
+    model = build_model(
+        spec, {"wide": config.model.wide_optimizer, "deep": config.model.deep_optimizer}
+    )
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    out = model.train_step((_random_batch(spec), tf.ones([8, 1])))
+    assert np.isfinite(out["loss"].numpy())
+    variables = model.trainable_variables
+    changed = [not np.array_equal(a, v.numpy()) for a, v in zip(before, variables, strict=True)]
+    assert any(changed)
+    for optimizer in model.tower_optimizers.values():
+        assert int(optimizer.iterations.numpy()) == 1
+
+
+def test_transformed_features_must_match_the_config():
+    config = load_config("app_store")
+    with pytest.raises(TrainError, match="no feature 'app_rating' of the config"):
+        build_model_spec(config, FakeTransformOutput(config, drop="app_rating"), "wide_deep")
+    wrong = FakeTransformOutput(config, installed_apps=tf.io.FixedLenFeature([], tf.int64))
+    with pytest.raises(TrainError, match="'installed_apps': expected a categorical_list"):
+        build_model_spec(config, wrong, "wide_deep")
+    extra = FakeTransformOutput(config, surprise=tf.io.FixedLenFeature([], tf.int64))
+    with pytest.raises(TrainError, match="'surprise' is not in the config"):
+        build_model_spec(config, extra, "wide_deep")
+
+
+def test_incompatibilities_name_each_difference():
+    config = load_config("app_store")
+    before = build_model_spec(config, FakeTransformOutput(config), "wide_deep")
+    grown = build_model_spec(config, FakeTransformOutput(config, 5000), "wide_deep")
+    assert incompatibilities(before, grown) == []  # vocabularies may grow
+    crosses = tuple(dataclasses.replace(c, hash_buckets=1000) for c in config.crosses)
+    features = tuple(
+        dataclasses.replace(f, quantiles=5) if f.name == "app_rating" else f
+        for f in config.features
+    )
+    other = dataclasses.replace(config, crosses=crosses, features=features)
+    after = build_model_spec(other, FakeTransformOutput(other), "wide_deep")
+    assert incompatibilities(before, after) == [
+        "features.app_rating.quantiles: 20 before, 5 now",
+        "crosses.installed_x_impression.hash_buckets: 200000 before, 1000 now",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Training the paper's three models
+
+
+@pytest.fixture(scope="module")
+def trained(trainer_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("towers")
+    return {
+        towers: train(CONFIG, trainer_data, out / towers, towers=towers, export=False, verbose=0)
+        for towers in ("wide", "deep", "wide_deep")
+    }
+
+
+@pytest.mark.parametrize("towers", ["wide", "deep", "wide_deep"])
+def test_each_model_trains_and_beats_chance(trained: dict[str, TrainResult], towers: str):
+    result = trained[towers]
+    m = result.metrics
+    assert result.status == "complete"
+    assert result.step == result.total_steps == 2 * STEPS_PER_EPOCH
+    # AUC's standard error on 2.7k eval rows is about 0.011: 0.52 is well clear of chance.
+    assert m["auc"] > 0.52, m
+    assert m["log_loss"] < 0.69, m
+    assert m["examples"] == _summary(result)["splits"]["eval"]["rows"]
+    assert abs(m["label_rate"] - _summary(result)["splits"]["eval"]["label_rate"]) < 1e-6
+    assert result.examples_per_second > 0
+    saved = json.loads((result.out_dir / "metrics.json").read_text())
+    assert saved["auc"] == pytest.approx(m["auc"]) and saved["towers"] == towers
+    assert (result.out_dir / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _summary(result: TrainResult) -> dict[str, Any]:
+    return json.loads(Path(result.metrics["data_dir"], "summary.json").read_text())
+
+
+def test_tensorboard_logs_hold_loss_and_eval_metrics(trained: dict[str, TrainResult]):
+    out = trained["wide_deep"].out_dir
+    tags: dict[str, set[str]] = {}
+    for split in ("train", "eval"):
+        files = list((out / "logs" / split).glob("events.out.tfevents.*"))
+        assert files, split
+        tags[split] = {
+            v.tag
+            for f in files
+            for event in tf.compat.v1.train.summary_iterator(str(f))
+            for v in event.summary.value
+        }
+    assert {"loss", "examples_per_second"} <= tags["train"]
+    assert {"auc", "log_loss"} <= tags["eval"]
+
+
+def test_a_finished_model_is_refused_unless_overwrite(
+    trained: dict[str, TrainResult], trainer_data: Path
+):
+    out = trained["wide"].out_dir
+    with pytest.raises(TrainError, match="finished model"):
+        train(CONFIG, trainer_data, out, towers="wide", export=False, verbose=0)
+    again = train(
+        CONFIG,
+        trainer_data,
+        out,
+        towers="wide",
+        overwrite=True,
+        max_steps=2,
+        export=False,
+        verbose=0,
+    )
+    assert again.step == 2 and again.resumed_from_step == 0 and again.status == "stopped"
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and resume
+
+
+def test_resume_continues_where_it_stopped(trainer_data: Path, tmp_path: Path):
+    whole = train(CONFIG, trainer_data, tmp_path / "whole", export=False, verbose=0)
+    first = train(CONFIG, trainer_data, tmp_path / "split", max_steps=7, export=False, verbose=0)
+    assert (first.status, first.step, first.resumed_from_step) == ("stopped", 7, 0)
+    _, counters = _restore(tmp_path / "split")
+    assert counters == {"step": 7, "epoch": 0, "batch_in_epoch": 7}
+
+    second = train(CONFIG, trainer_data, tmp_path / "split", export=False, verbose=0)
+    assert (second.status, second.step, second.resumed_from_step) == ("complete", 74, 7)
+
+    a, counters_a = _restore(tmp_path / "whole")
+    b, counters_b = _restore(tmp_path / "split")
+    assert counters_a == counters_b == {"step": 74, "epoch": 2, "batch_in_epoch": 0}
+    # No step was trained twice: each optimizer took exactly one update per step.
+    for tower in ("wide", "deep"):
+        assert int(b.tower_optimizers[tower].iterations.numpy()) == 74
+    # The interrupted run ends where the uninterrupted one does, slots included.
+    for tower, group in a.variable_groups().items():
+        for va, vb in zip(group, b.variable_groups()[tower], strict=True):
+            np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-5, err_msg=va.name)
+            slots_a = optimizer_slots(a.tower_optimizers[tower], va)
+            slots_b = optimizer_slots(b.tower_optimizers[tower], vb)
+            assert (
+                set(slots_a) == {"wide": {"accumulator", "linear"}, "deep": {"accumulator"}}[tower]
+            )
+            for name in slots_a:
+                np.testing.assert_allclose(
+                    slots_a[name].numpy(), slots_b[name].numpy(), atol=1e-5, err_msg=name
+                )
+    assert second.metrics["auc"] == pytest.approx(whole.metrics["auc"], abs=1e-4)
+
+
+def test_resume_after_kill_9(trainer_data: Path, tmp_path: Path):
+    """A run killed mid-training restarts from its last checkpoint, not from step 0."""
+    out = tmp_path / "killed"
+    config_yaml = tmp_path / "config.yaml"
+    config = small_config(steps_per_checkpoint=1, batch_size=64)
+    config_yaml.write_text(config.to_yaml())
+    code = (
+        "from transform.config import load_config\n"
+        "from trainer.train import train\n"
+        f"train(load_config({str(config_yaml)!r}), {str(trainer_data)!r}, {str(out)!r}, "
+        "epochs=1, export=False, verbose=0)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=_quiet_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            latest = tf.train.latest_checkpoint(str(out / "checkpoints"))
+            if latest and int(latest.rsplit("-", 1)[1]) >= 10:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = int(tf.train.latest_checkpoint(str(out / "checkpoints")).rsplit("-", 1)[1])
+    total = -(-9334 // 64)
+    assert 10 <= killed_at < total
+    assert json.loads((out / "run.json").read_text())["status"] == "training"
+
+    result = train(config, trainer_data, out, epochs=1, export=False, verbose=0)
+    assert result.resumed_from_step == killed_at
+    assert result.step == total and result.status == "complete"
+    model, _ = _restore(out, config)
+    assert int(model.tower_optimizers["deep"].iterations.numpy()) == total
+
+
+def _quiet_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", TF_USE_LEGACY_KERAS="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(trainer_data: Path, tmp_path: Path):
+    config = dataclasses.replace(
+        small_config(steps_per_checkpoint=1),
+        model=dataclasses.replace(
+            CONFIG.model, deep_optimizer=OptimizerConfig(name="sgd", learning_rate=1e30)
+        ),
+    )
+    with pytest.raises(TrainError, match=r"NaN or infinite between steps 1 and 2.*ckpt-1"):
+        train(config, trainer_data, tmp_path / "nan", export=False, verbose=0)
+    model, counters = _restore(tmp_path / "nan", config)
+    assert counters["step"] == 1
+    assert all(np.isfinite(v.numpy()).all() for v in model.trainable_variables)
+    assert not (tmp_path / "nan" / "export").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Warm start
+
+
+@pytest.fixture(scope="module")
+def previous_model(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    out = tmp_path_factory.mktemp("previous") / "model"
+    return train(CONFIG, small_data, out, epochs=1, export=False, verbose=0)
+
+
+def test_warm_start_carries_rows_by_token(
+    previous_model: TrainResult, trainer_data: Path, small_data: Path, tmp_path: Path
+):
+    result = train(
+        CONFIG,
+        trainer_data,
+        tmp_path / "warm",
+        warm_start_from=previous_model.out_dir,
+        max_steps=0,
+        export=False,
+        verbose=0,
+    )
+    old_vocab = _tokens(previous_model.out_dir / "vocabularies" / "movies")
+    new_vocab = _tokens(tmp_path / "warm" / "vocabularies" / "movies")
+    assert len(new_vocab) > len(old_vocab)  # the vocabulary grew
+    moved = [t for t in old_vocab if t in new_vocab and new_vocab.index(t) != old_vocab.index(t)]
+    fresh = [t for t in new_vocab if t not in old_vocab]
+    assert moved and fresh
+
+    before, _ = _restore(previous_model.out_dir)
+    after, counters = _restore(tmp_path / "warm")
+    assert counters["step"] == 0
+    untrained = build_model(after.spec)  # the fresh initial values (seeded)
+    for feature in ("movie_id", "recent_movies"):
+        old_rows = before.deep.embeddings[feature].numpy()
+        new_rows = after.deep.embeddings[feature].numpy()
+        for token in moved[:20]:
+            np.testing.assert_array_equal(
+                new_rows[new_vocab.index(token)], old_rows[old_vocab.index(token)]
+            )
+        for token in fresh[:5]:
+            np.testing.assert_array_equal(
+                new_rows[new_vocab.index(token)],
+                untrained.deep.embeddings[feature].numpy()[new_vocab.index(token)],
+            )
+        old_slot = optimizer_slots(before.tower_optimizers["deep"], before.deep.embeddings[feature])
+        new_slot = optimizer_slots(after.tower_optimizers["deep"], after.deep.embeddings[feature])
+        token = moved[0]
+        np.testing.assert_array_equal(
+            new_slot["accumulator"].numpy()[new_vocab.index(token)],
+            old_slot["accumulator"].numpy()[old_vocab.index(token)],
+        )
+        report = result.warm_start.rows[f"deep/{feature}"]
+        assert report.carried == len(set(old_vocab) & set(new_vocab))
+        assert report.new == len(fresh) and report.moved >= len(moved)
+
+    # Wide weights of a categorical feature, and FTRL's slots, by token too.
+    occupation_old = _tokens(previous_model.out_dir / "vocabularies" / "occupation")
+    occupation_new = _tokens(tmp_path / "warm" / "vocabularies" / "occupation")
+    for token in occupation_old:
+        i, j = occupation_old.index(token), occupation_new.index(token)
+        w_old, w_new = before.wide.tables["occupation"], after.wide.tables["occupation"]
+        assert w_new.numpy()[j] == w_old.numpy()[i]
+        for slot in ("accumulator", "linear"):
+            s_old = optimizer_slots(before.tower_optimizers["wide"], w_old)[slot].numpy()
+            s_new = optimizer_slots(after.tower_optimizers["wide"], w_new)[slot].numpy()
+            assert s_new[j] == s_old[i]
+    # Hashed crosses and dense layers are copied as they are.
+    np.testing.assert_array_equal(
+        after.wide.tables["recent_x_movie"].numpy(), before.wide.tables["recent_x_movie"].numpy()
+    )
+    np.testing.assert_array_equal(
+        after.deep.hidden[0].kernel.numpy(), before.deep.hidden[0].kernel.numpy()
+    )
+    assert "wide/recent_x_movie" in result.warm_start.copied
+    saved = json.loads((tmp_path / "warm" / "warm_start.json").read_text())
+    assert (
+        saved["rows"]["deep/movie_id"]["carried"] == result.warm_start.rows["deep/movie_id"].carried
+    )
+
+
+def test_warm_start_refuses_an_incompatible_model(
+    previous_model: TrainResult, trainer_data: Path, tmp_path: Path
+):
+    other = dataclasses.replace(
+        CONFIG, model=dataclasses.replace(CONFIG.model, hidden_units=(8,), embedding_dim=4)
+    )
+    with pytest.raises(TrainError) as error:
+        train(
+            other,
+            trainer_data,
+            tmp_path / "m",
+            warm_start_from=previous_model.out_dir,
+            export=False,
+            verbose=0,
+        )
+    message = str(error.value)
+    assert "model.hidden_units: [32, 16] before, [8] now" in message
+    assert "features.movie_id.embedding_dim: 16 before, 4 now" in message
+    assert not (tmp_path / "m").exists()  # refused before anything was written
+    with pytest.raises(TrainError, match="towers: wide_deep before, deep now"):
+        train(
+            CONFIG,
+            trainer_data,
+            tmp_path / "d",
+            towers="deep",
+            warm_start_from=previous_model.out_dir,
+            export=False,
+            verbose=0,
+        )
+    with pytest.raises(TrainError, match="not a model directory"):
+        train(CONFIG, trainer_data, tmp_path / "e", warm_start_from=trainer_data, verbose=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+
+
+@pytest.fixture(scope="module")
+def exported(trainer_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A model trained on a copy of the data, scored by Keras; the copy is then deleted."""
+    root = tmp_path_factory.mktemp("exported")
+    data = root / "data"
+    shutil.copytree(trainer_data, data)
+    result = train(CONFIG, data, root / "model", epochs=1, verbose=0)
+    examples = _raw_examples(result)
+    raw = tf.io.parse_example(
+        tf.constant(examples), raw_feature_spec(CONFIG, with_label=False, with_defaults=True)
+    )
+    transformed = tft.TFTransformOutput(str(data)).transform_raw_features(
+        raw, drop_unused_features=True
+    )
+    keras_scores = tf.sigmoid(result.model(transformed)).numpy()
+    shutil.rmtree(data)
+    return {"result": result, "examples": examples, "keras": keras_scores, "data": data}
+
+
+def _raw_examples(result: TrainResult) -> list[bytes]:
+    """The warmup requests' examples plus two hand-made ones: an unseen token, missing defaults."""
+    requests = read_warmup_requests(result.export_dir / "assets.extra" / WARMUP_FILE)
+    examples = [tf.make_ndarray(r.inputs["examples"])[0] for r in requests]
+
+    def example(**features: Any) -> bytes:
+        feature = {}
+        for k, v in features.items():
+            values = v if isinstance(v, list) else [v]
+            if all(isinstance(x, str) for x in values):
+                feature[k] = tf.train.Feature(
+                    bytes_list=tf.train.BytesList(value=[x.encode() for x in values])
+                )
+            elif all(isinstance(x, int) for x in values):
+                feature[k] = tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+            else:
+                feature[k] = tf.train.Feature(float_list=tf.train.FloatList(value=values))
+        return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+    examples.append(
+        example(
+            user_id=7,
+            occupation="astronaut",
+            user_age=33.0,
+            recent_movies=["m1", "m2"],
+            movie_id="m3",
+            genres=["drama"],
+            release_year=1999.0,
+            popularity=0.7,
+        )
+    )
+    # occupation and release_year have defaults in the config: they may be left out.
+    examples.append(
+        example(
+            user_id=3,
+            user_age=60.0,
+            recent_movies=[],
+            movie_id="m9999",
+            genres=["comedy"],
+            popularity=2.5,
+        )
+    )
+    return examples
+
+
+def test_saved_model_is_self_contained_and_matches_keras(exported: dict[str, Any]):
+    result = exported["result"]
+    assert not exported["data"].exists()
+    assert str(exported["data"]).encode() not in (result.export_dir / "saved_model.pb").read_bytes()
+    loaded = tf.saved_model.load(str(result.export_dir))
+    out = loaded.signatures[SERVING_SIGNATURE](examples=tf.constant(exported["examples"]))
+    probabilities = out["probabilities"].numpy()
+    assert probabilities.shape == (len(exported["examples"]), 1)
+    np.testing.assert_allclose(probabilities, exported["keras"], rtol=1e-5, atol=1e-6)
+    assert ((probabilities > 0) & (probabilities < 1)).all()
+    assert np.ptp(probabilities) > 0  # the examples are told apart
+
+
+def test_signatures_names_and_outputs(exported: dict[str, Any]):
+    loaded = tf.saved_model.load(str(exported["result"].export_dir))
+    assert set(loaded.signatures) == {SERVING_SIGNATURE, CLASSIFY_SIGNATURE}
+    serve = loaded.signatures[SERVING_SIGNATURE]
+    classify = loaded.signatures[CLASSIFY_SIGNATURE]
+    assert set(serve.structured_input_signature[1]) == {"examples"}
+    assert set(classify.structured_input_signature[1]) == {"inputs"}
+    assert serve.structured_outputs["probabilities"].dtype == tf.float32
+    examples = tf.constant(exported["examples"][:4])
+    out = classify(inputs=examples)
+    assert set(out) == {"classes", "scores"}
+    assert out["classes"].shape == (4, 2) and out["scores"].shape == (4, 2)
+    assert out["classes"].numpy().tolist() == [[b"0", b"1"]] * 4
+    np.testing.assert_allclose(out["scores"].numpy().sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(
+        out["scores"].numpy()[:, 1:], serve(examples=examples)["probabilities"].numpy(), rtol=1e-6
+    )
+
+
+def test_warmup_requests_parse_and_score(exported: dict[str, Any]):
+    result = exported["result"]
+    path = result.export_dir / "assets.extra" / WARMUP_FILE
+    requests = read_warmup_requests(path)
+    assert 1 <= len(requests) <= 1000
+    loaded = tf.saved_model.load(str(result.export_dir))
+    for request in requests:
+        assert request.model_spec.name == CONFIG.model_name
+        assert request.model_spec.signature_name == SERVING_SIGNATURE
+        examples = tf.make_ndarray(request.inputs["examples"])
+        out = loaded.signatures[SERVING_SIGNATURE](examples=tf.constant(examples))
+        assert out["probabilities"].shape == (len(examples), 1)
+
+
+def test_model_folder_holds_config_metrics_and_vocabularies(exported: dict[str, Any]):
+    result = exported["result"]
+    out = result.out_dir
+    assert (out / "config.yaml").read_text() == CONFIG.to_yaml()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"auc", "log_loss", "label_rate", "examples"} <= set(metrics)
+    extra = result.export_dir / "assets.extra"
+    assert json.loads((extra / "metrics.json").read_text()) == metrics
+    assert (extra / "config.yaml").read_text() == CONFIG.to_yaml()
+    assert sorted(p.name for p in (out / "vocabularies").iterdir()) == sorted(CONFIG.vocabularies)
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-worker
+
+
+def test_multi_worker_training_matches_one_process(
+    trainer_data: Path, exported: dict[str, Any], tmp_path: Path
+):
+    """Two local workers split each global batch in two: the same updates as one process."""
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            ports.append(s.getsockname()[1])
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    config_yaml = tmp_path / "config.yaml"
+    config_yaml.write_text(CONFIG.to_yaml())
+    out = tmp_path / "model"
+    code = (
+        "import json\n"
+        "from transform.config import load_config\n"
+        "from trainer.train import train\n"
+        f"r = train(load_config({str(config_yaml)!r}), {str(trainer_data)!r}, {str(out)!r}, "
+        "epochs=1, distribute='multi_worker', export=False, verbose=0)\n"
+        "print('RESULT ' + json.dumps({'step': r.step, 'metrics': r.metrics}))\n"
+    )
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        env = _quiet_env(
+            TF_CONFIG=json.dumps(tf_config),
+            TF_NUM_INTRAOP_THREADS="1",
+            TF_NUM_INTEROP_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    results = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, stderr[-3000:]
+        line = [x for x in stdout.splitlines() if x.startswith("RESULT ")][-1]
+        results.append(json.loads(line[len("RESULT ") :]))
+    chief, worker = results
+    assert chief["step"] == worker["step"] == STEPS_PER_EPOCH
+    assert worker["metrics"] is None  # only the chief evaluates and writes
+    single = exported["result"].metrics  # the same config and data, one epoch, one process
+    assert chief["metrics"]["auc"] == pytest.approx(single["auc"], abs=2e-3)
+    assert chief["metrics"]["log_loss"] == pytest.approx(single["log_loss"], abs=2e-3)
+    assert (out / "metrics.json").exists() and tf.train.latest_checkpoint(str(out / "checkpoints"))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_missing_data_dir_is_refused(tmp_path: Path):
+    with pytest.raises(TrainError, match="no such directory; run datagen first"):
+        train(CONFIG, tmp_path / "nothing", tmp_path / "m", verbose=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainError, match=r"not a datagen output \(no summary.json\)"):
+        train(CONFIG, tmp_path / "empty", tmp_path / "m", verbose=0)
+
+
+def test_data_made_with_another_config_is_refused(trainer_data: Path, tmp_path: Path):
+    features = tuple(
+        dataclasses.replace(f, min_count=5) if f.name == "occupation" else f
+        for f in CONFIG.features
+    )
+    other = dataclasses.replace(CONFIG, features=features)
+    with pytest.raises(TrainError, match=r"made with another config.*features changed: occupation"):
+        train(other, trainer_data, tmp_path / "m", verbose=0)
+    assert not (tmp_path / "m").exists()
+
+
+def test_empty_eval_split_is_refused(trainer_data: Path, tmp_path: Path):
+    data = tmp_path / "data"
+    shutil.copytree(trainer_data, data)
+    summary = json.loads((data / "summary.json").read_text())
+    summary["splits"]["eval"]["rows"] = 0
+    (data / "summary.json").write_text(json.dumps(summary))
+    for shard in (data / "eval").iterdir():
+        shard.unlink()
+    with pytest.raises(TrainError, match="the eval split is empty"):
+        train(CONFIG, data, tmp_path / "m", verbose=0)
+
+
+def test_bad_arguments_are_refused(trainer_data: Path, tmp_path: Path, monkeypatch):
+    with pytest.raises(TrainError, match="towers: unknown value 'both'"):
+        train(CONFIG, trainer_data, tmp_path / "m", towers="both", verbose=0)
+    with pytest.raises(TrainError, match="epochs: expected an integer >= 1"):
+        train(CONFIG, trainer_data, tmp_path / "m", epochs=0, verbose=0)
+    with pytest.raises(TrainError, match="must not be inside the datagen output"):
+        train(CONFIG, trainer_data, trainer_data / "model", verbose=0)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(TrainError, match="TF_CONFIG is not set"):
+        train(CONFIG, trainer_data, tmp_path / "m", distribute="multi_worker", verbose=0)
+    with pytest.raises(TrainError, match="distribute: unknown value"):
+        train(CONFIG, trainer_data, tmp_path / "m", distribute="tpu", verbose=0)
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(TrainError, match="holds files but no model"):
+        train(CONFIG, trainer_data, stranger, verbose=0)
+    assert (stranger / "notes.txt").read_text() == "mine"
+
+
+def test_an_unfinished_run_with_other_arguments_is_refused(trainer_data: Path, tmp_path: Path):
+    out = tmp_path / "m"
+    train(CONFIG, trainer_data, out, towers="wide", max_steps=1, export=False, verbose=0)
+    with pytest.raises(TrainError, match=r"unfinished run with other arguments \(towers differ\)"):
+        train(CONFIG, trainer_data, out, towers="deep", export=False, verbose=0)
+    resumed = train(CONFIG, trainer_data, out, towers="wide", max_steps=2, export=False, verbose=0)
+    assert resumed.resumed_from_step == 1 and resumed.step == 2
+
+
+def test_module_layout_is_documented():
+    # The names the docstring promises are the names train() writes.
+    doc = train_lib.__doc__
+    for name in train_lib.OUTPUTS:
+        assert name in doc, name

@@ -1,0 +1,730 @@
+"""Model training (paper section 4.2): datagen output in, a trained and exported model out.
+
+:func:`train` is a pure function of its arguments: it checks its inputs, trains the wide, deep
+or wide & deep model, checkpoints as it goes, evaluates on the eval split and exports a
+SavedModel. Output layout (``out_dir``)::
+
+    run.json            what this run is (config and data fingerprints, towers, warm start)
+                        and its status: training, stopped (max_steps) or complete
+    config.yaml         the config used
+    model_spec.json     the model's inputs and layers (read by a later warm start)
+    vocabularies/       copies of the vocabulary files the model was trained with
+    checkpoints/        model, both optimizers (slots included), step, epoch and position
+    logs/train, logs/eval   TensorBoard summaries
+    warm_start.json     rows carried per table, when warm-started
+    metrics.json        offline metrics on the eval split: AUC, log loss, label rate, examples
+    roc.png             ROC curve on the eval split
+    export/             the SavedModel (see :mod:`trainer.export`), with
+                        assets.extra/{tf_serving_warmup_requests, config.yaml, metrics.json,
+                        model_spec.json}; written as export.partial/ and moved into place
+                        when complete, so a reader never sees half an export
+
+A run that is stopped (``max_steps``) or killed resumes from its last checkpoint when started
+again with the same arguments: the shuffle order of every epoch is fixed by the seed, so the
+batches already trained on are skipped, not trained on twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from trainer import data as data_lib
+from trainer import export as export_lib
+from trainer import metrics as metrics_lib
+from trainer import warmstart
+from trainer.errors import TrainError
+from trainer.model import WideDeepModel, build_model, checkpoint_objects
+from trainer.spec import ModelSpec, Towers, build_model_spec, parse_towers
+from transform.config import Config
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+CONFIG_FILE = warmstart.CONFIG_FILE
+MODEL_SPEC_FILE = warmstart.MODEL_SPEC_FILE
+VOCABULARIES_DIR = warmstart.VOCABULARIES_DIR
+CHECKPOINTS_DIR = warmstart.CHECKPOINTS_DIR
+LOGS_DIR = "logs"
+EXPORT_DIR = "export"
+METRICS_FILE = "metrics.json"
+ROC_FILE = "roc.png"
+WARM_START_FILE = "warm_start.json"
+OUTPUTS = (
+    RUN_FILE,
+    CONFIG_FILE,
+    MODEL_SPEC_FILE,
+    VOCABULARIES_DIR,
+    CHECKPOINTS_DIR,
+    LOGS_DIR,
+    EXPORT_DIR,
+    METRICS_FILE,
+    ROC_FILE,
+    WARM_START_FILE,
+    EXPORT_DIR + ".partial",
+)
+"""Everything :func:`train` writes in ``out_dir``; ``overwrite`` removes these and nothing else."""
+
+STATUS_TRAINING = "training"
+STATUS_STOPPED = "stopped"
+STATUS_COMPLETE = "complete"
+
+MAX_STEPS_PER_CALL = 100
+"""Training steps run inside one compiled call between two progress updates."""
+
+CHECKPOINTS_TO_KEEP = 3
+FINGERPRINT_SECTIONS = ("label", "features", "crosses", "model", "training")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run did and wrote."""
+
+    out_dir: Path
+    status: str
+    """complete (every epoch trained), or stopped (``max_steps`` reached first)."""
+    step: int
+    """Global step at the end of the run."""
+    total_steps: int
+    """Steps of the whole run (epochs x steps per epoch)."""
+    resumed_from_step: int
+    """Step of the checkpoint the run resumed from (0 when it started fresh)."""
+    examples_per_second: float
+    """Training throughput of this run (examples of the global batch per wall second)."""
+    metrics: dict[str, Any] | None
+    """Offline metrics on the eval split (None on a worker that is not the chief)."""
+    export_dir: Path | None
+    warm_start: warmstart.WarmStartReport | None
+    model: WideDeepModel | None = dataclasses.field(default=None, compare=False, repr=False)
+    """The trained model, without optimizers (None on a worker that is not the chief)."""
+
+
+@dataclass(frozen=True)
+class _Data:
+    """A checked datagen output."""
+
+    path: Path
+    tft_output: Any
+    train_files: list[str]
+    eval_files: list[str]
+    train_rows: int
+    eval_rows: int
+    summary: dict[str, Any]
+    fingerprint: str
+
+
+def train(
+    config: Config,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    towers: str | Towers = Towers.WIDE_DEEP,
+    warm_start_from: str | Path | None = None,
+    overwrite: bool = False,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    distribute: str | None = None,
+    export: bool = True,
+    verbose: int = 1,
+) -> TrainResult:
+    """Trains a model on a datagen output, evaluates it and exports it.
+
+    Args:
+      config: The pipeline config (the one the datagen output was made with).
+      data_dir: The datagen output folder.
+      out_dir: The model folder (layout in the module docstring).
+      towers: ``wide``, ``deep`` or ``wide_deep``: the paper's three models.
+      warm_start_from: A previous model folder: embeddings, wide weights and optimizer slots
+        start from it, carried over by token (see :mod:`trainer.warmstart`). Used when the run
+        starts; a resumed run continues from its own checkpoint.
+      overwrite: Discard what ``out_dir`` holds (a finished model or an unfinished run) and
+        start over. Without it a finished model is refused and an unfinished run of the same
+        arguments is resumed.
+      epochs: Passes over the train split; defaults to ``config.training.epochs``.
+      max_steps: Stop when the global step reaches this (the run can be resumed later).
+      distribute: None to train in this process, ``multi_worker`` to train under
+        MultiWorkerMirroredStrategy with the cluster of ``TF_CONFIG``. The strategy must be
+        created before TensorFlow does any other work in the process, so in that mode call
+        :func:`train` first thing.
+      export: Export the SavedModel (and its warmup requests) at the end.
+      verbose: 0 silent, 1 progress bar and summary, 2 one line per epoch and summary.
+
+    Raises:
+      TrainError: bad arguments, a missing or mismatched datagen output, an empty split, a
+        finished model in ``out_dir``, an incompatible warm start source, or a loss that
+        became NaN (the last good checkpoint is kept).
+    """
+    strategy = _make_strategy(distribute)  # first: it configures the TF runtime
+    is_chief = _is_chief(strategy)
+    towers = parse_towers(towers)
+    epochs = config.training.epochs if epochs is None else epochs
+    if epochs < 1:
+        raise TrainError(f"epochs: expected an integer >= 1, got {epochs}")
+    if max_steps is not None and max_steps < 0:
+        raise TrainError(f"max_steps: expected an integer >= 0, got {max_steps}")
+    out = Path(out_dir).absolute()
+    data = _open_data(config, Path(data_dir).absolute())
+    if out == data.path or data.path in out.parents:
+        raise TrainError(f"out_dir {out}: must not be inside the datagen output {data.path}")
+    spec = build_model_spec(config, data.tft_output, towers)
+    run = {
+        "config_fingerprint": config.fingerprint(FINGERPRINT_SECTIONS),
+        "data_fingerprint": data.fingerprint,
+        "towers": towers.value,
+        "warm_start_from": str(Path(warm_start_from).absolute()) if warm_start_from else None,
+    }
+    resume = _check_out_dir(out, run, overwrite)
+    source = None
+    if warm_start_from and not resume:
+        if Path(warm_start_from).absolute() == out:
+            raise TrainError("warm_start_from: is out_dir itself; give the previous model's folder")
+        source = warmstart.check_source(warm_start_from, spec)
+    steps_per_epoch = _steps_per_epoch(config, data, strategy.num_replicas_in_sync)
+    total_steps = epochs * steps_per_epoch
+    target = total_steps if max_steps is None else min(total_steps, max_steps)
+
+    # Checked everything: only now is anything written.
+    if is_chief:
+        _prepare_out_dir(out, run, overwrite and not resume, config, spec, data)
+    _barrier(strategy)  # workers read out_dir only once the chief has prepared it
+    latest = tf.train.latest_checkpoint(str(out / CHECKPOINTS_DIR))
+    if latest is None and warm_start_from and source is None:
+        source = warmstart.check_source(warm_start_from, spec)
+    state = _State.create(strategy, spec, config, out, is_chief)
+    _barrier(strategy)  # every worker has seen the same latest checkpoint before any is saved
+    report = None
+    if latest is not None:
+        state.restore(latest, steps_per_epoch)
+        log.info("resuming from %s (step %d of %d)", latest, state.step, total_steps)
+    elif source is not None:
+        report = warmstart.warm_start(state.model, source, _vocabulary_files(out, config))
+        log.info("%s", report.summary())
+        if is_chief:
+            warmstart.write_report(report, out / WARM_START_FILE)
+        state.manager.save(checkpoint_number=0)  # a kill now resumes warm-started
+    resumed_from = state.step
+
+    writer = (
+        tf.summary.create_file_writer(str(out / LOGS_DIR / "train"))
+        if is_chief
+        else tf.summary.create_noop_writer()
+    )
+    shown = verbose if is_chief else 0
+    loop = _Loop(strategy, state, data, config, steps_per_epoch, epochs, writer, shown)
+    seconds = loop.run(target)
+    step = state.step
+    throughput = (step - resumed_from) * config.training.batch_size / seconds if seconds else 0.0
+    status = STATUS_COMPLETE if step >= total_steps else STATUS_STOPPED
+    if not is_chief:
+        state.discard_worker_checkpoints()
+        return TrainResult(
+            out_dir=out,
+            status=status,
+            step=step,
+            total_steps=total_steps,
+            resumed_from_step=resumed_from,
+            examples_per_second=throughput,
+            metrics=None,
+            export_dir=None,
+            warm_start=report,
+        )
+
+    # Evaluation and export work on a copy without optimizers and outside any strategy.
+    inference = WideDeepModel(spec)
+    inference.set_weights(state.model.get_weights())
+    metrics = _evaluate(inference, data, config, out, step)
+    metrics.update(
+        towers=towers.value, status=status, train_examples_per_second=round(throughput, 1)
+    )
+    _write_json(out / METRICS_FILE, metrics)
+    export_dir = _export(inference, data, config, out) if export else None
+    _write_json(out / RUN_FILE, {**run, "status": status, "step": step, "total_steps": total_steps})
+    result = TrainResult(
+        out_dir=out,
+        status=status,
+        step=step,
+        total_steps=total_steps,
+        resumed_from_step=resumed_from,
+        examples_per_second=throughput,
+        metrics=metrics,
+        export_dir=export_dir,
+        warm_start=report,
+        model=inference,
+    )
+    if verbose:
+        print(format_result(result))
+    return result
+
+
+def _steps_per_epoch(config: Config, data: _Data, replicas: int) -> int:
+    """Batches per epoch, the same on every worker (each reads its share of every batch)."""
+    batch_size = config.training.batch_size
+    if batch_size % replicas:
+        raise TrainError(
+            f"training.batch_size: {batch_size} does not split evenly over {replicas} replicas"
+        )
+    steps = math.ceil((data.train_rows // replicas) / (batch_size // replicas))
+    if steps < 1:
+        raise TrainError(f"data_dir {data.path}: {data.train_rows} train rows for {replicas}")
+    return steps
+
+
+def _evaluate(
+    model: WideDeepModel, data: _Data, config: Config, out: Path, step: int
+) -> dict[str, Any]:
+    """Offline metrics on the eval split, also written to TensorBoard and as a ROC curve."""
+    labels, probabilities = predict(model, data)
+    metrics = metrics_lib.offline_metrics(labels, probabilities)
+    metrics.update(split="eval", model_name=config.model_name, step=step, data_dir=str(data.path))
+    with tf.summary.create_file_writer(str(out / LOGS_DIR / "eval")).as_default(step=step):
+        for key in ("auc", "log_loss", "mean_prediction"):
+            if metrics[key] is not None:
+                write_scalar(key, metrics[key])
+    if metrics["auc"] is not None:
+        title = f"{config.model_name} ({model.spec.towers.value}), step {step}"
+        metrics_lib.plot_roc(labels, probabilities, out / ROC_FILE, title=title)
+    return metrics
+
+
+def _export(model: WideDeepModel, data: _Data, config: Config, out: Path) -> Path:
+    """Exports the SavedModel with its warmup requests, config, metrics and model spec."""
+    warmup = export_lib.synthetic_examples(
+        config,
+        _vocabulary_files(out, config),
+        export_lib.load_quantile_boundaries(data.path / "summary.json"),
+        seed=config.training.seed,
+    )
+    extra = {name: out / name for name in (CONFIG_FILE, METRICS_FILE, MODEL_SPEC_FILE)}
+    return export_lib.export_saved_model(
+        model, data.tft_output, config, out / EXPORT_DIR, warmup, extra_files=extra
+    )
+
+
+def predict(model: WideDeepModel, data: _Data, batch_size: int = 4096) -> tuple[Any, Any]:
+    """Labels and predicted probabilities of the eval split, as flat numpy arrays."""
+    ds = data_lib.eval_dataset(
+        data.eval_files,
+        data.tft_output.transformed_feature_spec(),
+        model.spec.label,
+        batch_size,
+    )
+    step = tf.function(lambda features: model.predict_step(features))
+    labels, probabilities = [], []
+    for features, y in ds:
+        probabilities.append(step(features).numpy().ravel())
+        labels.append(y.numpy().ravel())
+    return np.concatenate(labels), np.concatenate(probabilities)
+
+
+def write_scalar(name: str, value: float) -> None:
+    """Writes a scalar to the default summary writer, as TensorBoard's scalar plugin reads it.
+
+    The ``tensorboard`` package (which ``tf.summary.scalar`` needs) is not a dependency: the
+    event is written with the plugin's metadata instead.
+    """
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+        data_class=summary_pb2.DATA_CLASS_SCALAR,
+    )
+    tf.summary.write(name, tf.constant(value, tf.float32), metadata=metadata)
+
+
+def format_result(result: TrainResult) -> str:
+    """The few lines a person reads at the end of a run."""
+    lines = [
+        f"training {result.status} at step {result.step:,} of {result.total_steps:,} "
+        f"({result.examples_per_second:,.0f} examples/s): {result.out_dir}"
+    ]
+    if result.resumed_from_step:
+        lines.append(f"  resumed from step {result.resumed_from_step:,}")
+    if result.warm_start is not None:
+        lines.append("  " + result.warm_start.summary().replace("\n", "\n  "))
+    if result.metrics is not None:
+        m = result.metrics
+        area = "n/a" if m["auc"] is None else f"{m['auc']:.4f}"
+        lines.append(
+            f"  eval        AUC {area}, log loss {m['log_loss']:.4f}, label rate "
+            f"{m['label_rate']:.4f}, {m['examples']:,} examples"
+        )
+    if result.export_dir is not None:
+        lines.append(f"  export      {result.export_dir}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop
+
+
+@dataclass
+class _State:
+    """The model, its optimizers and the run's counters, and where they are checkpointed."""
+
+    model: WideDeepModel
+    step_var: tf.Variable
+    epoch_var: tf.Variable
+    position_var: tf.Variable
+    manager: tf.train.CheckpointManager
+    checkpoint_dir: Path
+    is_chief: bool
+
+    @classmethod
+    def create(
+        cls, strategy: Any, spec: ModelSpec, config: Config, out: Path, is_chief: bool
+    ) -> _State:
+        """Builds the model and its optimizers (slots included) and the checkpoint manager."""
+        with strategy.scope():
+            optimizers = {
+                "wide": config.model.wide_optimizer,
+                "deep": config.model.deep_optimizer,
+            }
+            model = build_model(spec, optimizers)
+            counters = [
+                tf.Variable(0, dtype=tf.int64, trainable=False, name=name)
+                for name in ("step", "epoch", "batch_in_epoch")
+            ]
+        checkpoint = tf.train.Checkpoint(
+            **checkpoint_objects(model),
+            step=counters[0],
+            epoch=counters[1],
+            batch_in_epoch=counters[2],
+        )
+        # Every worker saves (the strategy may need them all); only the chief's copy is kept.
+        directory = out / CHECKPOINTS_DIR if is_chief else Path(tempfile.mkdtemp())
+        manager = tf.train.CheckpointManager(
+            checkpoint, str(directory), max_to_keep=CHECKPOINTS_TO_KEEP
+        )
+        return cls(model, *counters, manager, directory, is_chief)
+
+    @property
+    def step(self) -> int:
+        """The global step: training steps taken so far."""
+        return int(self.step_var.numpy())
+
+    def restore(self, path: str, steps_per_epoch: int) -> None:
+        """Restores everything from a checkpoint, which must match this model exactly."""
+        self.manager.checkpoint.restore(path).assert_consumed()
+        epoch, position = divmod(self.step, steps_per_epoch)
+        saved = (int(self.epoch_var.numpy()), int(self.position_var.numpy()))
+        if saved != (epoch, position):
+            raise TrainError(
+                f"checkpoint {path}: step {self.step} was epoch {saved[0]}, batch {saved[1]} "
+                f"when saved, but is epoch {epoch}, batch {position} now: the number of "
+                "workers changed the batches per epoch; resume with the same cluster"
+            )
+
+    def advance(self, step: int, steps_per_epoch: int) -> None:
+        """Records the global step and where it is in its epoch."""
+        self.step_var.assign(step)
+        self.epoch_var.assign(step // steps_per_epoch)
+        self.position_var.assign(step % steps_per_epoch)
+
+    def discard_worker_checkpoints(self) -> None:
+        """Removes a non-chief worker's throwaway checkpoints."""
+        if not self.is_chief:
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+
+
+@dataclass
+class _Loop:
+    """Steps through the epochs, checkpointing, logging and checking the loss."""
+
+    strategy: Any
+    state: _State
+    data: _Data
+    config: Config
+    steps_per_epoch: int
+    epochs: int
+    writer: Any
+    verbose: int
+
+    def run(self, target: int) -> float:
+        """Trains until the global step reaches ``target``; returns the seconds spent."""
+        from tf_keras.utils import Progbar
+
+        step = self.state.step
+        if step >= target:
+            return 0.0
+        run_steps = self._compile()
+        every = self.config.training.steps_per_checkpoint
+        started = time.monotonic()
+        while step < target:
+            epoch, position = divmod(step, self.steps_per_epoch)
+            epoch_start = epoch * self.steps_per_epoch
+            stop = min(epoch_start + self.steps_per_epoch, target)
+            if self.verbose:
+                print(f"Epoch {epoch + 1}/{self.epochs}")
+            progbar = Progbar(self.steps_per_epoch, verbose=self.verbose, stateful_metrics=["loss"])
+            if position and self.verbose == 1:
+                progbar.update(position)
+            iterator = iter(self._dataset(epoch, position))
+            while step < stop:
+                n = min((step // every + 1) * every, stop, step + MAX_STEPS_PER_CALL)
+                chunk_started = time.monotonic()
+                loss = self._run_chunk(run_steps, iterator, step, n)
+                chunk_seconds = max(time.monotonic() - chunk_started, 1e-9)
+                examples = (n - step) * self.config.training.batch_size
+                step = n
+                self.state.advance(step, self.steps_per_epoch)
+                with self.writer.as_default(step=step):
+                    write_scalar("loss", loss)
+                    write_scalar("examples_per_second", examples / chunk_seconds)
+                if step % every == 0 or step == stop:
+                    self.state.manager.save(checkpoint_number=step)
+                progbar.update(step - epoch_start, values=[("loss", loss)], finalize=step == stop)
+        self.writer.flush()
+        return time.monotonic() - started
+
+    def _run_chunk(self, run_steps: Any, iterator: Any, step: int, n: int) -> float:
+        """Runs steps ``step`` to ``n`` in one compiled call; refuses a NaN loss."""
+        try:
+            loss, finite = run_steps(iterator, tf.constant(n - step, tf.int64))
+        except tf.errors.OutOfRangeError:
+            raise TrainError(
+                f"data_dir {self.data.path}: the train split ended before step {n}: it holds "
+                f"fewer rows than summary.json says ({self.data.train_rows}); rerun datagen"
+            ) from None
+        if not bool(finite):
+            # Nothing after the last checkpoint is saved, so the last good state stays on disk.
+            last = self.state.manager.latest_checkpoint
+            raise TrainError(
+                f"the loss became NaN or infinite between steps {step} and {n}; training "
+                "stopped. The last good checkpoint is kept"
+                + (f" ({last})" if last else " (none was saved yet)")
+                + ": lower the learning rates or check the data"
+            )
+        return float(loss)
+
+    def _compile(self) -> Callable[..., Any]:
+        strategy, model = self.strategy, self.state.model
+
+        @tf.function
+        def run_steps(iterator: Any, n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            total = tf.constant(0.0)
+            finite = tf.constant(True)
+            for _ in tf.range(n):
+                out = strategy.run(model.train_step, args=(next(iterator),))
+                loss = strategy.reduce(tf.distribute.ReduceOp.SUM, out["loss"], axis=None)
+                total += loss
+                finite = tf.logical_and(finite, tf.math.is_finite(loss))
+            return total / tf.cast(n, tf.float32), finite
+
+        return run_steps
+
+    def _dataset(self, epoch: int, skip: int) -> Any:
+        t = self.config.training
+        spec = self.data.tft_output.transformed_feature_spec()
+
+        def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+            return data_lib.train_dataset(
+                self.data.train_files,
+                spec,
+                self.state.model.spec.label,
+                ctx.get_per_replica_batch_size(t.batch_size),
+                epoch=epoch,
+                seed=t.seed,
+                shuffle_buffer=t.shuffle_buffer,
+                steps=self.steps_per_epoch,
+                skip_steps=skip,
+                num_shards=ctx.num_input_pipelines,
+                shard_index=ctx.input_pipeline_id,
+            )
+
+        return self.strategy.distribute_datasets_from_function(dataset_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs, outputs and the cluster
+
+
+def _open_data(config: Config, path: Path) -> _Data:
+    """Checks a datagen output against the config and opens it."""
+    import tensorflow_transform as tft
+
+    if not path.is_dir():
+        raise TrainError(f"data_dir {path}: no such directory; run datagen first")
+    summary_path = path / "summary.json"
+    for needed in ("summary.json", "transform_fn", "transformed_metadata"):
+        if not (path / needed).exists():
+            raise TrainError(f"data_dir {path}: not a datagen output (no {needed})")
+    text = summary_path.read_text()
+    try:
+        summary = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TrainError(f"{summary_path}: not valid JSON ({e})") from None
+    made_with = summary.get("config_fingerprint")
+    if made_with != config.fingerprint():
+        raise TrainError(
+            f"data_dir {path}: made with another config (fingerprint {made_with}, this config's "
+            f"is {config.fingerprint()}){_config_difference(config, path / 'config.yaml')}; "
+            "rerun datagen with this config or train with the config it was made with"
+        )
+    splits = summary.get("splits", {})
+    rows = {}
+    files = {}
+    for split in ("train", "eval"):
+        rows[split] = int(splits.get(split, {}).get("rows") or 0)
+        files[split] = sorted(str(p) for p in (path / split).glob("part-*"))
+        if rows[split] == 0:
+            raise TrainError(
+                f"data_dir {path}: the {split} split is empty (summary.json "
+                f"splits.{split}.rows = 0); "
+                + (
+                    "raise data.eval_fraction or add rows, then rerun datagen"
+                    if split == "eval"
+                    else "add rows and rerun datagen"
+                )
+            )
+        if not files[split]:
+            raise TrainError(f"data_dir {path}: {split}/ holds no shards (part-*)")
+    try:
+        tft_output = tft.TFTransformOutput(str(path))
+        tft_output.transformed_feature_spec()
+    except Exception as e:  # tf.Transform raises several types for a damaged output
+        raise TrainError(f"data_dir {path}: cannot read the transform output: {e}") from None
+    return _Data(
+        path=path,
+        tft_output=tft_output,
+        train_files=files["train"],
+        eval_files=files["eval"],
+        train_rows=rows["train"],
+        eval_rows=rows["eval"],
+        summary=summary,
+        fingerprint=hashlib.sha256(text.encode()).hexdigest()[:16],
+    )
+
+
+def _config_difference(config: Config, other_path: Path) -> str:
+    """Which features and crosses differ from the config a datagen output was made with."""
+    from transform.config import ConfigError, load_config
+
+    try:
+        other = load_config(other_path)
+    except (ConfigError, OSError):
+        return ""
+    mine = config.to_dict()
+    theirs = other.to_dict()
+    diffs = []
+    if mine["label"] != theirs["label"]:
+        diffs.append(f"label {theirs['label']!r} there, {mine['label']!r} here")
+    for section in ("features", "crosses"):
+        a, b = theirs[section], mine[section]
+        only_there = [n for n in a if n not in b]
+        only_here = [n for n in b if n not in a]
+        changed = [n for n in b if n in a and a[n] != b[n]]
+        if only_there:
+            diffs.append(f"{section} only there: {', '.join(only_there)}")
+        if only_here:
+            diffs.append(f"{section} only here: {', '.join(only_here)}")
+        if changed:
+            diffs.append(f"{section} changed: {', '.join(changed)}")
+    return f": {'; '.join(diffs)}" if diffs else ""
+
+
+def _check_out_dir(out: Path, run: dict[str, Any], overwrite: bool) -> bool:
+    """Decides what to do with ``out``; returns True when an unfinished run is resumed."""
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    run_path = out / RUN_FILE
+    if not run_path.exists():
+        if overwrite:
+            return False
+        raise TrainError(
+            f"out_dir {out}: holds files but no model of this trainer ({RUN_FILE}); give an "
+            "empty or new folder, or pass overwrite to train there anyway"
+        )
+    try:
+        previous = json.loads(run_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrainError(f"{run_path}: unreadable ({e}); pass overwrite to start over") from None
+    if overwrite:
+        return False
+    if previous.get("status") == STATUS_COMPLETE:
+        raise TrainError(
+            f"out_dir {out}: holds a finished model (step {previous.get('step')}); pass "
+            "overwrite to replace it, or give another folder"
+        )
+    differs = [k for k in run if previous.get(k) != run[k]]
+    if differs:
+        raise TrainError(
+            f"out_dir {out}: holds an unfinished run with other arguments ({', '.join(differs)} "
+            "differ); rerun it with the same arguments to resume, or pass overwrite to start over"
+        )
+    return tf.train.latest_checkpoint(str(out / CHECKPOINTS_DIR)) is not None
+
+
+def _prepare_out_dir(
+    out: Path, run: dict[str, Any], clear: bool, config: Config, spec: ModelSpec, data: _Data
+) -> None:
+    """Writes what a run needs before its first step; ``clear`` removes a previous run first."""
+    if clear:
+        for name in OUTPUTS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / RUN_FILE, {**run, "status": STATUS_TRAINING})
+    (out / CONFIG_FILE).write_text(config.to_yaml())
+    spec.save(out / MODEL_SPEC_FILE)
+    vocab_dir = out / VOCABULARIES_DIR
+    vocab_dir.mkdir(exist_ok=True)
+    for vocab in config.vocabularies:
+        shutil.copyfile(data.tft_output.vocabulary_file_by_name(vocab), vocab_dir / vocab)
+
+
+def _vocabulary_files(out: Path, config: Config) -> dict[str, Path]:
+    return {vocab: out / VOCABULARIES_DIR / vocab for vocab in config.vocabularies}
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Writes JSON atomically: a reader never sees half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def _make_strategy(distribute: str | None) -> Any:
+    if distribute in (None, "", "none"):
+        return tf.distribute.get_strategy()
+    if distribute == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise TrainError(
+                "distribute=multi_worker: TF_CONFIG is not set; it describes the cluster "
+                '({"cluster": {"worker": [...]}, "task": {"type": "worker", "index": i}})'
+            )
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise TrainError(f"distribute: unknown value {distribute!r}; expected none or multi_worker")
+
+
+def _is_chief(strategy: Any) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def _barrier(strategy: Any) -> None:
+    """Waits for every worker (an all-reduce); a no-op in a single process."""
+    if strategy.num_replicas_in_sync > 1 or getattr(strategy, "cluster_resolver", None):
+        value = strategy.run(lambda: tf.constant(1.0))
+        strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
