@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/widedeep simulate --out $(DEMO_DIR)/logs --days 1 --rows-per-day 50000 --seed 0 --overwrite
 	$(BIN)/widedeep datagen --config app_store --input $(DEMO_DIR)/logs --out $(DEMO_DIR)/data --overwrite
+	$(BIN)/widedeep train --config app_store --data $(DEMO_DIR)/data --out $(DEMO_DIR)/model --overwrite
+	$(BIN)/widedeep validate --model $(DEMO_DIR)/model --data $(DEMO_DIR)/data --model_base_path $(DEMO_DIR)/serving
+	$(BIN)/widedeep deploy --model $(DEMO_DIR)/model --model_base_path $(DEMO_DIR)/serving
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline transform trainer serving tests bench
