@@ -160,8 +160,8 @@ def _train(args: argparse.Namespace, extra: Sequence[str]) -> int:
         distribute=args.distribute,
         verbose=0 if args.quiet else 1,
     )
-    if result.metrics is not None:
-        print(format_result(result))
+    if args.quiet and result.metrics is not None:
+        print(format_result(result))  # otherwise the trainer has printed it with its progress
     return 0
 
 
