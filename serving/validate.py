@@ -42,6 +42,7 @@ from tensorflow_serving.apis import (
 
 from serving.client import EXAMPLES_INPUT, PROBABILITIES_OUTPUT
 from serving.deploy import VERDICT_FILE, export_dir, fingerprint, versions
+from trainer.metrics import auc, log_loss
 from transform.config import Config
 
 EVAL_RAW_DIR = "eval_raw"
@@ -111,28 +112,6 @@ def read_raw_eval_examples(
             feature = tf.train.Example.FromString(r).features.feature[config.label]
             labels[i] = feature.int64_list.value[0]
     return records, labels, config
-
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (ties share their average rank)."""
-    positives = labels > 0.5
-    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    # Average ranks over ties so that equal scores do not bias the area.
-    _, starts, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = starts + (counts + 1) / 2.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def log_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """Mean logistic loss."""
-    p = np.clip(probabilities.astype(np.float64), 1e-7, 1 - 1e-7)
-    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
 
 
 def score_in_process(
