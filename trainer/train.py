@@ -229,19 +229,20 @@ def train(
     step = state.step
     throughput = (step - resumed_from) * config.training.batch_size / seconds if seconds else 0.0
     status = STATUS_COMPLETE if step >= total_steps else STATUS_STOPPED
+    result = TrainResult(
+        out_dir=out,
+        status=status,
+        step=step,
+        total_steps=total_steps,
+        resumed_from_step=resumed_from,
+        examples_per_second=throughput,
+        metrics=None,
+        export_dir=None,
+        warm_start=report,
+    )
     if not is_chief:
         state.discard_worker_checkpoints()
-        return TrainResult(
-            out_dir=out,
-            status=status,
-            step=step,
-            total_steps=total_steps,
-            resumed_from_step=resumed_from,
-            examples_per_second=throughput,
-            metrics=None,
-            export_dir=None,
-            warm_start=report,
-        )
+        return result
 
     # Evaluation and export work on a copy without optimizers and outside any strategy.
     inference = WideDeepModel(spec)
@@ -253,18 +254,7 @@ def train(
     _write_json(out / METRICS_FILE, metrics)
     export_dir = _export(inference, data, config, out) if export else None
     _write_json(out / RUN_FILE, {**run, "status": status, "step": step, "total_steps": total_steps})
-    result = TrainResult(
-        out_dir=out,
-        status=status,
-        step=step,
-        total_steps=total_steps,
-        resumed_from_step=resumed_from,
-        examples_per_second=throughput,
-        metrics=metrics,
-        export_dir=export_dir,
-        warm_start=report,
-        model=inference,
-    )
+    result = dataclasses.replace(result, metrics=metrics, export_dir=export_dir, model=inference)
     if verbose:
         print(format_result(result))
     return result
