@@ -141,9 +141,9 @@ class ModelConfig:
     hidden_units: tuple[int, ...] = (1024, 512, 256)
     dropout: float = 0.0
     wide_optimizer: OptimizerConfig = OptimizerConfig(
-        name="ftrl", learning_rate=0.05, l1_regularization=0.001
+        name="ftrl", learning_rate=0.5, l1_regularization=0.001
     )
-    deep_optimizer: OptimizerConfig = OptimizerConfig(name="adagrad", learning_rate=0.05)
+    deep_optimizer: OptimizerConfig = OptimizerConfig(name="adagrad", learning_rate=0.1)
 
 
 @dataclass(frozen=True)
