@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import textwrap
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -253,12 +254,20 @@ def _deploy(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 @_verb(
     "query",
-    "score and rank one query's candidates through the gRPC endpoint",
+    "score and rank one query's candidates through the gRPC (or REST) endpoint",
     """
     widedeep query --server localhost:8500 --model_name app_ranker --config app_store \\
         --query query.json
+    widedeep query --server http://localhost:8501 --model_name app_ranker --config app_store \\
+        --query query.json --model_version 3
     echo '{"query": {...}, "candidates": [{...}, ...]}' | widedeep query \\
         --server localhost:8500 --model_name app_ranker
+
+    --server HOST:PORT speaks TF Serving's gRPC API (port 8500 by default); an http:// or
+    https:// URL speaks its REST API (port 8501 by default), POSTing the candidates to
+    /v1/models/NAME[/versions/V]:predict. Both score the same way: batches of --batch-size
+    candidates, --parallelism at a time, retried when the server is unavailable, all within
+    --timeout seconds.
 
     The JSON holds "query" (features shared by every candidate: user and context) and
     "candidates" (a list of each candidate's features). With --config, feature types follow
@@ -286,7 +295,9 @@ def _query(args: argparse.Namespace, extra: Sequence[str]) -> int:
         timeout_s=args.timeout or base.timeout_s,
         retries=base.retries,
     )
-    with RankingClient(args.server, args.model_name, settings, config=config) as client:
+    with RankingClient(
+        args.server, args.model_name, settings, config=config, version=args.model_version
+    ) as client:
         ranked = client.rank(payload.get("query") or {}, payload["candidates"])
     if args.json:
         print(
@@ -297,6 +308,64 @@ def _query(args: argparse.Namespace, extra: Sequence[str]) -> int:
         )
     else:
         print(format_ranking(ranked, id_key=args.id_key, top=args.top))
+    return 0
+
+
+@_verb(
+    "run",
+    "every stage on one config: simulate, datagen, train, validate, deploy, serve, query",
+    """
+    widedeep run --config app_store --out runs/demo
+    widedeep run --config app_store --out runs/week --days 7 --rows-per-day 200000
+    widedeep run --config my.yaml --input logs/ --out runs/mine --port 8500 --keep-serving
+    widedeep run --config my.yaml --input 'logs/2026-11-01/*.parquet' --out runs/one
+
+    Without --input, simulated app-store logs are written first. With --input, a folder
+    whose sub-folders each hold one day of logs plays them as days in name order; anything
+    else is one day. Day 1 trains cold; each later day warm-starts from the served model, is
+    validated against it and deployed to the running server (which keeps answering queries).
+    The run ends with a ranked list scored through the gRPC endpoint and the served model's
+    offline metrics. Started again with the same arguments, a stopped run continues from its
+    last finished stage. Options it does not know are Beam pipeline options for datagen.
+    """,
+)
+def _run(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from pipeline.run import RunOptions, run
+    from transform.config import load_config
+
+    config = load_config(args.config)
+    beam_args = list(extra)
+    if not any(a.startswith("--runner") for a in beam_args):
+        beam_args.append("--runner=DirectRunner")
+    options = RunOptions(
+        input=args.input,
+        days=args.days,
+        rows_per_day=args.rows_per_day,
+        seed=args.seed,
+        epochs=args.epochs,
+        port=args.port,
+        rest_api_port=args.rest_api_port,
+        query=args.query,
+        top=args.top,
+        beam_args=tuple(beam_args),
+        verbose=0 if args.quiet else 1,
+    )
+
+    def keep_serving(target: str) -> None:
+        print(
+            f"serving {config.model_name} at {target}; try: widedeep query --server {target} "
+            f"--model_name {config.model_name} --query {Path(args.out) / 'query.json'}\n"
+            "Ctrl-C stops the server."
+        )
+        threading.Event().wait()  # until KeyboardInterrupt
+
+    run(
+        config,
+        args.out,
+        options,
+        overwrite=args.overwrite,
+        keep_serving=keep_serving if args.keep_serving else None,
+    )
     return 0
 
 
@@ -443,8 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_deploy)
 
     p = add("query")
-    p.add_argument("--server", required=True, help="host:port of the gRPC endpoint")
+    p.add_argument(
+        "--server",
+        required=True,
+        help="HOST:PORT of the gRPC endpoint, or http://HOST:PORT of the REST endpoint",
+    )
     p.add_argument("--model_name", "--model-name", required=True, help="the model's name")
+    p.add_argument(
+        "--model_version",
+        "--model-version",
+        type=int,
+        help="score with this version (default: the one the server serves)",
+    )
     p.add_argument("--query", help="JSON file with the query and its candidates (default stdin)")
     p.add_argument("--config", help="pipeline config, to type the features exactly")
     p.add_argument("--batch-size", type=int, help="candidates per request")
@@ -454,6 +533,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, help="show only the best N")
     p.add_argument("--json", action="store_true", help="print the ranking as JSON")
     p.set_defaults(run=_query)
+
+    p = add("run")
+    _config_arg(p)
+    p.add_argument("--out", required=True, help="the run's folder")
+    p.add_argument("--input", help="impression logs (default: simulate them)")
+    p.add_argument(
+        "--days", type=int, help="days to play (default: 1, or every day folder of --input)"
+    )
+    p.add_argument("--rows-per-day", type=int, default=100_000, help="simulated impressions a day")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated world")
+    p.add_argument("--epochs", type=int, help="training epochs a day (default: config)")
+    p.add_argument("--port", type=int, default=0, help="gRPC port of the server (default: free)")
+    p.add_argument("--rest_api_port", "--rest-api-port", type=int, help="also serve REST here")
+    p.add_argument("--query", help="JSON query to rank at the end (default: from the log)")
+    p.add_argument("--top", type=int, default=10, help="candidates shown of the ranking")
+    p.add_argument(
+        "--keep-serving", action="store_true", help="keep the server up at the end until Ctrl-C"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="discard an earlier run in --out and start over"
+    )
+    p.add_argument("--quiet", action="store_true", help="one line a stage")
+    p.set_defaults(run=_run)
     return parser
 
 
@@ -472,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help()
         return EXIT_USAGE
-    if extra and args.verb not in ("datagen", "serve"):
+    if extra and args.verb not in ("datagen", "serve", "run"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_tensorflow(args.verbose)
     _setup_logging(args.verbose)

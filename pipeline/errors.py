@@ -10,6 +10,7 @@ from pipeline.datagen import OutputExistsError
 from pipeline.sources import InputError
 from serving.client import ScoringError
 from serving.deploy import DeployError
+from serving.process import ServerProcessError
 from serving.validate import ValidationError
 from trainer.errors import TrainError
 from transform.config import ConfigError
@@ -22,6 +23,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     TrainError,
     ValidationError,
     ScoringError,
+    ServerProcessError,
     FileExistsError,
     FileNotFoundError,
     ValueError,

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -646,3 +647,57 @@ def _hash_list_column(arr: pa.Array) -> np.ndarray:
             sums[nonempty] = np.add.reduceat(element.astype(np.uint64), offsets[:-1][nonempty])
     with np.errstate(over="ignore"):
         return sums * np.uint64(31) + lengths
+
+
+# --------------------------------------------------------------------------------------------
+# A few raw rows, as Python values (example queries, previews)
+
+
+def read_rows(config: Config, files: InputFiles, limit: int) -> list[dict[str, Any]]:
+    """The first ``limit`` rows of the input: each a dict of the columns the config reads.
+
+    List features are lists; a value missing from a tf.Example is left out of its row.
+    """
+    rows: list[dict[str, Any]] = []
+    for path in files.paths:
+        if len(rows) >= limit:
+            break
+        need = limit - len(rows)
+        if files.format is InputFormat.TFRECORD:
+            rows.extend(_tfrecord_rows(config, path, need))
+            continue
+        batches = (
+            iter_parquet(config, path, need)
+            if files.format is InputFormat.PARQUET
+            else iter_csv(config, path)
+        )
+        for batch in batches:
+            rows.extend(batch.slice(0, limit - len(rows)).to_pylist())
+            if len(rows) >= limit:
+                break
+    return rows
+
+
+def _tfrecord_rows(config: Config, path: str, limit: int) -> list[dict[str, Any]]:
+    import tensorflow as tf  # TF is only needed for this format
+
+    plan = column_plan(config)
+    compression = "GZIP" if path.endswith((".gz", ".gzip")) else ""
+    rows = []
+    for record in tf.data.TFRecordDataset(path, compression_type=compression).take(limit):
+        feats = tf.train.Example.FromString(record.numpy()).features.feature
+        row: dict[str, Any] = {}
+        for column in _required_columns(config):
+            if column not in feats:
+                continue
+            kind = feats[column].WhichOneof("kind")
+            if kind is None:
+                continue
+            values = list(getattr(feats[column], kind).value)
+            if kind == "bytes_list":
+                values = [v.decode("utf-8", "replace") for v in values]
+            feature = plan.get(column)
+            is_list = feature is not None and feature.kind is Kind.CATEGORICAL_LIST
+            row[column] = values if is_list else (values[0] if values else None)
+        rows.append(row)
+    return rows

@@ -18,9 +18,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -34,7 +31,6 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import (
     get_model_status_pb2,
-    model_service_pb2_grpc,
     predict_pb2,
     prediction_log_pb2,
     prediction_service_pb2_grpc,
@@ -42,11 +38,14 @@ from tensorflow_serving.apis import (
 
 from serving.client import EXAMPLES_INPUT, PROBABILITIES_OUTPUT
 from serving.deploy import VERDICT_FILE, export_dir, fingerprint, versions
+from serving.process import ServerProcess
 from trainer.metrics import auc, log_loss
 from transform.config import Config
 
 EVAL_RAW_DIR = "eval_raw"
 MAX_QUALITY_EXAMPLES = 200_000
+_AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+_END = get_model_status_pb2.ModelVersionStatus.END
 SCORE_TOLERANCE = 1e-4
 """How far a served score may differ from the in-process one (float32 arithmetic)."""
 
@@ -131,13 +130,6 @@ def score_in_process(
 # Dry run
 
 
-def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class DryRunServer:
     """A model server in its own process, serving one model from a private base path."""
 
@@ -146,45 +138,27 @@ class DryRunServer:
         self._base = Path(tempfile.mkdtemp(prefix="widedeep-dryrun-"))
         (self._base / model_name).mkdir()
         os.symlink(export_dir(model_dir).absolute(), self._base / model_name / "1")
-        self.port = free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self._log = (self._base / "server.log").open("w+")
-        self._process: subprocess.Popen | None = None
+        self._server = ServerProcess(
+            self._base / model_name, model_name, log_path=self._base / "server.log"
+        )
+        self.port = self._server.port
+        self.target = self._server.target
 
     def start(self) -> None:
         """Starts ``widedeep serve`` (the real binary when installed, else built-in)."""
-        self._process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pipeline.cli",
-                "serve",
-                f"--port={self.port}",
-                f"--model_name={self.model_name}",
-                f"--model_base_path={self._base / self.model_name}",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-        )
+        self._server.start()
 
     def state(self) -> ServerState:
         """NOT_READY while loading, READY once version 1 is AVAILABLE, UNAVAILABLE if dead."""
-        if self._process is None or self._process.poll() is not None:
+        if not self._server.running:
             return ServerState.UNAVAILABLE
-        try:
-            with grpc.insecure_channel(self.target) as channel:
-                stub = model_service_pb2_grpc.ModelServiceStub(channel)
-                request = get_model_status_pb2.GetModelStatusRequest()
-                request.model_spec.name = self.model_name
-                response = stub.GetModelStatus(request, timeout=2.0)
-        except grpc.RpcError:
+        states = self._server.version_states()
+        if states is None:
             return ServerState.NOT_READY
-        for status in response.model_version_status:
-            if status.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE:
-                return ServerState.READY
-            if status.state == get_model_status_pb2.ModelVersionStatus.END:
-                return ServerState.UNAVAILABLE
+        if _AVAILABLE in states.values():
+            return ServerState.READY
+        if _END in states.values():
+            return ServerState.UNAVAILABLE
         return ServerState.NOT_READY
 
     def wait_until_ready(self, timeout_s: float, poll_s: float = 0.25) -> float:
@@ -201,20 +175,11 @@ class DryRunServer:
 
     def log(self, lines: int = 20) -> str:
         """The last lines the server printed."""
-        self._log.flush()
-        self._log.seek(0)
-        return "\n".join(self._log.read().splitlines()[-lines:])
+        return self._server.log(lines)
 
     def stop(self) -> None:
         """Stops the server gracefully (SIGTERM) and removes its base path."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        self._log.close()
+        self._server.stop()
         shutil.rmtree(self._base, ignore_errors=True)
 
 

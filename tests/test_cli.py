@@ -17,11 +17,13 @@ def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for verb in ("simulate", "datagen", "train", "validate", "deploy", "serve", "query"):
+    for verb in ("simulate", "datagen", "train", "validate", "deploy", "serve", "query", "run"):
         assert verb in out
 
 
-@pytest.mark.parametrize("verb", ["simulate", "datagen", "train", "validate", "deploy", "query"])
+@pytest.mark.parametrize(
+    "verb", ["simulate", "datagen", "train", "validate", "deploy", "query", "run"]
+)
 def test_each_verb_has_help_with_examples(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main([verb, "--help"])

@@ -1,0 +1,774 @@
+"""``widedeep run``: every stage on one config, and the daily retraining loop.
+
+One day is datagen -> train -> validate -> deploy. Day 1 trains cold; each later day
+warm-starts from the model being served, is validated against it on the new day's eval data,
+and is deployed to the server that is running, which keeps answering queries meanwhile (paper,
+section 4.2: "every time a new set of training data arrives, the model needs to be re-trained").
+A day whose model fails validation is not deployed; the loop says so and goes on. The run ends
+with one query ranked through the gRPC endpoint and the offline metrics of the served model.
+
+Layout of the output folder::
+
+    run.json                    the run's settings and the result of every finished stage
+    config.yaml                 the config the run used
+    logs/day=NNN/               simulated impression logs (when no --input is given)
+    data/day=NNN/               datagen output of each day
+    models/day=NNN/             training output of each day (model, verdict.json)
+    serving/<model>/<version>/  the TF Serving model base path
+    server.log                  what the model server printed
+    query.json, ranking.json    the example query and its ranking through the endpoint
+    days.md                     one row per day: rows, vocabularies, warm start, AUC, verdict
+
+A run that stops midway continues from its last finished stage when started again with the
+same arguments (an interrupted training run resumes from its own checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transform.config import Config
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+LOGS_DIR = "logs"
+DATA_DIR = "data"
+MODELS_DIR = "models"
+SERVING_DIR = "serving"
+SERVER_LOG = "server.log"
+QUERY_FILE = "query.json"
+RANKING_FILE = "ranking.json"
+DAYS_FILE = "days.md"
+_OWNED = (STATE_FILE, CONFIG_FILE, LOGS_DIR, DATA_DIR, MODELS_DIR, SERVING_DIR, SERVER_LOG,
+          QUERY_FILE, RANKING_FILE, DAYS_FILE)  # fmt: skip
+
+SAMPLE_ROWS = 20_000
+"""Rows read from a day's log to build the example query."""
+SERVER_LOAD_TIMEOUT_S = 300.0
+
+
+class RunError(ValueError):
+    """A run that cannot start or continue as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What ``widedeep run`` was asked to do."""
+
+    input: str | None = None
+    """Impression logs: a folder with one sub-folder a day, or files of one day. None simulates."""
+    days: int | None = None
+    """Days to play; default 1 when simulating, every day folder of ``input`` otherwise."""
+    rows_per_day: int = 100_000
+    """Simulated impressions a day."""
+    seed: int = 0
+    """Seed of the simulated world."""
+    epochs: int | None = None
+    """Training epochs a day; default: the config's."""
+    port: int = 0
+    """gRPC port of the model server; 0 picks a free one."""
+    rest_api_port: int | None = None
+    """REST port of the model server; None serves no REST."""
+    query: str | None = None
+    """JSON file with the query to rank at the end; default: built from the last day's log."""
+    top: int = 10
+    """Candidates shown of the final ranking."""
+    beam_args: tuple[str, ...] = ("--runner=DirectRunner",)
+    verbose: int = 1
+    """0: one line a stage; 1: stage summaries and Keras progress."""
+
+    def key(self, config: Config) -> dict[str, Any]:
+        """What must match for a stopped run to be continued."""
+        return {
+            "config": config.fingerprint(),
+            "input": str(Path(self.input).absolute()) if self.input else None,
+            "days": self.days,
+            "rows_per_day": self.rows_per_day if self.input is None else None,
+            "seed": self.seed if self.input is None else None,
+            "epochs": self.epochs,
+        }
+
+
+@dataclass
+class DayResult:
+    """One day of the loop."""
+
+    day: int
+    rows: int
+    vocabularies: dict[str, int]
+    vocabulary_growth: dict[str, int]
+    warm_started: bool
+    rows_carried: int
+    rows_new: int
+    auc: float
+    log_loss: float
+    served_auc: float | None
+    passed: bool
+    reasons: list[str]
+    version: int | None
+    """Version the day's model was deployed as (None: not deployed)."""
+
+    def line(self, days: int) -> str:
+        """The day as one line."""
+        grew = ", ".join(f"{k} +{v:,}" for k, v in self.vocabulary_growth.items() if v) or "none"
+        vocab = sum(self.vocabularies.values())
+        warm = (
+            f"warm start {self.rows_carried:,} rows carried, {self.rows_new:,} new"
+            if self.warm_started
+            else "cold start"
+        )
+        served = f" vs served {self.served_auc:.4f}" if self.served_auc is not None else ""
+        verdict = (
+            f"PASSED -> version {self.version}"
+            if self.passed
+            else "FAILED, not deployed: " + "; ".join(self.reasons)
+        )
+        return (
+            f"day {self.day}/{days}: {self.rows:,} rows, vocabularies {vocab:,} (growth: {grew}), "
+            f"{warm}, AUC {self.auc:.4f}{served}, {verdict}"
+        )
+
+
+@dataclass
+class RunResult:
+    """What a run did."""
+
+    out_dir: Path
+    days: list[DayResult]
+    served_version: int | None
+    served_model: Path | None
+    metrics: dict[str, Any]
+    """Offline metrics of the served model."""
+    ranking: list[dict[str, Any]]
+    probe_queries: int = 0
+    """Queries the server answered while the loop ran."""
+    probe_failures: list[str] = field(default_factory=list)
+    server_target: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# The run's state on disk
+
+
+class _State:
+    """``run.json``: the settings and the result of every finished stage, saved after each."""
+
+    def __init__(self, path: Path, data: dict[str, Any]):
+        self.path = path
+        self.data = data
+
+    @classmethod
+    def open(cls, out: Path, key: dict[str, Any], overwrite: bool) -> _State:
+        path = out / STATE_FILE
+        if path.exists() and not overwrite:
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise RunError(
+                    f"{path}: unreadable ({e}); pass --overwrite to start over"
+                ) from None
+            differs = [k for k in key if data.get("settings", {}).get(k) != key[k]]
+            if differs:
+                raise RunError(
+                    f"{out}: holds a run with other settings ({', '.join(differs)} differ); "
+                    "rerun with the same arguments to continue it, give another --out, or pass "
+                    "--overwrite to start over"
+                )
+            return cls(path, data)
+        if overwrite:
+            for name in _OWNED:
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        elif out.exists() and any(out.iterdir()):
+            raise RunError(
+                f"{out}: holds files but no {STATE_FILE}; give an empty or new folder, or pass "
+                "--overwrite"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        state = cls(path, {"settings": key, "stages": {}, "served": None})
+        state.save()
+        return state
+
+    def done(self, stage: str) -> dict[str, Any] | None:
+        return self.data["stages"].get(stage)
+
+    def finish(self, stage: str, result: dict[str, Any]) -> None:
+        self.data["stages"][stage] = result
+        self.save()
+
+    @property
+    def served(self) -> dict[str, Any] | None:
+        return self.data.get("served")
+
+    @served.setter
+    def served(self, value: dict[str, Any]) -> None:
+        self.data["served"] = value
+        self.save()
+
+    def save(self) -> None:
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        os.replace(partial, self.path)
+
+
+# --------------------------------------------------------------------------------------------
+# The example query
+
+
+def build_query(
+    config: Config, rows: Sequence[dict[str, Any]], num_candidates: int
+) -> dict[str, Any]:
+    """One query and up to ``num_candidates`` distinct candidates, from raw log rows.
+
+    With ``data.split_by`` naming a query column, a feature is a query feature when it is the
+    same in every impression of each query (user and context), else a candidate feature; the
+    query is the one with the most impressions, and candidates are the distinct candidate
+    feature values of the rows. Without it, every row is a candidate with all its features.
+    """
+    columns = list(dict.fromkeys(f.column for f in config.features))
+    if not rows:
+        raise RunError("no rows to build an example query from")
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    split_by = config.data.split_by
+    if split_by and split_by in rows[0]:
+        for row in rows:
+            groups.setdefault(_hashable(row.get(split_by)), []).append(row)
+    multi = [g for g in groups.values() if len(g) > 1]
+    if multi:
+        query_columns = [
+            c for c in columns if all(_same(r.get(c) for r in group) for group in multi)
+        ]
+        candidate_columns = [c for c in columns if c not in query_columns]
+    else:
+        query_columns, candidate_columns = [], columns
+    if not candidate_columns:
+        query_columns, candidate_columns = [], columns
+    biggest = max(multi, key=len) if multi else rows[:1]
+    query = {c: biggest[0].get(c) for c in query_columns}
+    seen: set[Any] = set()
+    candidates = []
+    for row in rows:
+        candidate = {c: row.get(c) for c in candidate_columns}
+        key = tuple(_hashable(v) for v in candidate.values())
+        if key in seen:
+            continue
+        seen.add(key)
+        candidates.append(candidate)
+        if len(candidates) >= num_candidates:
+            break
+    return {"query": query, "candidates": candidates}
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _same(values: Any) -> bool:
+    it = iter(values)
+    first = _hashable(next(it))
+    return all(_hashable(v) == first for v in it)
+
+
+# --------------------------------------------------------------------------------------------
+# Queries while the loop runs
+
+
+class _Probe:
+    """Ranks the example query again and again while the loop runs, counting failures."""
+
+    def __init__(self, target: str, config: Config, query: dict[str, Any], interval_s: float):
+        self._target = target
+        self._config = config
+        self._query = query
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self.answered = 0
+        self.failures: list[str] = []
+        self._thread = threading.Thread(target=self._loop, name="widedeep-probe", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        from serving.client import ClientSettings, RankingClient, ScoringError
+
+        settings = ClientSettings.from_config(self._config)
+        with RankingClient(self._target, self._config.model_name, settings, self._config) as c:
+            while not self._stop.is_set():
+                try:
+                    c.rank(self._query["query"], self._query["candidates"])
+                    self.answered += 1
+                except ScoringError as e:
+                    self.failures.append(str(e))
+                self._stop.wait(self._interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+class _Run:
+    def __init__(
+        self,
+        config: Config,
+        out: Path,
+        options: RunOptions,
+        overwrite: bool,
+        echo: Callable[[str], None],
+        on_serving: Callable[[str], None] | None,
+    ):
+        self.config = config
+        self.out = out
+        self.options = options
+        self.echo = echo
+        self.on_serving = on_serving
+        self.state = _State.open(out, options.key(config), overwrite)
+        (out / CONFIG_FILE).write_text(config.to_yaml())
+        self.base = out / SERVING_DIR
+        self.server: Any = None
+        self.probe: _Probe | None = None
+        self.query: dict[str, Any] | None = None
+        self.day_inputs: list[str] = []
+
+    # ---------------------------------------------------------------- stages
+
+    def stage(self, name: str, fn: Callable[[], dict[str, Any]], line: Callable) -> dict:
+        """Runs a stage unless it finished before; prints its one-line summary."""
+        done = self.state.done(name)
+        if done is not None:
+            self.echo(f"[{name}] done before: {line(done)}")
+            return done
+        self.echo(f"[{name}] ...")
+        started = time.monotonic()
+        result = fn()
+        result["seconds"] = round(time.monotonic() - started, 1)
+        self.state.finish(name, result)
+        self.echo(f"[{name}] {line(result)} ({result['seconds']:.0f} s)")
+        return result
+
+    def simulate(self) -> None:
+        from pipeline.simulator import simulate
+
+        days = self.options.days or 1
+        logs = self.out / LOGS_DIR
+
+        def go() -> dict[str, Any]:
+            s = simulate(
+                logs,
+                days=days,
+                rows_per_day=self.options.rows_per_day,
+                seed=self.options.seed,
+                overwrite=True,
+                progress=self.echo if self.options.verbose else None,
+            )
+            return {"rows": s.rows, "days": s.days, "label_rate": s.label_rate}
+
+        self.stage(
+            "simulate",
+            go,
+            lambda r: (
+                f"{r['rows']:,} rows over {r['days']} day(s), label rate "
+                f"{r['label_rate']:.4f} -> {logs}"
+            ),
+        )
+        self.day_inputs = [str(logs / f"day={d:03d}") for d in range(1, days + 1)]
+
+    def resolve_days(self) -> None:
+        """One input per day: the sub-folders of a folder, or the input itself."""
+        path = Path(self.options.input)
+        subs = (
+            sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+            if path.is_dir()
+            else []
+        )
+        inputs = [str(p) for p in subs] or [self.options.input]
+        days = self.options.days
+        if days is not None and days > len(inputs):
+            raise RunError(
+                f"--days {days}: --input {self.options.input} holds {len(inputs)} day(s) "
+                "(a folder with one sub-folder a day plays each as a day)"
+            )
+        self.day_inputs = inputs[:days] if days else inputs
+
+    def day(self, d: int, previous: dict[str, int] | None) -> DayResult:
+        from pipeline.datagen import run_datagen
+        from serving.deploy import deploy, export_dir, fingerprint, versions
+        from serving.validate import format_verdict, validate
+        from trainer.train import train
+
+        tag = f"day {d}"
+        data = self.out / DATA_DIR / f"day={d:03d}"
+        model = self.out / MODELS_DIR / f"day={d:03d}"
+        verbose = self.options.verbose
+        echo = self.echo if verbose else None
+
+        def datagen() -> dict[str, Any]:
+            result = run_datagen(
+                self.config,
+                self.day_inputs[d - 1],
+                data,
+                overwrite=True,  # not recorded as finished: whatever is there is ours, unused
+                beam_args=list(self.options.beam_args),
+                echo=echo,
+            )
+            s = result.summary
+            return {
+                "rows": s["rows"],
+                "train_rows": s["splits"]["train"]["rows"],
+                "eval_rows": s["splits"]["eval"]["rows"],
+                "vocabularies": {k: v["size"] for k, v in s["vocabularies"].items()},
+            }
+
+        g = self.stage(
+            f"{tag} datagen",
+            datagen,
+            lambda r: (
+                f"{r['rows']:,} rows ({r['train_rows']:,} train, {r['eval_rows']:,} eval), "
+                "vocabularies "
+                + ", ".join(f"{k} {v:,}" for k, v in r["vocabularies"].items())
+                + f" -> {data}"
+            ),
+        )
+
+        served = self.state.served
+        warm_from = served["model"] if served else None
+
+        def train_stage() -> dict[str, Any]:
+            from trainer.train import METRICS_FILE, RUN_FILE
+
+            run_file = model / RUN_FILE
+            finished = (
+                run_file.exists() and json.loads(run_file.read_text()).get("status") == "complete"
+            )
+            if not finished:  # else an earlier attempt finished it just before being stopped
+                train(
+                    self.config,
+                    data,
+                    model,
+                    warm_start_from=warm_from,
+                    epochs=self.options.epochs,
+                    verbose=verbose,
+                )
+            metrics = json.loads((model / METRICS_FILE).read_text())
+            carried = new = 0
+            warm_file = model / "warm_start.json"
+            if warm_from and warm_file.exists():
+                report = json.loads(warm_file.read_text())
+                for rows in report.get("rows", {}).values():
+                    carried += rows["carried"]
+                    new += rows["new"]
+            return {
+                "auc": metrics["auc"],
+                "log_loss": metrics["log_loss"],
+                "step": metrics["step"],
+                "examples_per_second": metrics.get("train_examples_per_second"),
+                "warm_start_from": warm_from,
+                "rows_carried": carried,
+                "rows_new": new,
+            }
+
+        t = self.stage(
+            f"{tag} train",
+            train_stage,
+            lambda r: (
+                f"eval AUC {r['auc']:.4f}, log loss {r['log_loss']:.4f} after {r['step']:,} "
+                "steps"
+                + (
+                    f", warm-started ({r['rows_carried']:,} rows carried, {r['rows_new']:,} new)"
+                    if r["warm_start_from"]
+                    else ", cold start"
+                )
+                + f" -> {model}"
+            ),
+        )
+
+        def validate_stage() -> dict[str, Any]:
+            verdict = validate(model, data, self.config, model_base_path=self.base)
+            if verbose:
+                self.echo(format_verdict(verdict))
+            return {
+                "passed": verdict.passed,
+                "reasons": verdict.reasons,
+                "auc": verdict.quality["auc"],
+                "baseline_auc": verdict.quality.get("baseline_auc"),
+                "baseline": verdict.baseline,
+                "p99_ms": (verdict.dry_run or {}).get("p99_ms"),
+            }
+
+        v = self.stage(
+            f"{tag} validate",
+            validate_stage,
+            lambda r: (
+                ("PASSED" if r["passed"] else "FAILED: " + "; ".join(r["reasons"]))
+                + f", AUC {r['auc']:.4f}"
+                + (f" vs served {r['baseline_auc']:.4f}" if r["baseline_auc"] is not None else "")
+                + (f", dry-run p99 {r['p99_ms']} ms" if r["p99_ms"] is not None else "")
+            ),
+        )
+
+        version = None
+        if v["passed"]:
+
+            def deploy_stage() -> dict[str, Any]:
+                name = self.config.model_name
+                existing = versions(self.base, name)
+                # Deployed just before an earlier attempt was stopped: do not copy it again.
+                if existing and fingerprint(self.base / name / str(existing[-1])) == fingerprint(
+                    export_dir(model)
+                ):
+                    version = existing[-1]
+                else:
+                    server = self.server.target if self.server else None
+                    version = deploy(model, self.base, name, server=server).version
+                self.ensure_server(version, d)
+                return {"version": version, "model": str(model)}
+
+            r = self.stage(
+                f"{tag} deploy",
+                deploy_stage,
+                lambda r: (
+                    f"version {r['version']} serving at {self.server.target}"
+                    if self.server
+                    else f"version {r['version']} -> {self.base}"
+                ),
+            )
+            version = r["version"]
+            self.state.served = {"version": version, "model": str(model), "day": d}
+        else:
+            self.echo(f"[{tag} deploy] skipped: the model failed validation; still serving "
+                      + (f"version {served['version']}" if served else "nothing"))  # fmt: skip
+
+        sizes = g["vocabularies"]
+        return DayResult(
+            day=d,
+            rows=g["rows"],
+            vocabularies=sizes,
+            vocabulary_growth={
+                k: sizes[k] - (previous or {}).get(k, sizes[k]) for k in sizes if previous
+            },
+            warm_started=bool(t["warm_start_from"]),
+            rows_carried=t["rows_carried"],
+            rows_new=t["rows_new"],
+            auc=t["auc"],
+            log_loss=t["log_loss"],
+            served_auc=v["baseline_auc"],
+            passed=v["passed"],
+            reasons=v["reasons"],
+            version=version,
+        )
+
+    # ---------------------------------------------------------------- the server
+
+    def ensure_server(self, version: int | None, day: int) -> None:
+        """Starts the model server over the base path (once) and waits for ``version``."""
+        from serving.process import ServerProcess
+
+        if self.server is not None:
+            return
+        self.server = ServerProcess(
+            self.base / self.config.model_name,
+            self.config.model_name,
+            log_path=self.out / SERVER_LOG,
+            port=self.options.port,
+            rest_api_port=self.options.rest_api_port,
+        )
+        self.server.start()
+        seconds = self.server.wait_for_version(version, SERVER_LOAD_TIMEOUT_S)
+        self.echo(
+            f"[serve] {self.config.model_name} version {version} AVAILABLE at "
+            f"{self.server.target} (gRPC)"
+            + (f" and {self.server.rest_url} (REST)" if self.server.rest_url else "")
+            + f" after {seconds:.1f} s; log: {self.out / SERVER_LOG}"
+        )
+        self.query = self.load_query(day)
+        if self.on_serving is not None:
+            self.on_serving(self.server.target)
+        if (self.options.days or len(self.day_inputs)) > 1:
+            self.probe = _Probe(self.server.target, self.config, self.query, interval_s=0.5)
+            self.probe.start()
+
+    def load_query(self, day: int) -> dict[str, Any]:
+        """The query ranked at the end: the one given, or one built from a day's log."""
+        from pipeline import sources
+
+        if self.options.query:
+            try:
+                query = json.loads(Path(self.options.query).read_text())
+            except json.JSONDecodeError as e:
+                raise RunError(f"--query: not valid JSON ({e})") from None
+            if not isinstance(query, dict) or not isinstance(query.get("candidates"), list):
+                raise RunError('--query: expected {"query": {...}, "candidates": [{...}, ...]}')
+            return query
+        files = sources.resolve_input(self.day_inputs[day - 1])
+        rows = sources.read_rows(self.config, files, SAMPLE_ROWS)
+        query = build_query(self.config, rows, self.config.validation.num_candidates)
+        (self.out / QUERY_FILE).write_text(json.dumps(query, indent=2, default=str) + "\n")
+        return query
+
+    def stop_server(self) -> None:
+        if self.probe is not None:
+            self.probe.stop()
+        if self.server is not None:
+            self.server.stop()
+
+
+def run(
+    config: Config,
+    out_dir: str | Path,
+    options: RunOptions | None = None,
+    *,
+    overwrite: bool = False,
+    keep_serving: Callable[[str], None] | None = None,
+    on_serving: Callable[[str], None] | None = None,
+    echo: Callable[[str], None] = print,
+) -> RunResult:
+    """Runs every stage on one config; see the module docstring.
+
+    Args:
+      config: The pipeline config.
+      out_dir: The run's folder (layout in the module docstring).
+      options: What to run; defaults to one simulated day.
+      overwrite: Discard what an earlier run wrote into ``out_dir`` and start over.
+      keep_serving: Called with the server's address once the run is done; the server keeps
+        running until it returns (e.g. waits for Ctrl-C). None stops the server at the end.
+      on_serving: Called with the server's gRPC address as soon as it serves a model.
+      echo: Where progress and summaries go.
+
+    Raises:
+      RunError: settings that do not match the run in ``out_dir``, an input without the days
+        asked for, or no model that passed validation.
+    """
+    options = options or RunOptions()
+    out = Path(out_dir).absolute()
+    r = _Run(config, out, options, overwrite, echo, on_serving)
+    started = time.monotonic()
+    try:
+        if options.input is None:
+            r.simulate()
+        else:
+            r.resolve_days()
+        days: list[DayResult] = []
+        previous = None
+        for d in range(1, len(r.day_inputs) + 1):
+            result = r.day(d, previous)
+            days.append(result)
+            previous = result.vocabularies
+            echo(result.line(len(r.day_inputs)))
+        (out / DAYS_FILE).write_text(format_days(days) + "\n")
+        served = r.state.served
+        if served is None:
+            raise RunError("no model passed validation: nothing is served (see the verdicts)")
+        r.ensure_server(served["version"], served["day"])
+        probe = (r.probe.answered, list(r.probe.failures)) if r.probe else (0, [])
+        if r.probe is not None:
+            r.probe.stop()
+        ranking = _final_query(r, served)
+        metrics = json.loads((Path(served["model"]) / "metrics.json").read_text())
+        result = RunResult(
+            out_dir=out,
+            days=days,
+            served_version=served["version"],
+            served_model=Path(served["model"]),
+            metrics=metrics,
+            ranking=ranking,
+            probe_queries=probe[0],
+            probe_failures=probe[1],
+            server_target=r.server.target,
+        )
+        echo(format_run(result, r.query, top=options.top, seconds=time.monotonic() - started))
+        if keep_serving is not None:
+            keep_serving(r.server.target)
+        return result
+    finally:
+        r.stop_server()
+
+
+def _final_query(r: _Run, served: dict[str, Any]) -> list[dict[str, Any]]:
+    from serving.client import ClientSettings, RankingClient
+
+    query = r.query
+    settings = ClientSettings.from_config(r.config)
+    with RankingClient(r.server.target, r.config.model_name, settings, r.config) as client:
+        ranked = client.rank(query["query"], query["candidates"])
+    ranking = [{"rank": x.rank, "score": x.score, "candidate": x.candidate} for x in ranked]
+    (r.out / RANKING_FILE).write_text(
+        json.dumps(
+            {"model_name": r.config.model_name, "version": served["version"], "query":
+             query["query"], "ranking": ranking}, indent=2, default=str,
+        ) + "\n"
+    )  # fmt: skip
+    return ranking
+
+
+def format_days(days: Sequence[DayResult]) -> str:
+    """The days as a Markdown table."""
+    lines = [
+        "| day | rows | vocabulary entries | growth | rows carried | eval AUC | served AUC | "
+        "log loss | verdict | version |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for d in days:
+        served = f"{d.served_auc:.4f}" if d.served_auc is not None else "-"
+        lines.append(
+            f"| {d.day} | {d.rows:,} | {sum(d.vocabularies.values()):,} | "
+            f"+{sum(d.vocabulary_growth.values()):,} | "
+            f"{d.rows_carried:,} | {d.auc:.4f} | {served} | {d.log_loss:.4f} | "
+            f"{'passed' if d.passed else 'failed'} | {d.version or '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def format_run(
+    result: RunResult, query: dict[str, Any] | None, top: int = 10, seconds: float | None = None
+) -> str:
+    """The run's ending: the ranked list through the endpoint and the served model's metrics."""
+    from serving.client import Ranked, format_ranking
+
+    m = result.metrics
+    id_key = None
+    if query and query.get("candidates"):
+        id_key = next(iter(query["candidates"][0]), None)
+    ranked = [Ranked(x["rank"], x["score"], x["candidate"]) for x in result.ranking]
+    shown_query = ", ".join(f"{k}={v}" for k, v in (query or {}).get("query", {}).items())
+    lines = [
+        "",
+        f"ranking of {len(ranked)} candidates through {result.server_target} (gRPC), version "
+        f"{result.served_version}" + (f"; query: {shown_query}" if shown_query else ""),
+        format_ranking(ranked, id_key=id_key, top=top),
+        "",
+        f"offline metrics of the served model ({result.served_model}):",
+        f"  {'eval AUC':<22} {m['auc']:.4f}",
+        f"  {'eval log loss':<22} {m['log_loss']:.4f}",
+        f"  {'eval label rate':<22} {m['label_rate']:.4f}",
+        f"  {'mean prediction':<22} {m['mean_prediction']:.4f}",
+        f"  {'eval examples':<22} {m['examples']:,}",
+        f"  {'towers':<22} {m.get('towers', 'wide_deep')}",
+        f"  {'training steps':<22} {m['step']:,}",
+    ]
+    if len(result.days) > 1:
+        lines += ["", format_days(result.days)]
+        lines.append(
+            f"while the loop ran, the server answered {result.probe_queries:,} queries; "
+            f"{len(result.probe_failures)} failed"
+        )
+    if seconds is not None:
+        lines.append(f"run finished in {seconds:.0f} s -> {result.out_dir}")
+    return "\n".join(lines)

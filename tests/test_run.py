@@ -1,0 +1,232 @@
+"""``widedeep run``: every stage end to end, the daily loop under queries, and resuming."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from pipeline.cli import main
+from pipeline.run import RunOptions, build_query, run
+from tests import logs
+from transform.config import load_config
+
+DAY_ROWS = 2500
+
+
+class _Client(threading.Thread):
+    """Ranks the run's example query over and over with the plain TF Serving client."""
+
+    def __init__(self, target: str, query_file: Path, config):
+        super().__init__(daemon=True)
+        import grpc
+
+        from serving.client import ExampleEncoder
+
+        query = json.loads(query_file.read_text())
+        examples = ExampleEncoder(config).encode_query(query["query"], query["candidates"])
+        self.request = predict_pb2.PredictRequest()
+        self.request.model_spec.name = config.model_name
+        self.request.inputs["examples"].CopyFrom(tf.make_tensor_proto(examples))
+        self.channel = grpc.insecure_channel(target)
+        self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.stop = threading.Event()
+        self.versions: list[int] = []
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        import grpc
+
+        while not self.stop.is_set():
+            try:
+                response = self.stub.Predict(self.request, timeout=10)
+                self.versions.append(response.model_spec.version.value)
+            except grpc.RpcError as e:
+                self.errors.append(f"{e.code().name}: {e.details()}")
+            self.stop.wait(0.05)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(timeout=30)
+        self.channel.close()
+
+
+@pytest.fixture(scope="module")
+def movies_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The movies preset, small, with a loose quality gate: this is about the loop's mechanics."""
+    config = load_config("movies")
+    config = dataclasses.replace(
+        config,
+        model=dataclasses.replace(config.model, hidden_units=(16, 8), embedding_dim=8),
+        training=dataclasses.replace(config.training, batch_size=128, epochs=1),
+        validation=dataclasses.replace(
+            config.validation,
+            auc_tolerance=0.5,
+            log_loss_tolerance=1.0,
+            num_candidates=50,
+            latency_budget_ms=10_000,  # a gate for production; a loaded test machine is slow
+        ),
+    )
+    path = tmp_path_factory.mktemp("run_config") / "movies.yaml"
+    path.write_text(config.to_yaml())
+    return path
+
+
+@pytest.fixture(scope="module")
+def movie_days(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two days of movie logs, one sub-folder a day, as a user would lay them out."""
+    root = tmp_path_factory.mktemp("movie_days")
+    for day in (1, 2):
+        logs.write_parquet(logs.movies_table(DAY_ROWS, seed=day), root / f"2026-11-0{day}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_days(movies_config: Path, movie_days: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A two-day loop while a client keeps querying the server it deploys to."""
+    config = load_config(movies_config)
+    out = tmp_path_factory.mktemp("run") / "out"
+    clients: list[_Client] = []
+    seen_at_end: dict[str, object] = {}
+
+    def on_serving(target: str) -> None:
+        client = _Client(target, out / "query.json", config)
+        client.start()
+        clients.append(client)
+
+    def keep_serving(target: str) -> None:
+        clients[0].finish()
+        seen_at_end["target"] = target
+
+    result = run(
+        config,
+        out,
+        RunOptions(input=str(movie_days)),
+        keep_serving=keep_serving,
+        on_serving=on_serving,
+    )
+    return result, clients[0], out
+
+
+def test_two_day_loop_deploys_day_two_while_queries_are_answered(two_days) -> None:
+    result, client, _ = two_days
+    day1, day2 = result.days
+    assert not day1.warm_started and day1.passed and day1.version == 1
+    assert day2.warm_started and day2.rows_carried > 0
+    assert day2.served_auc is not None  # validated against the model being served
+    assert day2.passed and day2.version == 2
+    assert result.served_version == 2
+    # The client kept getting answers, first from version 1, then from version 2.
+    assert not client.errors, client.errors[:3]
+    assert client.versions[0] == 1 and client.versions[-1] == 2
+    assert sorted(set(client.versions)) == [1, 2]
+    assert result.probe_queries > 0 and not result.probe_failures
+
+
+def test_run_writes_its_artifacts_and_ranks_through_the_endpoint(two_days) -> None:
+    result, _, out = two_days
+    state = json.loads((out / "run.json").read_text())
+    for day in (1, 2):
+        for stage in ("datagen", "train", "validate", "deploy"):
+            assert f"day {day} {stage}" in state["stages"]
+    assert (out / "serving" / "movie_ranker" / "2" / "saved_model.pb").exists()
+    assert "| 2 |" in (out / "days.md").read_text()
+    ranking = json.loads((out / "ranking.json").read_text())
+    scores = [r["score"] for r in ranking["ranking"]]
+    assert scores == sorted(scores, reverse=True) and len(scores) > 1
+    assert ranking["version"] == 2
+    # The query holds the features shared by one user's impressions, candidates the rest.
+    query = json.loads((out / "query.json").read_text())
+    assert "user_id" in query["query"] and "movie_id" in query["candidates"][0]
+    assert 0.0 < result.metrics["auc"] <= 1.0
+
+
+def test_a_second_run_continues_from_the_finished_stages(
+    two_days, movies_config: Path, movie_days: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, _, out = two_days
+    code = main(
+        ["run", "--config", str(movies_config), "--input", str(movie_days), "--out", str(out)]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    for day in (1, 2):
+        for stage in ("datagen", "train", "validate", "deploy"):
+            assert f"[day {day} {stage}] done before" in printed
+    assert "ranking of" in printed and "eval AUC" in printed
+
+
+def test_other_settings_are_refused_and_nothing_is_lost(
+    two_days, movies_config: Path, movie_days: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, _, out = two_days
+    before = (out / "run.json").read_text()
+    code = main(
+        [
+            "run", "--config", str(movies_config), "--input", str(movie_days), "--out", str(out),
+            "--days", "1",
+        ]
+    )  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "days" in err and "--overwrite" in err
+    assert (out / "run.json").read_text() == before
+
+
+def test_more_days_than_the_input_holds_is_refused(
+    movies_config: Path, movie_days: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "run", "--config", str(movies_config), "--input", str(movie_days),
+            "--out", str(tmp_path / "out"), "--days", "3",
+        ]
+    )  # fmt: skip
+    assert code == 2
+    assert "holds 2 day(s)" in capsys.readouterr().err
+
+
+def test_simulated_run_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What `make demo` does, on a tiny simulated day."""
+    config = load_config("app_store")
+    config = dataclasses.replace(
+        config, validation=dataclasses.replace(config.validation, latency_budget_ms=10_000)
+    )
+    (tmp_path / "app_store.yaml").write_text(config.to_yaml())
+    out = tmp_path / "demo"
+    code = main(
+        [
+            "run", "--config", str(tmp_path / "app_store.yaml"), "--out", str(out),
+            "--rows-per-day", "3000", "--quiet",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "[simulate]" in printed and "[day 1 deploy] version 1" in printed
+    assert "ranking of 200 candidates" in printed
+    assert "offline metrics of the served model" in printed
+    query = json.loads((out / "query.json").read_text())
+    # One user and context; 200 distinct candidate apps.
+    assert "installed_apps" in query["query"] and "country" in query["query"]
+    apps = [c["impression_app"] for c in query["candidates"]]
+    assert len(apps) == len(set(apps)) == 200
+
+
+def test_build_query_splits_query_and_candidate_features() -> None:
+    config = load_config("movies")
+    rows = [
+        {"user_id": u, "occupation": o, "user_age": 30, "recent_movies": ["m1"],
+         "movie_id": m, "genres": [g], "release_year": 2000.0, "popularity": p}
+        for u, o in ((1, "artist"), (2, "doctor"))
+        for m, g, p in (("m1", "drama", 0.1), ("m2", "comedy", 0.2), ("m3", "drama", 0.3))
+    ]  # fmt: skip
+    built = build_query(config, rows, num_candidates=10)
+    assert set(built["query"]) == {"user_id", "occupation", "user_age", "recent_movies",
+                                   "release_year"}  # fmt: skip
+    assert [c["movie_id"] for c in built["candidates"]] == ["m1", "m2", "m3"]
+    assert set(built["candidates"][0]) == {"movie_id", "genres", "popularity"}
