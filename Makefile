@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DEMO_DIR ?= demo
+DEMO_DAYS ?= 2
+DEMO_ROWS ?= 200000
 PYTEST_ARGS ?=
 
 .PHONY: install demo test lint bench clean
@@ -19,11 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/widedeep simulate --out $(DEMO_DIR)/logs --days 1 --rows-per-day 50000 --seed 0 --overwrite
-	$(BIN)/widedeep datagen --config app_store --input $(DEMO_DIR)/logs --out $(DEMO_DIR)/data --overwrite
-	$(BIN)/widedeep train --config app_store --data $(DEMO_DIR)/data --out $(DEMO_DIR)/model --overwrite
-	$(BIN)/widedeep validate --model $(DEMO_DIR)/model --data $(DEMO_DIR)/data --model_base_path $(DEMO_DIR)/serving
-	$(BIN)/widedeep deploy --model $(DEMO_DIR)/model --model_base_path $(DEMO_DIR)/serving
+	$(BIN)/widedeep run --config app_store --out $(DEMO_DIR) --days $(DEMO_DAYS) --rows-per-day $(DEMO_ROWS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline transform trainer serving tests bench
@@ -35,6 +33,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/datagen_bench.py
+	$(BIN)/python bench/serving_bench.py
+	$(BIN)/python bench/table1.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache build *.egg-info
