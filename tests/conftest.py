@@ -1,7 +1,8 @@
-"""Shared fixtures: small logs and one datagen run per session for the tests that need one."""
+"""Shared fixtures: small logs, one datagen run and one trained model per session."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 # Before TensorFlow is imported anywhere: tf.Transform's Keras layer is a tf_keras model.
@@ -38,4 +39,31 @@ def movies_data(movies_parquet: Path, tmp_path_factory: pytest.TempPathFactory) 
 
     out = tmp_path_factory.mktemp("movies_data") / "data"
     run_datagen(load_config("movies"), str(movies_parquet), out, echo=None)
+    return out
+
+
+def small_model(config):
+    """A config with a small model and two epochs: quick to train, still wide & deep."""
+    model = dataclasses.replace(config.model, hidden_units=(16, 8), embedding_dim=8)
+    training = dataclasses.replace(config.training, batch_size=128, epochs=2)
+    return dataclasses.replace(config, model=model, training=training)
+
+
+@pytest.fixture(scope="session")
+def movies_small_config():
+    """The movies preset with a small model (see `small_model`)."""
+    from transform.config import load_config
+
+    return small_model(load_config("movies"))
+
+
+@pytest.fixture(scope="session")
+def movies_model(
+    movies_data: Path, movies_small_config, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A model trained on the movies log (the one training run serving tests share)."""
+    from trainer.train import train
+
+    out = tmp_path_factory.mktemp("model") / "good"
+    train(movies_small_config, movies_data, out, verbose=0)
     return out

@@ -6,7 +6,6 @@ the dry run, the built-in server watching a base path, and the standard TF Servi
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import shutil
@@ -26,24 +25,14 @@ from transform.config import load_config
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 
 
-def _small(config):
-    model = dataclasses.replace(config.model, hidden_units=(16, 8), embedding_dim=8)
-    training = dataclasses.replace(config.training, batch_size=128, epochs=2)
-    return dataclasses.replace(config, model=model, training=training)
+@pytest.fixture(scope="module")
+def config(movies_small_config):
+    return movies_small_config
 
 
 @pytest.fixture(scope="module")
-def config():
-    return _small(load_config("movies"))
-
-
-@pytest.fixture(scope="module")
-def trained(movies_data: Path, config, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.train import train
-
-    out = tmp_path_factory.mktemp("model") / "good"
-    train(config, movies_data, out, verbose=0)
-    return out
+def trained(movies_model: Path) -> Path:
+    return movies_model
 
 
 @pytest.fixture(scope="module")
