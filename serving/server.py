@@ -46,6 +46,10 @@ class ServerSettings:
     `model_name`). Ports: 0 picks a free port; `rest_api_port=None` serves no REST API.
     `max_receive_message_length` bounds a request on both APIs (larger ones are refused with
     RESOURCE_EXHAUSTED). `grpc_channel_arguments` are passed to the gRPC server as is.
+    `tensorflow_intra_op_parallelism` (threads one op may use) and
+    `tensorflow_inter_op_parallelism` (ops, and so requests, run at once) size TensorFlow's
+    thread pools; 0 lets TensorFlow choose. They apply to the whole process and only before
+    TensorFlow has run anything in it.
     """
 
     model_name: str = "default"
@@ -66,6 +70,8 @@ class ServerSettings:
     grpc_max_threads: int = 8
     max_receive_message_length: int = GRPC_MAX_MESSAGE_BYTES
     grpc_channel_arguments: tuple[tuple[str, int | str], ...] = ()
+    tensorflow_intra_op_parallelism: int = 0
+    tensorflow_inter_op_parallelism: int = 0
 
 
 def load_model_server_config(settings: ServerSettings) -> model_server_config_pb2.ModelServerConfig:
@@ -92,6 +98,38 @@ def parse_model_config_file(path: Path) -> model_server_config_pb2.ModelServerCo
     except text_format.ParseError as error:
         raise ValueError(f"Invalid model config file {path}: {error}") from error
     return config
+
+
+def _set_tensorflow_threads(intra_op: int, inter_op: int) -> None:
+    """Size TensorFlow's thread pools (0 keeps TensorFlow's choice), as TF Serving's flags do."""
+    if not intra_op and not inter_op:
+        return
+    import tensorflow as tf
+
+    threading_config = tf.config.threading
+    for value, getter, setter in (
+        (
+            intra_op,
+            threading_config.get_intra_op_parallelism_threads,
+            threading_config.set_intra_op_parallelism_threads,
+        ),
+        (
+            inter_op,
+            threading_config.get_inter_op_parallelism_threads,
+            threading_config.set_inter_op_parallelism_threads,
+        ),
+    ):
+        if not value or getter() == value:
+            continue
+        try:
+            setter(value)
+        except RuntimeError:
+            # TensorFlow already runs in this process (a server started inside a program).
+            log.warning(
+                "TensorFlow thread pools are already set up in this process; "
+                "--tensorflow_intra_op_parallelism/--tensorflow_inter_op_parallelism not applied"
+            )
+            return
 
 
 def _address(host: str, port: int) -> str:
@@ -159,6 +197,10 @@ class ModelServer:
 
     def _start(self) -> None:
         config = load_model_server_config(self.settings)
+        _set_tensorflow_threads(
+            self.settings.tensorflow_intra_op_parallelism,
+            self.settings.tensorflow_inter_op_parallelism,
+        )
         if self.settings.model_config_file:
             self._config_text = Path(self.settings.model_config_file).read_text()
         try:
@@ -334,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--grpc_channel_arguments", type=parse_channel_arguments, default=(),
          help='e.g. "grpc.max_receive_message_length=4194304"')  # fmt: skip
     flag("--saved_model_tags", default="serve")
+    flag("--tensorflow_intra_op_parallelism", type=int, default=0,
+         help="threads one TensorFlow op may use (0: TensorFlow's choice)")  # fmt: skip
+    flag("--tensorflow_inter_op_parallelism", type=int, default=0,
+         help="TensorFlow ops run at once (0: TensorFlow's choice)")  # fmt: skip
     for name, default in (
         ("enable_model_warmup", True),
         ("allow_version_labels_for_unavailable_models", False),
@@ -373,6 +419,8 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
         grpc_max_threads=args.grpc_max_threads,
         max_receive_message_length=max_receive,
         grpc_channel_arguments=tuple(args.grpc_channel_arguments),
+        tensorflow_intra_op_parallelism=args.tensorflow_intra_op_parallelism,
+        tensorflow_inter_op_parallelism=args.tensorflow_inter_op_parallelism,
     )
 
 

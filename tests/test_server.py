@@ -977,8 +977,12 @@ def test_command_line_flags_follow_tensorflow_model_server() -> None:
             "--file_system_poll_wait_seconds=5",
             "--enable_model_warmup=false",
             "--grpc_channel_arguments=grpc.max_receive_message_length=1024,grpc.foo=bar",
+            "--tensorflow_intra_op_parallelism=1",
+            "--tensorflow_inter_op_parallelism=2",
         ]
     )
+    assert settings.tensorflow_intra_op_parallelism == 1
+    assert settings.tensorflow_inter_op_parallelism == 2
     assert (settings.port, settings.rest_api_port, settings.model_name) == (9000, 9001, "ranker")
     assert settings.model_base_path == "/models/ranker"
     assert settings.file_system_poll_wait_seconds == 5.0
