@@ -33,6 +33,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/datagen_bench.py
+	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/serving_bench.py
 	$(BIN)/python bench/table1.py
 

@@ -387,6 +387,45 @@ def test_resume_continues_where_it_stopped(trainer_data: Path, tmp_path: Path):
     assert second.metrics["auc"] == pytest.approx(whole.metrics["auc"], abs=1e-4)
 
 
+def test_callbacks_see_the_model_every_steps_per_execution(trainer_data: Path, tmp_path: Path):
+    class Recorder(tf_keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.events: list[Any] = []
+
+        def on_train_begin(self, logs: Any = None) -> None:
+            self.events.append(("begin", int(self.model.tower_optimizers["deep"].iterations)))
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            self.events.append((batch, int(self.model.tower_optimizers["deep"].iterations)))
+            assert np.isfinite(logs["loss"])
+            time.sleep(0.2)  # not counted as training time
+
+        def on_train_end(self, logs: Any = None) -> None:
+            self.events.append(("end", None))
+
+    recorder = Recorder()
+    # 37 steps an epoch and a checkpoint every 5: calls end at the multiples of 4 and of 5.
+    started = time.monotonic()
+    result = train(
+        CONFIG,
+        trainer_data,
+        tmp_path / "m",
+        max_steps=21,
+        export=False,
+        verbose=0,
+        callbacks=[recorder],
+        steps_per_execution=4,
+    )
+    wall = time.monotonic() - started
+    ends = [4, 5, 8, 10, 12, 15, 16, 20, 21]
+    assert recorder.events == [("begin", 0), *((n, n) for n in ends), ("end", None)]
+    seconds = 21 * CONFIG.training.batch_size / result.examples_per_second
+    assert seconds <= wall - 0.2 * len(ends)
+    with pytest.raises(TrainError, match="steps_per_execution: expected an integer >= 1"):
+        train(CONFIG, trainer_data, tmp_path / "n", steps_per_execution=0, verbose=0)
+
+
 def test_resume_after_kill_9(trainer_data: Path, tmp_path: Path):
     """A run killed mid-training restarts from its last checkpoint, not from step 0."""
     out = tmp_path / "killed"

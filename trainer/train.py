@@ -35,7 +35,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,7 +84,8 @@ STATUS_STOPPED = "stopped"
 STATUS_COMPLETE = "complete"
 
 MAX_STEPS_PER_CALL = 100
-"""Training steps run inside one compiled call between two progress updates."""
+"""Training steps run inside one compiled call between two progress updates (the default of
+``train(steps_per_execution=...)``)."""
 
 CHECKPOINTS_TO_KEEP = 3
 FINGERPRINT_SECTIONS = ("label", "features", "crosses", "model", "training")
@@ -140,6 +141,8 @@ def train(
     distribute: str | None = None,
     export: bool = True,
     verbose: int = 1,
+    callbacks: Sequence[Any] = (),
+    steps_per_execution: int = MAX_STEPS_PER_CALL,
 ) -> TrainResult:
     """Trains a model on a datagen output, evaluates it and exports it.
 
@@ -162,6 +165,13 @@ def train(
         :func:`train` first thing.
       export: Export the SavedModel (and its warmup requests) at the end.
       verbose: 0 silent, 1 progress bar and summary, 2 one line per epoch and summary.
+      callbacks: tf_keras callbacks, or any objects with the same methods: ``set_model``
+        receives the model being trained, ``on_train_begin`` and ``on_train_end`` bracket the
+        training loop, and ``on_train_batch_end(step, logs)`` follows every compiled call with
+        the global step and ``{"loss": mean loss of the call}``. The time they take does not
+        count in ``examples_per_second``.
+      steps_per_execution: Most training steps run in one compiled call; calls end at the
+        multiples of it (so callbacks see every multiple), at checkpoints and at epoch ends.
 
     Raises:
       TrainError: bad arguments, a missing or mismatched datagen output, an empty split, a
@@ -176,6 +186,10 @@ def train(
         raise TrainError(f"epochs: expected an integer >= 1, got {epochs}")
     if max_steps is not None and max_steps < 0:
         raise TrainError(f"max_steps: expected an integer >= 0, got {max_steps}")
+    if steps_per_execution < 1:
+        raise TrainError(
+            f"steps_per_execution: expected an integer >= 1, got {steps_per_execution}"
+        )
     out = Path(out_dir).absolute()
     data = _open_data(config, Path(data_dir).absolute())
     if out == data.path or data.path in out.parents:
@@ -224,7 +238,18 @@ def train(
         else tf.summary.create_noop_writer()
     )
     shown = verbose if is_chief else 0
-    loop = _Loop(strategy, state, data, config, steps_per_epoch, epochs, writer, shown)
+    loop = _Loop(
+        strategy,
+        state,
+        data,
+        config,
+        steps_per_epoch,
+        epochs,
+        writer,
+        shown,
+        callbacks=tuple(callbacks),
+        steps_per_execution=steps_per_execution,
+    )
     seconds = loop.run(target)
     step = state.step
     throughput = (step - resumed_from) * config.training.batch_size / seconds if seconds else 0.0
@@ -442,9 +467,13 @@ class _Loop:
     epochs: int
     writer: Any
     verbose: int
+    callbacks: tuple[Any, ...] = ()
+    steps_per_execution: int = MAX_STEPS_PER_CALL
+    callback_seconds: float = dataclasses.field(default=0.0, init=False)
 
     def run(self, target: int) -> float:
-        """Trains until the global step reaches ``target``; returns the seconds spent."""
+        """Trains until the global step reaches ``target``; returns the seconds spent training
+        (callbacks excluded)."""
         from tf_keras.utils import Progbar
 
         step = self.state.step
@@ -452,7 +481,12 @@ class _Loop:
             return 0.0
         run_steps = self._compile()
         every = self.config.training.steps_per_checkpoint
+        per_call = self.steps_per_execution
         started = time.monotonic()
+        self.callback_seconds = 0.0
+        for callback in self.callbacks:
+            callback.set_model(self.state.model)
+        self._call_back("on_train_begin")
         while step < target:
             epoch, position = divmod(step, self.steps_per_epoch)
             epoch_start = epoch * self.steps_per_epoch
@@ -464,7 +498,7 @@ class _Loop:
                 progbar.update(position)
             iterator = iter(self._dataset(epoch, position))
             while step < stop:
-                n = min((step // every + 1) * every, stop, step + MAX_STEPS_PER_CALL)
+                n = min((step // every + 1) * every, stop, (step // per_call + 1) * per_call)
                 chunk_started = time.monotonic()
                 loss = self._run_chunk(run_steps, iterator, step, n)
                 chunk_seconds = max(time.monotonic() - chunk_started, 1e-9)
@@ -477,8 +511,19 @@ class _Loop:
                 if step % every == 0 or step == stop:
                     self.state.manager.save(checkpoint_number=step)
                 progbar.update(step - epoch_start, values=[("loss", loss)], finalize=step == stop)
+                self._call_back("on_train_batch_end", step, {"loss": loss})
+        self._call_back("on_train_end")
         self.writer.flush()
-        return time.monotonic() - started
+        return time.monotonic() - started - self.callback_seconds
+
+    def _call_back(self, method: str, *args: Any) -> None:
+        """Calls every callback's ``method``; their time is kept out of the training time."""
+        if not self.callbacks:
+            return
+        started = time.monotonic()
+        for callback in self.callbacks:
+            getattr(callback, method)(*args)
+        self.callback_seconds += time.monotonic() - started
 
     def _run_chunk(self, run_steps: Any, iterator: Any, step: int, n: int) -> float:
         """Runs steps ``step`` to ``n`` in one compiled call; refuses a NaN loss."""
