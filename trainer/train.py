@@ -226,7 +226,7 @@ def train(
         log.info("resuming from %s (step %d of %d)", latest, state.step, total_steps)
     elif source is not None:
         report = warmstart.warm_start(state.model, source, _vocabulary_files(out, config))
-        log.info("%s", report.summary())
+        log.debug("%s", report.summary())  # the run's summary prints it
         if is_chief:
             warmstart.write_report(report, out / WARM_START_FILE)
         state.manager.save(checkpoint_number=0)  # a kill now resumes warm-started
