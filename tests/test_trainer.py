@@ -21,6 +21,7 @@ import tensorflow_transform as tft
 import tf_keras
 
 from tests import logs
+from trainer import export as export_lib
 from trainer import train as train_lib
 from trainer.errors import TrainError
 from trainer.export import CLASSIFY_SIGNATURE, SERVING_SIGNATURE, WARMUP_FILE, read_warmup_requests
@@ -718,6 +719,23 @@ def test_warmup_requests_parse_and_score(exported: dict[str, Any]):
         examples = tf.make_ndarray(request.inputs["examples"])
         out = loaded.signatures[SERVING_SIGNATURE](examples=tf.constant(examples))
         assert out["probabilities"].shape == (len(examples), 1)
+
+
+def test_warmup_requests_are_real_eval_examples_in_live_batch_sizes(
+    exported: dict[str, Any], trainer_data: Path
+):
+    requests = read_warmup_requests(exported["result"].export_dir / "assets.extra" / WARMUP_FILE)
+    sizes = [len(tf.make_ndarray(r.inputs["examples"])) for r in requests]
+    assert CONFIG.validation.num_candidates in sizes and CONFIG.serving.batch_size in sizes
+    assert sizes.count(1) == len(sizes) - len({CONFIG.validation.num_candidates,
+                                               CONFIG.serving.batch_size})  # fmt: skip
+    first = tf.train.Example.FromString(tf.make_ndarray(requests[0].inputs["examples"])[0])
+    features = first.features.feature
+    assert CONFIG.label not in features  # the label is not an input
+    # The eval split's first examples (the model was trained on a copy of this data).
+    singles = [tf.make_ndarray(r.inputs["examples"])[0] for r in requests if len(r.inputs[
+        "examples"].string_val) == 1]  # fmt: skip
+    assert singles == export_lib.eval_examples(trainer_data, CONFIG.label)
 
 
 def test_model_folder_holds_config_metrics_and_vocabularies(exported: dict[str, Any]):

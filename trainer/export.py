@@ -99,7 +99,9 @@ def export_saved_model(
     tf.saved_model.save(module, str(partial), signatures=signatures)
     extra = partial / "assets.extra"
     extra.mkdir(exist_ok=True)
-    write_warmup_requests(extra / WARMUP_FILE, config.model_name, warmup_examples)
+    # One request of the candidates a query scores, and one of the client's batch size.
+    sizes = sorted({config.validation.num_candidates, config.serving.batch_size})
+    write_warmup_requests(extra / WARMUP_FILE, config.model_name, warmup_examples, sizes)
     for name, path in (extra_files or {}).items():
         shutil.copyfile(path, extra / name)
     if export_dir.exists():
@@ -108,16 +110,25 @@ def export_saved_model(
     return export_dir
 
 
-def write_warmup_requests(path: Path, model_name: str, examples: Sequence[bytes]) -> None:
-    """Writes TF Serving warmup records: one PredictionLog (PredictRequest) per example."""
+def write_warmup_requests(
+    path: Path, model_name: str, examples: Sequence[bytes], batch_sizes: Sequence[int] = ()
+) -> None:
+    """Writes TF Serving warmup records (PredictionLogs of PredictRequests).
+
+    One request per example, then one request of each of ``batch_sizes`` examples (cycling
+    through them): the batch sizes live traffic sends, so their kernels are ready too.
+    """
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
+    batches = [[e] for e in examples]
+    if examples:
+        batches += [[examples[i % len(examples)] for i in range(n)] for n in batch_sizes]
     with tf.io.TFRecordWriter(str(path)) as writer:
-        for example in examples:
+        for batch in batches:
             request = predict_pb2.PredictRequest()
             request.model_spec.name = model_name
             request.model_spec.signature_name = SERVING_SIGNATURE
-            request.inputs["examples"].CopyFrom(tf.make_tensor_proto([example], dtype=tf.string))
+            request.inputs["examples"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
             log = prediction_log_pb2.PredictionLog(
                 predict_log=prediction_log_pb2.PredictLog(request=request)
             )
@@ -133,6 +144,24 @@ def read_warmup_requests(path: Path) -> list[Any]:
         log = prediction_log_pb2.PredictionLog.FromString(record)
         requests.append(log.predict_log.request)
     return requests
+
+
+def eval_examples(data_dir: Path, label: str, count: int = WARMUP_RECORDS) -> list[bytes]:
+    """Up to ``count`` raw tf.Examples of a datagen output's eval split, label removed.
+
+    Real traffic warms every table the way live requests will; an empty list when the output
+    has no raw eval examples.
+    """
+    files = sorted(str(p) for p in (Path(data_dir) / "eval_raw").glob("*.tfrecord.gz"))
+    if not files:
+        return []
+    examples = []
+    for record in tf.data.TFRecordDataset(files, compression_type="GZIP").take(count):
+        example = tf.train.Example.FromString(record.numpy())
+        if label in example.features.feature:
+            del example.features.feature[label]
+        examples.append(example.SerializeToString())
+    return examples
 
 
 def synthetic_examples(

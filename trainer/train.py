@@ -317,7 +317,8 @@ def _evaluate(
 
 def _export(model: WideDeepModel, data: _Data, config: Config, out: Path) -> Path:
     """Exports the SavedModel with its warmup requests, config, metrics and model spec."""
-    warmup = export_lib.synthetic_examples(
+    # Real eval examples when datagen kept them; else examples built from the vocabularies.
+    warmup = export_lib.eval_examples(data.path, config.label) or export_lib.synthetic_examples(
         config,
         _vocabulary_files(out, config),
         export_lib.load_quantile_boundaries(data.path / "summary.json"),
