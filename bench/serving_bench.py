@@ -20,8 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -38,6 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import WORK, machine, python_cmd, run_child, write_results
+from serving.process import ServerProcess, free_port
 
 MODEL_NAME = "app_ranker"
 CANDIDATES = 200
@@ -148,72 +147,13 @@ def build_query(data: Path, config: Any) -> tuple[dict[str, Any], list[dict[str,
 # The server
 
 
-def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``widedeep serve`` on a model base path, in a child process."""
-
-    def __init__(self, base: Path, log: Path, flags: Sequence[str]):
-        self.port, self.rest_port = free_port(), free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self.rest_url = f"http://127.0.0.1:{self.rest_port}"
-        self.flags = list(flags)
-        self._log = log.open("w")
-        self._process = subprocess.Popen(
-            python_cmd(
-                "-m",
-                "pipeline.cli",
-                "serve",
-                "--builtin",
-                f"--port={self.port}",
-                f"--rest_api_port={self.rest_port}",
-                f"--model_name={MODEL_NAME}",
-                f"--model_base_path={base}",
-                *self.flags,
-            ),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-        )
-
-    def wait_until_available(self, timeout_s: float = 120.0) -> float:
-        """Seconds until version 1 is AVAILABLE."""
-        import grpc
-        from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
-
-        started = time.monotonic()
-        request = get_model_status_pb2.GetModelStatusRequest()
-        request.model_spec.name = MODEL_NAME
-        available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-        with grpc.insecure_channel(self.target) as channel:
-            stub = model_service_pb2_grpc.ModelServiceStub(channel)
-            while time.monotonic() - started < timeout_s:
-                if self._process.poll() is not None:
-                    raise SystemExit(f"the model server exited; see {self._log.name}")
-                try:
-                    response = stub.GetModelStatus(request, timeout=2.0)
-                    if any(s.state == available for s in response.model_version_status):
-                        return time.monotonic() - started
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
-        raise SystemExit(f"the model was not AVAILABLE within {timeout_s:.0f} s")
-
-    def stop(self) -> None:
-        """SIGTERM, then wait."""
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        self._log.close()
+def start_server(base: Path, log: Path, flags: Sequence[str]) -> ServerProcess:
+    """The built-in server (gRPC and REST) on the base path, in a child process."""
+    server = ServerProcess(
+        base, MODEL_NAME, log, rest_api_port=free_port(), flags=["--builtin", *flags]
+    )
+    server.start()
+    return server
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,12 +390,12 @@ def main() -> None:
     loaded = tf.saved_model.load(str(model_dir / "export"))
     function = loaded.signatures["serving_default"]
     say("starting the model server, and one with TensorFlow's default thread pools beside it")
-    server = Server(base / MODEL_NAME, WORK / "serving_server.log", server_flags)
-    default_server = Server(base / MODEL_NAME, WORK / "serving_server_default.log", [])
+    server = start_server(base / MODEL_NAME, WORK / "serving_server.log", server_flags)
+    default_server = start_server(base / MODEL_NAME, WORK / "serving_server_default.log", [])
     clients: list[RankingClient] = []
     try:
-        load_s = server.wait_until_available()
-        default_server.wait_until_available()
+        load_s = server.wait_for_version(None, timeout_s=120.0)
+        default_server.wait_for_version(None, timeout_s=120.0)
         say(f"model AVAILABLE after {load_s:.1f} s")
         series: dict[str, Callable[[], Any]] = {}
         floors: dict[tuple[int, int], str] = {}

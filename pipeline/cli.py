@@ -114,9 +114,7 @@ def _datagen(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from transform.config import load_config
 
     config = load_config(args.config)
-    beam_args = list(extra)
-    if not any(a.startswith("--runner") for a in beam_args):
-        beam_args.append("--runner=DirectRunner")
+    beam_args = _beam_args(extra)
     run_datagen(
         config,
         args.input,
@@ -334,9 +332,7 @@ def _run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from transform.config import load_config
 
     config = load_config(args.config)
-    beam_args = list(extra)
-    if not any(a.startswith("--runner") for a in beam_args):
-        beam_args.append("--runner=DirectRunner")
+    beam_args = _beam_args(extra)
     options = RunOptions(
         input=args.input,
         days=args.days,
@@ -367,6 +363,14 @@ def _run(args: argparse.Namespace, extra: Sequence[str]) -> int:
         keep_serving=keep_serving if args.keep_serving else None,
     )
     return 0
+
+
+def _beam_args(extra: Sequence[str]) -> list[str]:
+    """The Beam options given, with the DirectRunner unless a runner is named."""
+    beam_args = list(extra)
+    if not any(a.startswith("--runner") for a in beam_args):
+        beam_args.append("--runner=DirectRunner")
+    return beam_args
 
 
 def _model_config(config: str | None, model_dir: str | None):

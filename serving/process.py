@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -43,6 +44,7 @@ class ServerProcess:
       port: gRPC port; 0 picks a free one.
       rest_api_port: REST port; None serves no REST.
       poll_seconds: How often the server looks for new versions.
+      flags: More ``widedeep serve`` flags (e.g. ``--builtin``, thread pool sizes).
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class ServerProcess:
         port: int = 0,
         rest_api_port: int | None = None,
         poll_seconds: int = 1,
+        flags: Sequence[str] = (),
     ):
         self.model_base_path = Path(model_base_path).absolute()
         self.model_name = model_name
@@ -61,6 +64,7 @@ class ServerProcess:
         self.rest_api_port = rest_api_port
         self.target = f"127.0.0.1:{self.port}"
         self._poll_seconds = poll_seconds
+        self._flags = list(flags)
         self._log: IO[str] | None = None
         self._process: subprocess.Popen | None = None
 
@@ -83,6 +87,7 @@ class ServerProcess:
         ]
         if self.rest_api_port:
             argv.append(f"--rest_api_port={self.rest_api_port}")
+        argv += self._flags
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("w+")
         self._process = subprocess.Popen(
