@@ -125,6 +125,11 @@ def test_duplicate_keys_are_refused() -> None:
 def test_sections_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"model.hidden_units"):
         parse_config(BASE + "model: {hidden_units: []}\n")
+    with pytest.raises(ConfigError, match=r"model.compute_dtype: expected one of auto, float32"):
+        parse_config(BASE + "model: {compute_dtype: float16}\n")
+    assert parse_config(BASE + "model: {compute_dtype: bfloat16}\n").model.compute_dtype == (
+        "bfloat16"
+    )
     with pytest.raises(ConfigError, match=r"model.wide_optimizer.name"):
         parse_config(BASE + "model: {wide_optimizer: {name: lbfgs, learning_rate: 0.1}}\n")
     with pytest.raises(ConfigError, match=r"data.eval_fraction"):

@@ -14,6 +14,10 @@ from typing import Any
 import tensorflow as tf
 
 AUTOTUNE = tf.data.AUTOTUNE
+READ_BLOCK = 256
+"""Records read from one shard at a time when several shards are read in parallel."""
+MAX_PARALLEL_READS = 8
+"""Shards read at once (their latency overlaps on remote file systems)."""
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -31,6 +35,26 @@ def make_parse_fn(feature_spec: Mapping[str, Any], label: str) -> Any:
         return features, tf.reshape(tf.cast(labels, tf.float32), [-1, 1])
 
     return parse
+
+
+def read_records(files: Sequence[str]) -> tf.data.Dataset:
+    """The serialized records of gzipped shards, in a fixed order.
+
+    ``TFRecordDataset(num_parallel_reads=...)`` hands records one at a time between threads,
+    which costs several times the decompression itself (about 20 ms of CPU per 1,000 records
+    against 2.5 on one core). Shards are read in parallel in blocks instead, one handoff per
+    ``READ_BLOCK`` records, and a single shard is read in place.
+    """
+    files = sorted(files)
+    if len(files) == 1:
+        return tf.data.TFRecordDataset(files, compression_type="GZIP")
+    ds = tf.data.Dataset.from_tensor_slices(files).interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP").batch(READ_BLOCK),
+        cycle_length=min(len(files), MAX_PARALLEL_READS),
+        num_parallel_calls=min(len(files), MAX_PARALLEL_READS),
+        deterministic=True,
+    )
+    return ds.unbatch()
 
 
 def train_dataset(
@@ -62,9 +86,7 @@ def train_dataset(
       num_shards: Input pipelines sharing the data (workers of a multi-worker run).
       shard_index: This pipeline's share.
     """
-    ds = tf.data.TFRecordDataset(
-        sorted(files), compression_type="GZIP", num_parallel_reads=AUTOTUNE
-    )
+    ds = read_records(files)
     # Every worker shuffles identically, then keeps its own share of the shuffled stream.
     ds = ds.shuffle(shuffle_buffer, seed=epoch_seed(seed, epoch), reshuffle_each_iteration=False)
     if num_shards > 1:
@@ -80,9 +102,7 @@ def eval_dataset(
     files: Sequence[str], feature_spec: Mapping[str, Any], label: str, batch_size: int
 ) -> tf.data.Dataset:
     """The eval split in file order, parsed in batches."""
-    ds = tf.data.TFRecordDataset(
-        sorted(files), compression_type="GZIP", num_parallel_reads=AUTOTUNE
-    )
+    ds = read_records(files)
     ds = ds.batch(batch_size).map(make_parse_fn(feature_spec, label), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE).with_options(_deterministic())
 

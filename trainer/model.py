@@ -76,6 +76,7 @@ class DeepTower(tf_keras.layers.Layer):
         hidden_units: Sequence[int],
         dropout: float = 0.0,
         seed: int = 0,
+        compute_dtype: str = "float32",
         **kwargs: Any,
     ):
         super().__init__(name="deep", **kwargs)
@@ -85,7 +86,17 @@ class DeepTower(tf_keras.layers.Layer):
             "hidden_units": list(hidden_units),
             "dropout": dropout,
             "seed": seed,
+            "compute_dtype": compute_dtype,
         }
+        # The ReLU layers hold nearly all of the arithmetic. In bfloat16 they keep float32
+        # variables (the optimizer updates full-precision weights) and multiply in bfloat16;
+        # the embeddings, the logit and the loss stay float32.
+        self.compute_dtype_ = tf.as_dtype(compute_dtype)
+        policy = (
+            tf_keras.mixed_precision.Policy("mixed_bfloat16")
+            if self.compute_dtype_ == tf.bfloat16
+            else None
+        )
         self.embeddings = {}
         width = 0
         for i, spec in enumerate(self._specs):
@@ -111,12 +122,15 @@ class DeepTower(tf_keras.layers.Layer):
                 activation="relu",
                 kernel_initializer=tf_keras.initializers.GlorotUniform(seed=seed * 1000 + 500 + i),
                 name=f"hidden_{i}",
+                dtype=policy,
             )
             layer.build((None, width))
             width = units
             self.hidden.append(layer)
             self.dropouts.append(
-                tf_keras.layers.Dropout(dropout, seed=seed * 1000 + 700 + i, name=f"dropout_{i}")
+                tf_keras.layers.Dropout(
+                    dropout, seed=seed * 1000 + 700 + i, name=f"dropout_{i}", dtype=policy
+                )
             )
         # w_deep of equation 3; the one bias b lives on the model.
         self.logit = tf_keras.layers.Dense(
@@ -147,10 +161,10 @@ class DeepTower(tf_keras.layers.Layer):
                 )
             else:
                 parts.append(tf.gather(self.embeddings[spec.name], tf.reshape(x, [-1])))
-        h = tf.concat(parts, axis=1)
+        h = tf.cast(tf.concat(parts, axis=1), self.compute_dtype_)
         for layer, dropout in zip(self.hidden, self.dropouts, strict=True):
             h = dropout(layer(h), training=training)
-        return self.logit(h)
+        return self.logit(tf.cast(h, tf.float32))
 
 
 class WideDeepModel(tf_keras.Model):
@@ -165,7 +179,9 @@ class WideDeepModel(tf_keras.Model):
         self.spec = spec
         self.wide = WideTower(spec.wide_inputs) if spec.towers.has_wide else None
         self.deep = (
-            DeepTower(spec.deep_inputs, spec.hidden_units, spec.dropout, spec.seed)
+            DeepTower(
+                spec.deep_inputs, spec.hidden_units, spec.dropout, spec.seed, spec.compute_dtype
+            )
             if spec.towers.has_deep
             else None
         )

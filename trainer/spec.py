@@ -94,6 +94,7 @@ class ModelSpec:
     hidden_units: tuple[int, ...]
     dropout: float = 0.0
     seed: int = 0
+    compute_dtype: str = "float32"
 
     @property
     def wide_inputs(self) -> tuple[InputSpec, ...]:
@@ -131,6 +132,7 @@ class ModelSpec:
             hidden_units=tuple(d["hidden_units"]),
             dropout=float(d.get("dropout", 0.0)),
             seed=int(d.get("seed", 0)),
+            compute_dtype=str(d.get("compute_dtype", "float32")),
         )
 
     def save(self, path: Path) -> None:
@@ -223,12 +225,40 @@ def build_model_spec(config: Config, tft_output: Any, towers: str | Towers) -> M
         hidden_units=tuple(config.model.hidden_units),
         dropout=config.model.dropout,
         seed=config.training.seed,
+        compute_dtype=resolve_compute_dtype(config.model.compute_dtype),
     )
     if towers.has_wide and not model.wide_inputs:
         raise TrainError("towers: the config gives the wide tower no features and no crosses")
     if towers.has_deep and not model.deep_inputs:
         raise TrainError("towers: the config gives the deep tower no features")
     return model
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+"""CPU flags (``/proc/cpuinfo``) of native bfloat16 matrix arithmetic, which oneDNN uses."""
+
+
+def resolve_compute_dtype(setting: str, cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The deep tower's arithmetic for ``model.compute_dtype``: float32 or bfloat16.
+
+    ``auto`` is bfloat16 where the CPU multiplies bfloat16 natively and no GPU is visible (a GPU
+    trains float32 fast enough, and older GPUs have no bfloat16), float32 elsewhere: on CPUs
+    without those instructions bfloat16 is emulated and slower than float32.
+    """
+    if setting != "auto":
+        return setting
+    if tf.config.list_physical_devices("GPU"):
+        return "float32"
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return "float32"
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+            break
+    return "bfloat16" if any(f in flags for f in BF16_CPU_FLAGS) else "float32"
 
 
 def _expect(name: str, spec: Any, kind: type, dtype: tf.dtypes.DType, what: str) -> None:

@@ -365,7 +365,13 @@ def format_result(result: TrainResult) -> str:
     """The few lines a person reads at the end of a run."""
     lines = [
         f"training {result.status} at step {result.step:,} of {result.total_steps:,} "
-        f"({result.examples_per_second:,.0f} examples/s): {result.out_dir}"
+        f"({result.examples_per_second:,.0f} examples/s"
+        + (
+            f", deep tower in {result.model.spec.compute_dtype}"
+            if result.model is not None and result.model.deep is not None
+            else ""
+        )
+        + f"): {result.out_dir}"
     ]
     if result.resumed_from_step:
         lines.append(f"  resumed from step {result.resumed_from_step:,}")

@@ -133,6 +133,10 @@ class OptimizerConfig:
     initial_accumulator_value: float = 0.1
 
 
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+"""Values of ``model.compute_dtype``."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of the two towers and their optimizers (paper section 4.2, Figure 4)."""
@@ -140,6 +144,7 @@ class ModelConfig:
     embedding_dim: int = 32
     hidden_units: tuple[int, ...] = (1024, 512, 256)
     dropout: float = 0.0
+    compute_dtype: str = "auto"
     wide_optimizer: OptimizerConfig = OptimizerConfig(
         name="ftrl", learning_rate=0.5, l1_regularization=0.001
     )
@@ -555,6 +560,11 @@ def _validate_sections(config: Config) -> None:
         _positive(f"model.hidden_units[{i}]", units)
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: expected a number in [0, 1), got {m.dropout}")
+    if m.compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(
+            f"model.compute_dtype: expected one of {', '.join(COMPUTE_DTYPES)}, "
+            f"got {m.compute_dtype!r}"
+        )
     for key, opt, allowed in (
         ("model.wide_optimizer", m.wide_optimizer, ("ftrl", "adagrad", "adam", "sgd")),
         ("model.deep_optimizer", m.deep_optimizer, ("adagrad", "adam", "sgd", "ftrl")),
