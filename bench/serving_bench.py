@@ -8,7 +8,9 @@ distinct candidate apps is then scored through gRPC with the standard
 parallel and 4 of 50 in parallel, and, beside it in the same run, by the same SavedModel
 called in this process on the same 200 serialized examples (the floor: no RPC, no server).
 Served and in-process requests alternate in rounds, so both see the same background load.
-Then throughput: candidates scored per second with 1, 2, 4 and 8 client threads, each
+A reference series runs the same requests against :func:`minimal_server`, the least a Python
+gRPC server can do around the model, to separate what Python gRPC costs on this machine from
+what the built-in server adds. Then throughput: candidates scored per second with 1, 2, 4 and 8 client threads, each
 ranking 200 candidates a query. Results go to ``bench/results/serving.{json,md}``.
 
     python bench/serving_bench.py [--rows 200000] [--requests 500] [--reuse]
@@ -154,6 +156,65 @@ def start_server(base: Path, log: Path, flags: Sequence[str]) -> ServerProcess:
     )
     server.start()
     return server
+
+
+def minimal_server(port: int, model_dir: str) -> None:
+    """A reference: the least a Python gRPC Predict server can do, run in a child process.
+
+    The same SavedModel and request protos as the built-in server, with TensorFlow's default
+    thread pools, but no version management, validation, metrics or error mapping: the cost of
+    Python gRPC and TensorFlow in one process, which no Python server can go below.
+    """
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    from serving.client import EXAMPLES_INPUT, PROBABILITIES_OUTPUT
+
+    function = tf.saved_model.load(model_dir).signatures["serving_default"]
+
+    def predict(request: Any, context: Any) -> Any:
+        examples = tf.constant(list(request.inputs[EXAMPLES_INPUT].string_val), tf.string)
+        scores = function(examples=examples)[PROBABILITIES_OUTPUT].numpy()
+        response = predict_pb2.PredictResponse()
+        out = response.outputs[PROBABILITIES_OUTPUT]
+        out.dtype = tf.float32.as_datatype_enum
+        for size in scores.shape:
+            out.tensor_shape.dim.add(size=size)
+        out.float_val.extend(scores.ravel().tolist())
+        return response
+
+    handler = grpc.method_handlers_generic_handler(
+        "tensorflow.serving.PredictionService",
+        {
+            "Predict": grpc.unary_unary_rpc_method_handler(
+                predict,
+                request_deserializer=predict_pb2.PredictRequest.FromString,
+                response_serializer=lambda m: m.SerializeToString(),
+            )
+        },
+    )
+    server = grpc.server(ThreadPoolExecutor(max_workers=8))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def start_minimal_server(model_dir: Path) -> tuple[Any, str]:
+    """Starts :func:`minimal_server`; returns the process and its target once it listens."""
+    import subprocess
+
+    import grpc
+
+    port = free_port()
+    argv = python_cmd(__file__, "--minimal-server", str(port), str(model_dir))
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = f"127.0.0.1:{port}"
+    with grpc.insecure_channel(target) as channel:
+        # It listens only once the model is loaded.
+        grpc.channel_ready_future(channel).result(timeout=120)
+    return process, target
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,9 +382,15 @@ def markdown(data: dict[str, Any]) -> str:
         f"| best served p50 / best in-process p50 <= {TARGET_RATIO} | {t['ratio']:.3f}x "
         f"({t['best_served_p50_ms']:.2f} / {t['best_in_process_p50_ms']:.2f} ms) "
         f"| {'yes' if t['ratio_met'] else 'no'} |",
+        f"| reference: the minimal Python gRPC server / in-process (p50) | "
+        f"{t['minimal_over_in_process_p50']:.3f}x | |",
+        f"| reference: ours / the minimal Python gRPC server (p50, both with TensorFlow's default "
+        f"pools) | {t['ours_over_minimal_p50']:.3f}x | |",
         "",
         f"Server: `widedeep serve --builtin {' '.join(data['server_flags'])}` (the row marked "
-        "otherwise: without the two flags), in its own process; client: `RankingClient` "
+        "otherwise: without the two flags), in its own process; the minimal server is "
+        "`minimal_server` in this benchmark (the same SavedModel behind a bare gRPC handler, no "
+        "versions, checks or metrics); client: `RankingClient` "
         "(tensorflow-serving-api stubs) in the benchmark's process, where the in-process floor "
         "runs with the same thread pools. All series alternate in rounds. "
         f"Building the {CANDIDATES} tf.Examples from the query's JSON values "
@@ -347,7 +414,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000, help="simulated rows to train on")
     parser.add_argument("--requests", type=int, default=500, help="requests per measurement")
     parser.add_argument("--reuse", action="store_true", help="reuse a model trained before")
+    parser.add_argument("--minimal-server", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.minimal_server:
+        minimal_server(int(args.minimal_server[0]), args.minimal_server[1])
+        return
     cpus = os.cpu_count() or 1
     # One thread per op and one op per core at once: a request runs on one core, parallel
     # batches of one query on several. The in-process floor runs with the same pools.
@@ -392,6 +463,7 @@ def main() -> None:
     say("starting the model server, and one with TensorFlow's default thread pools beside it")
     server = start_server(base / MODEL_NAME, WORK / "serving_server.log", server_flags)
     default_server = start_server(base / MODEL_NAME, WORK / "serving_server_default.log", [])
+    minimal, minimal_target = start_minimal_server(model_dir / "export")
     clients: list[RankingClient] = []
     try:
         load_s = server.wait_for_version(None, timeout_s=120.0)
@@ -431,6 +503,14 @@ def main() -> None:
         )
         clients.append(default_client)
         series["grpc 200x1 default threads"] = lambda: default_client.score_examples(examples)
+        minimal_client = RankingClient(
+            minimal_target,
+            MODEL_NAME,
+            ClientSettings(batch_size=CANDIDATES, parallelism=1, timeout_s=30.0),
+        )
+        clients.append(minimal_client)
+        np.testing.assert_allclose(minimal_client.score_examples(examples), reference, atol=1e-4)
+        series["grpc 200x1 minimal server"] = lambda: minimal_client.score_examples(examples)
         say(
             f"latency: {args.requests} requests per series in {ROUNDS} alternating rounds, "
             f"{len(series)} series"
@@ -463,6 +543,20 @@ def main() -> None:
                 **default_stats,
                 "in_process": rows[0]["in_process"],
                 "ratio_p50": round(default_stats["p50_ms"] / rows[0]["in_process"]["p50_ms"], 2),
+            }
+        )
+        minimal_stats = stats(latencies["grpc 200x1 minimal server"])
+        rows.append(
+            {
+                "name": f"gRPC, {split_name(CANDIDATES, 1)}, minimal Python gRPC server "
+                "(reference, not ours)",
+                "api": "reference",
+                "server_flags": [],
+                "batch_size": CANDIDATES,
+                "parallelism": 1,
+                **minimal_stats,
+                "in_process": rows[0]["in_process"],
+                "ratio_p50": round(minimal_stats["p50_ms"] / rows[0]["in_process"]["p50_ms"], 2),
             }
         )
         rest_stats = stats(latencies["rest 200x1"])
@@ -526,6 +620,8 @@ def main() -> None:
             client.close()
         server.stop()
         default_server.stop()
+        minimal.terminate()
+        minimal.wait()
     pool.shutdown()
     shutil.rmtree(base, ignore_errors=True)
 
@@ -562,6 +658,10 @@ def main() -> None:
             "best_served_p50_ms": best_served["p50_ms"],
             "best_in_process_p50_ms": best_floor["p50_ms"],
             "ratio_met": ratio <= TARGET_RATIO,
+            "ours_over_minimal_p50": round(default_stats["p50_ms"] / minimal_stats["p50_ms"], 3),
+            "minimal_over_in_process_p50": round(
+                minimal_stats["p50_ms"] / rows[0]["in_process"]["p50_ms"], 3
+            ),
         },
         "seconds": round(time.monotonic() - started, 1),
     }
