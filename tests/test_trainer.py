@@ -859,14 +859,22 @@ def test_multi_worker_training_matches_one_process(
                 text=True,
             )
         )
-    results = []
+    outputs = []
     for proc in procs:
         try:
-            stdout, stderr = proc.communicate(timeout=240)
+            outputs.append(proc.communicate(timeout=240))
         finally:
             if proc.poll() is None:
                 proc.kill()
-        assert proc.returncode == 0, stderr[-3000:]
+    # When one worker fails, the other reports only that its peer stopped: show both.
+    failed = [
+        f"worker {i} exited with {proc.returncode}:\n{err[-3000:]}"
+        for i, (proc, (_, err)) in enumerate(zip(procs, outputs, strict=True))
+        if proc.returncode != 0
+    ]
+    assert not failed, "\n\n".join(failed)
+    results = []
+    for stdout, _ in outputs:
         line = [x for x in stdout.splitlines() if x.startswith("RESULT ")][-1]
         results.append(json.loads(line[len("RESULT ") :]))
     chief, worker = results
