@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import pyarrow.parquet as pq
 
 from pipeline.simulator import METADATA_FILE, AppStoreWorld, SimulatorSettings, simulate
 from transform.config import Config
+from transform.paths import remove_paths
 
 __all__ = [
     "ARMS",
@@ -623,11 +623,7 @@ def run_experiment(
     logs, data, models = out / LOGS_DIR, out / DATA_DIR, out / MODELS_DIR
     identity = {"settings": settings.to_dict(), "config": config.to_dict()}
     if not (reuse and _same_identity(out / SETTINGS_FILE, identity)):
-        for path in (logs, data, models, out / SETTINGS_FILE):
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        remove_paths((logs, data, models, out / SETTINGS_FILE))
     out.mkdir(parents=True, exist_ok=True)
     (out / SETTINGS_FILE).write_text(json.dumps(identity, indent=2, default=str) + "\n")
     seconds: dict[str, float] = {}

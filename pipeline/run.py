@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from transform.config import Config
+from transform.paths import remove_paths
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +187,7 @@ class _State:
                 )
             return cls(path, data)
         if overwrite:
-            for name in _OWNED:
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+            remove_paths(out / name for name in _OWNED)
         elif out.exists() and any(out.iterdir()):
             raise RunError(
                 f"{out}: holds files but no {STATE_FILE}; give an empty or new folder, or pass "

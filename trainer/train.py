@@ -51,6 +51,7 @@ from trainer.errors import TrainError
 from trainer.model import WideDeepModel, build_model, checkpoint_objects
 from trainer.spec import ModelSpec, Towers, build_model_spec, parse_towers
 from transform.config import Config
+from transform.paths import remove_paths
 
 log = logging.getLogger(__name__)
 
@@ -715,12 +716,7 @@ def _prepare_out_dir(
 ) -> None:
     """Writes what a run needs before its first step; ``clear`` removes a previous run first."""
     if clear:
-        for name in OUTPUTS:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        remove_paths(out / name for name in OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / RUN_FILE, {**run, "status": STATUS_TRAINING})
     (out / CONFIG_FILE).write_text(config.to_yaml())
