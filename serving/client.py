@@ -384,11 +384,15 @@ class _RestTransport:
             self._connections.clear()
 
     def body(self, examples: Sequence[bytes]) -> bytes:
-        instances = [
-            {EXAMPLES_INPUT: {"b64": base64.b64encode(e).decode("ascii")}} for e in examples
-        ]
-        document = {"signature_name": self._settings.signature_name, "instances": instances}
-        return json.dumps(document, separators=(",", ":")).encode()
+        # Written directly rather than by json.dumps of 200 small dicts (a third of the
+        # time): base64 text needs no JSON escaping.
+        head = json.dumps(
+            {"signature_name": self._settings.signature_name, "instances": []},
+            separators=(",", ":"),
+        ).encode()[:-3]  # without the closing "[]}"
+        opening = b'{"' + EXAMPLES_INPUT.encode() + b'":{"b64":"'
+        instances = b",".join(opening + base64.b64encode(e) + b'"}}' for e in examples)
+        return head + b"[" + instances + b"]}"
 
     def send(self, examples: Sequence[bytes], deadline: float) -> Callable[[], np.ndarray]:
         future = self._pool.submit(self._post, examples, deadline)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
+import math
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -38,7 +41,7 @@ from serving import wire
 from serving.api import REST, ServingApi
 from serving.errors import ServingError, invalid_argument
 from serving.metrics import PROMETHEUS_PATH
-from serving.servable import DEFAULT_SIGNATURE, dtype_name
+from serving.servable import DEFAULT_SIGNATURE, dtype_name, tensor_proto_from_array
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ _API_PATH = re.compile(r"/v1/.*", re.IGNORECASE | re.DOTALL)
 _INT64_MAX = 2**63 - 1
 _ERROR_VALUE_CHARS = 2000
 _MAX_DISCARDED_BYTES = 64 << 20
+_MAX_CHUNK_LINE = 1 << 16
 # numpy's limit on dimensions; TensorFlow's is higher, but no model input comes close.
 _MAX_RANK = 32
 
@@ -235,25 +239,33 @@ def _instances_to_arrays(
         )
     as_objects = is_object(instances[0])
     names = sorted(infos)
-    rows: dict[str, list[np.ndarray]] = {}
+    # Per input: each instance's value (a leaf for a scalar, else an array) and the shape of
+    # the first, which every other instance must match.
+    rows: dict[str, list[Any]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
 
     def add(index: int, name: str, value: Any, key_text: str) -> None:
         try:
             if name not in infos:
                 raise invalid_argument(f"JSON object: does not have named input: {name}")
-            array = json_to_array(value, infos[name].dtype)
-            previous = rows.get(name)
-            if previous:
-                if previous[0].size != array.size:
+            dtype = infos[name].dtype
+            if isinstance(value, list):
+                array = json_to_array(value, dtype)
+                item, shape, size = array, array.shape, array.size
+            else:
+                # The common case, one scalar (a serialized tf.Example) per instance: no
+                # numpy array per instance.
+                item, shape, size = _leaf(value, dtype), (), 1
+            first = shapes.setdefault(name, shape)
+            if first != shape:
+                if math.prod(first) != size:
                     raise invalid_argument(
-                        f"Expecting tensor size: {previous[0].size} but got: {array.size}"
+                        f"Expecting tensor size: {math.prod(first)} but got: {size}"
                     )
-                if previous[0].shape != array.shape:
-                    raise invalid_argument(
-                        f"Expecting shape {_shape_text(previous[0].shape)} but got: "
-                        f"{_shape_text(array.shape)}"
-                    )
-            rows.setdefault(name, []).append(array)
+                raise invalid_argument(
+                    f"Expecting shape {_shape_text(first)} but got: {_shape_text(shape)}"
+                )
+            rows.setdefault(name, []).append(item)
         except ServingError as error:
             raise invalid_argument(
                 f"Failed to process element: {index}{key_text} of 'instances' list. Error: {error}"
@@ -278,7 +290,17 @@ def _instances_to_arrays(
                     f"Expecting value/list but got object at item {index} of input list"
                 )
             add(index, names[0], element, "")
-    return {name: np.stack(arrays) for name, arrays in rows.items()}
+    arrays = {}
+    for name, items in rows.items():
+        if shapes[name]:
+            arrays[name] = np.stack(items)
+        elif infos[name].dtype == types_pb2.DT_STRING:
+            arrays[name] = np.empty(len(items), dtype=object)
+            arrays[name][:] = items
+        else:
+            numpy_dtype = tf.dtypes.as_dtype(infos[name].dtype).as_numpy_dtype
+            arrays[name] = np.array(items, dtype=numpy_dtype)
+    return arrays
 
 
 def _columns_to_arrays(inputs: Any, infos: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -522,8 +544,13 @@ class RestApi:
         request = predict_pb2.PredictRequest()
         request.model_spec.CopyFrom(spec)
         for name, array in arrays.items():
-            dtype = tf.dtypes.as_dtype(infos[name].dtype)
-            request.inputs[name].CopyFrom(tf.make_tensor_proto(array, dtype=dtype))
+            dtype = infos[name].dtype
+            if dtype == types_pb2.DT_STRING:
+                # Straight into string_val: make_tensor_proto checks each value in Python.
+                tensor_proto_from_array(array, dtype, request.inputs[name])
+            else:
+                proto = tf.make_tensor_proto(array, dtype=tf.dtypes.as_dtype(dtype))
+                request.inputs[name].CopyFrom(proto)
         response = self.api.predict(request, entrypoint=None)
         record["version"] = str(response.model_spec.version.value)
         outputs = {
@@ -638,45 +665,104 @@ def _error_response(error: ServingError) -> RestResponse:
 # HTTP server
 
 
+def _too_large(length: int, limit: int, at_least: bool = False) -> ServingError:
+    size = f"at least {length}" if at_least else str(length)
+    return ServingError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"Request body of {size} bytes is larger than the maximum of {limit} bytes",
+    )
+
+
 class _Handler(BaseHTTPRequestHandler):
     rest: RestApi
+    server: RestServer
     server_version = "widedeep-model-server"
-    # An idle or stalled client must not hold a thread (and a graceful stop) for long.
+    # Keep-alive: a client's connection serves many requests, without a TCP handshake and a
+    # new server thread for each (HTTP/1.0 closes after every answer).
+    protocol_version = "HTTP/1.1"
+    # An idle or stalled client must not hold a thread for long.
     timeout = 30
+    # The headers and the body of an answer are two writes; with Nagle's algorithm the body
+    # would wait for the client to acknowledge the headers (a delayed ACK on keep-alive).
+    disable_nagle_algorithm = True
+
+    def parse_request(self) -> bool:
+        # The request line has arrived: from here until its answer is written, a graceful
+        # stop waits for this connection instead of closing it.
+        self.server.set_busy(self.connection, True)
+        return super().parse_request()
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.set_busy(self.connection, False)
+            if self.server.stopping:
+                self.close_connection = True
 
     def _answer(self) -> None:
-        length_header = self.headers.get("Content-Length")
-        limit = self.rest.max_body_bytes
         try:
-            length = int(length_header) if length_header else 0
-        except ValueError:
-            length = -1
-        if length < 0:
-            response = _error_response(invalid_argument("Invalid Content-Length header"))
-        elif limit is not None and length > limit:
-            self._discard_body(length)
-            response = _error_response(
-                ServingError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"Request body of {length} bytes is larger than the maximum of {limit} bytes",
-                )
-            )
+            body = self._read_body()
+        except ServingError as error:
+            # What is left of the refused body cannot be told from the next request.
+            self.close_connection = True
+            response = _error_response(error)
         else:
-            body = self.rfile.read(length) if length else b""
             response = self.rest.handle(self.command, self.path, body)
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
+        if self.server.stopping:
+            self.close_connection = True
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(response.body)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _answer
 
+    def _read_body(self) -> bytes:
+        """The request's body, sized by Content-Length or sent in chunks."""
+        limit = self.rest.max_body_bytes
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._read_chunked(limit)
+        length_header = self.headers.get("Content-Length")
+        try:
+            length = int(length_header) if length_header else 0
+        except ValueError:
+            length = -1
+        if length < 0:
+            raise invalid_argument("Invalid Content-Length header")
+        if limit is not None and length > limit:
+            self._discard_body(length)
+            raise _too_large(length, limit)
+        return self.rfile.read(length) if length else b""
+
+    def _read_chunked(self, limit: int | None) -> bytes:
+        body = bytearray()
+        while True:
+            line = self.rfile.readline(_MAX_CHUNK_LINE)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise invalid_argument("Invalid chunk size in a chunked request body") from None
+            if size == 0:
+                # Trailer fields, if any, up to the empty line that ends the body.
+                while self.rfile.readline(_MAX_CHUNK_LINE) not in (b"\r\n", b"\n", b""):
+                    pass
+                return bytes(body)
+            if limit is not None and len(body) + size > limit:
+                raise _too_large(len(body) + size, limit, at_least=True)
+            chunk = self.rfile.read(size)
+            if len(chunk) != size:
+                raise invalid_argument("The chunked request body ended early")
+            body += chunk
+            self.rfile.readline(_MAX_CHUNK_LINE)  # the CRLF after the chunk
+
     def _discard_body(self, length: int) -> None:
         # Reading a refused body lets the client finish sending and read the error; past a
         # bound the connection is cut instead.
-        self.close_connection = True
         if length > _MAX_DISCARDED_BYTES:
             return
         while length > 0:
@@ -690,7 +776,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class RestServer(ThreadingHTTPServer):
-    """A threaded HTTP server whose `stop` lets requests in flight finish."""
+    """A threaded HTTP/1.1 server whose `stop` lets requests in flight finish.
+
+    Connections are kept alive between requests. On `stop`, idle connections are closed at
+    once and busy ones after their answer (sent with ``Connection: close``).
+    """
 
     # Track request threads so `stop` can wait for them (ThreadingHTTPServer's are daemons).
     daemon_threads = False
@@ -702,18 +792,31 @@ class RestServer(ThreadingHTTPServer):
         self._thread: threading.Thread | None = None
         self._in_flight: set[threading.Thread] = set()
         self._in_flight_lock = threading.Lock()
+        # Open connections, each with whether a request on it is being answered.
+        self._connections: dict[socket.socket, bool] = {}
+        self.stopping = False
 
     @property
     def port(self) -> int:
         """The port the server is bound to."""
         return self.server_address[1]
 
+    def set_busy(self, connection: socket.socket, busy: bool) -> None:
+        """Marks a connection as answering a request (True) or waiting for one (False)."""
+        with self._in_flight_lock:
+            if connection in self._connections:
+                self._connections[connection] = busy
+
     def process_request(self, request: Any, client_address: Any) -> None:
         thread = threading.Thread(
             target=self._serve_one, args=(request, client_address), name="rest-request"
         )
         with self._in_flight_lock:
+            if self.stopping:
+                self.shutdown_request(request)
+                return
             self._in_flight.add(thread)
+            self._connections[request] = False
         thread.start()
 
     def _serve_one(self, request: Any, client_address: Any) -> None:
@@ -722,6 +825,7 @@ class RestServer(ThreadingHTTPServer):
         finally:
             with self._in_flight_lock:
                 self._in_flight.discard(threading.current_thread())
+                self._connections.pop(request, None)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up mid-answer is not a server fault; log it, don't print it.
@@ -733,12 +837,18 @@ class RestServer(ThreadingHTTPServer):
         self._thread.start()
 
     def stop(self, grace: float | None) -> None:
-        """Stop accepting, then wait up to `grace` seconds for requests in flight."""
+        """Stop accepting, close idle connections, wait up to `grace` seconds for the rest."""
         self.shutdown()
         self.server_close()
-        deadline = None if grace is None else time.monotonic() + grace
         with self._in_flight_lock:
+            self.stopping = True
             threads = list(self._in_flight)
+            idle = [c for c, busy in self._connections.items() if not busy]
+        for connection in idle:
+            # Wakes the thread waiting for the connection's next request line.
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        deadline = None if grace is None else time.monotonic() + grace
         for thread in threads:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             thread.join(remaining)

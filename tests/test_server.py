@@ -8,6 +8,7 @@ for a float feature `x` of a serialized tf.Example, with w = 2 in version 1 and 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import math
 import os
@@ -526,6 +527,46 @@ def test_rest_predict_row_and_columnar_formats(served) -> None:
     assert (status, body) == (400, {"error": "Missing 'inputs' or 'instances' key"})
 
 
+def test_rest_keeps_connections_alive_and_reads_chunked_bodies(served) -> None:
+    server, _ = served
+    encoded = [{"b64": base64.b64encode(e).decode()} for e in _serialized([0.0, 1.0])]
+    body = json.dumps({"instances": encoded}).encode()
+    path = f"/v1/models/{MODEL}:predict"
+    connection = http.client.HTTPConnection("127.0.0.1", server.rest_api_port, timeout=DEADLINE)
+    try:
+        answers = []
+        for _ in range(2):
+            connection.request("POST", path, body=body)
+            response = connection.getresponse()
+            answers.append((response.status, json.loads(response.read())))
+            assert response.version == 11 and not response.will_close
+        first_socket = connection.sock
+        # The same body sent in chunks (Transfer-Encoding: chunked), on the same connection.
+        pieces = [body[:7], body[7:50], body[50:]]
+        connection.request("POST", path, body=iter(pieces), encode_chunked=True)
+        response = connection.getresponse()
+        answers.append((response.status, json.loads(response.read())))
+        assert connection.sock is first_socket is not None
+        assert answers[0][0] == 200 and answers[1:] == [answers[0]] * 2
+        # A refused body is not read to the end: the answer closes the connection.
+        too_big = json.dumps({"instances": ["x" * MAX_MESSAGE]}).encode()
+        connection.request("POST", path, body=too_big)
+        response = connection.getresponse()
+        assert response.status == 429 and response.will_close
+        assert "larger than the maximum" in json.loads(response.read())["error"]
+    finally:
+        connection.close()
+
+
+def test_rest_instances_must_agree_in_shape(served) -> None:
+    _, client = served
+    scalar, listed = ({"b64": base64.b64encode(e).decode()} for e in _serialized([0.0, 1.0]))
+    status, body = client.http(f"/v1/models/{MODEL}:predict", {"instances": [scalar, [listed]]})
+    assert status == 400
+    assert "Failed to process element: 1 of 'instances' list" in body["error"]
+    assert "Expecting shape [] but got: [1]" in body["error"]
+
+
 def test_rest_classify_with_context(served) -> None:
     _, client = served
     payload = {
@@ -965,6 +1006,23 @@ def test_stop_finishes_requests_in_flight(make_server) -> None:
     assert in_flight.result(timeout=DEADLINE).model_spec.version.value == 1
     stopper.join(DEADLINE)
     assert not stopper.is_alive()
+
+
+def test_stop_closes_idle_keep_alive_connections(make_server) -> None:
+    server, _, _ = make_server({1: "v1"})
+    connection = http.client.HTTPConnection("127.0.0.1", server.rest_api_port, timeout=DEADLINE)
+    connection.request("GET", f"/v1/models/{MODEL}")
+    response = connection.getresponse()
+    assert response.status == 200 and not response.will_close
+    response.read()
+    # The connection's thread waits for a next request; the stop must not wait for it to
+    # time out (30 s) but close the connection.
+    stopper = threading.Thread(target=server.stop, kwargs={"grace": DEADLINE})
+    stopper.start()
+    stopper.join(DEADLINE / 3)
+    assert not stopper.is_alive()
+    assert connection.sock is not None and connection.sock.recv(1) == b""
+    connection.close()
 
 
 def test_command_line_flags_follow_tensorflow_model_server() -> None:
