@@ -32,7 +32,7 @@ from trainer.model import (
     optimizer_slots,
 )
 from trainer.spec import ModelSpec, build_model_spec, incompatibilities, resolve_compute_dtype
-from trainer.train import TrainResult, train
+from trainer.train import HEARTBEAT_TIMEOUT_S, TrainResult, train
 from transform.config import Config, OptimizerConfig, load_config
 from transform.features import raw_feature_spec
 
@@ -839,7 +839,10 @@ def test_multi_worker_training_matches_one_process(
         "from trainer.train import train\n"
         f"r = train(load_config({str(config_yaml)!r}), {str(trainer_data)!r}, {str(out)!r}, "
         "epochs=1, distribute='multi_worker', export=False, verbose=0)\n"
-        "print('RESULT ' + json.dumps({'step': r.step, 'metrics': r.metrics}))\n"
+        "from tensorflow.python.eager import context\n"
+        "heartbeat = context.context().coordination_service.heartbeat_timeout_in_ms\n"
+        "print('RESULT ' + json.dumps({'step': r.step, 'metrics': r.metrics, "
+        "'heartbeat_ms': heartbeat}))\n"
     )
     procs = []
     for index in range(2):
@@ -879,6 +882,7 @@ def test_multi_worker_training_matches_one_process(
         results.append(json.loads(line[len("RESULT ") :]))
     chief, worker = results
     assert chief["step"] == worker["step"] == STEPS_PER_EPOCH
+    assert chief["heartbeat_ms"] == worker["heartbeat_ms"] == HEARTBEAT_TIMEOUT_S * 1000
     assert worker["metrics"] is None  # only the chief evaluates and writes
     single = exported["result"].metrics  # the same config and data, one epoch, one process
     assert chief["metrics"]["auc"] == pytest.approx(single["auc"], abs=2e-3)

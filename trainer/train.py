@@ -89,6 +89,9 @@ MAX_STEPS_PER_CALL = 100
 ``train(steps_per_execution=...)``)."""
 
 CHECKPOINTS_TO_KEEP = 3
+HEARTBEAT_TIMEOUT_S = 60
+"""Multi-worker training: how long a worker's heartbeats may stop before the job fails."""
+_COORDINATED_JOBS = ("chief", "worker")
 FINGERPRINT_SECTIONS = ("label", "features", "crosses", "model", "training")
 
 
@@ -747,8 +750,39 @@ def _make_strategy(distribute: str | None) -> Any:
                 "distribute=multi_worker: TF_CONFIG is not set; it describes the cluster "
                 '({"cluster": {"worker": [...]}, "task": {"type": "worker", "index": i}})'
             )
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        _configure_coordination(resolver)
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
     raise TrainError(f"distribute: unknown value {distribute!r}; expected none or multi_worker")
+
+
+def _configure_coordination(resolver: Any) -> None:
+    """The coordination service MultiWorkerMirroredStrategy sets up, with a longer heartbeat.
+
+    The strategy leaves an already configured service alone. The only change from its own
+    configuration is `HEARTBEAT_TIMEOUT_S`: TensorFlow's default of 10 s also declares a live
+    worker dead when a loaded machine stalls it or its wall clock steps forward (the service
+    times heartbeats by the wall clock), which fails the whole job; a worker that really dies
+    still fails its peers' collective ops at once, through their connections to it.
+    """
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    if resolver.task_type not in _COORDINATED_JOBS or context.context().coordination_service:
+        return
+    cluster = resolver.cluster_spec()
+    jobs = [
+        coordination_config_pb2.CoordinatedJob(name=job, num_tasks=cluster.num_tasks(job))
+        for job in _COORDINATED_JOBS
+        if job in cluster.jobs
+    ]
+    context.context().configure_coordination_service(
+        service_type="standalone",
+        service_leader=multi_worker_util.coordination_leader(cluster),
+        coordinated_jobs=jobs,
+        heartbeat_timeout_in_ms=HEARTBEAT_TIMEOUT_S * 1000,
+    )
 
 
 def _is_chief(strategy: Any) -> bool:
