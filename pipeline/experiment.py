@@ -41,7 +41,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.simulator import METADATA_FILE, AppStoreWorld, SimulatorSettings, simulate
+from pipeline.simulator import (
+    METADATA_FILE,
+    AppStoreWorld,
+    SimulatorSettings,
+    ragged_gather,
+    simulate,
+)
 from transform.config import Config
 from transform.paths import remove_paths
 
@@ -350,7 +356,7 @@ def draw_queries(
             dense, n_new = dense[cut], needed
         else:
             keep_idx = np.flatnonzero(keep)
-        offsets, installed = _take_csr(chunk.installed_offsets, chunk.installed_apps, keep_idx)
+        offsets, installed = ragged_gather(chunk.installed_offsets, chunk.installed_apps, keep_idx)
         app = chunk.app[keep_idx]
         probability = world.true_probability(
             day,
@@ -381,15 +387,6 @@ def draw_queries(
         probability=np.concatenate(probabilities),
         memorisation=np.concatenate(memorisation),
     )
-
-
-def _take_csr(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, ...]:
-    start = offsets[rows]
-    length = offsets[rows + 1] - start
-    out = np.zeros(len(rows) + 1, np.int64)
-    np.cumsum(length, out=out[1:])
-    idx = np.repeat(start - out[:-1], length) + np.arange(out[-1])
-    return out, values[idx]
 
 
 def query_auc(query: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:

@@ -695,7 +695,7 @@ class AppStoreWorld:
         """Current installed apps of ``users`` as CSR (offsets of length len(users)+1, apps)."""
         users = np.asarray(users, np.int64)
         _check_range("users", users, self.settings.num_users)
-        return _ragged_gather(self._installed_offsets, self._installed_flat, users)
+        return ragged_gather(self._installed_offsets, self._installed_flat, users)
 
     def end_day(self, day: int, users: np.ndarray, apps: np.ndarray) -> None:
         """Close ``day``: apps installed on it join the users' installed sets from the next day."""
@@ -885,7 +885,7 @@ class AppStoreWorld:
         q_row, user_q, hour_q, device_q, app = (
             np.concatenate(p)[:need] for p in zip(*parts, strict=False)
         )
-        offsets, flat = _ragged_gather(self._installed_offsets, self._installed_flat, user_q)
+        offsets, flat = ragged_gather(self._installed_offsets, self._installed_flat, user_q)
         logit = self._logit(day, user_q, app, hour_q, device_q, user_q, self._installed_keys)
         probability = _sigmoid(logit)
         label = (rng.random(need) < probability).astype(np.int64)
@@ -1236,7 +1236,7 @@ def _member(keys: np.ndarray, owner: np.ndarray, app: np.ndarray) -> np.ndarray:
     return keys[pos] == query
 
 
-def _ragged_gather(
+def ragged_gather(
     offsets: np.ndarray, values: np.ndarray, rows: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``rows`` of a CSR structure, as a new CSR (offsets, values)."""

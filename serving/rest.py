@@ -210,6 +210,11 @@ def json_to_array(value: Any, dtype: int) -> np.ndarray:
         )
     flat: list[Any] = []
     _fill(value, 0, shape, dtype, flat)
+    return _array(flat, dtype, shape)
+
+
+def _array(flat: list[Any], dtype: int, shape: list[int]) -> np.ndarray:
+    """Checked leaf values (see `_leaf`) as an array of the dtype's numpy type."""
     if dtype == types_pb2.DT_STRING:
         array = np.empty(len(flat), dtype=object)
         array[:] = flat
@@ -290,17 +295,10 @@ def _instances_to_arrays(
                     f"Expecting value/list but got object at item {index} of input list"
                 )
             add(index, names[0], element, "")
-    arrays = {}
-    for name, items in rows.items():
-        if shapes[name]:
-            arrays[name] = np.stack(items)
-        elif infos[name].dtype == types_pb2.DT_STRING:
-            arrays[name] = np.empty(len(items), dtype=object)
-            arrays[name][:] = items
-        else:
-            numpy_dtype = tf.dtypes.as_dtype(infos[name].dtype).as_numpy_dtype
-            arrays[name] = np.array(items, dtype=numpy_dtype)
-    return arrays
+    return {
+        name: np.stack(items) if shapes[name] else _array(items, infos[name].dtype, [len(items)])
+        for name, items in rows.items()
+    }
 
 
 def _columns_to_arrays(inputs: Any, infos: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -544,13 +542,8 @@ class RestApi:
         request = predict_pb2.PredictRequest()
         request.model_spec.CopyFrom(spec)
         for name, array in arrays.items():
-            dtype = infos[name].dtype
-            if dtype == types_pb2.DT_STRING:
-                # Straight into string_val: make_tensor_proto checks each value in Python.
-                tensor_proto_from_array(array, dtype, request.inputs[name])
-            else:
-                proto = tf.make_tensor_proto(array, dtype=tf.dtypes.as_dtype(dtype))
-                request.inputs[name].CopyFrom(proto)
+            # The arrays already have the signature's dtypes (json_to_array checked them).
+            tensor_proto_from_array(array, infos[name].dtype, request.inputs[name])
         response = self.api.predict(request, entrypoint=None)
         record["version"] = str(response.model_spec.version.value)
         outputs = {
@@ -712,9 +705,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
-        if self.server.stopping:
+        if self.close_connection or self.server.stopping:
             self.close_connection = True
-        if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
