@@ -619,15 +619,18 @@ def split_mask(config: Config, batch: pa.RecordBatch) -> np.ndarray:
     """True for the rows of a batch (in the ``large_list`` layout) that belong to the eval split.
 
     The split depends only on row content: the ``data.split_by`` column's value when set (so
-    all impressions of one query or user fall on one side), else every column of the row.
-    Re-running on the same log, in any format and on any runner, gives the same split.
+    all impressions of one query or user fall on one side), else every feature column of the
+    row. Re-running on the same log, in any format and on any runner, gives the same split.
+    The label never takes part: rows with the same features would otherwise be split by their
+    label, and a model would learn the opposite of the truth from a log with repeated rows.
     """
     if config.data.split_by:
         key = _hash_list_column(batch.column(batch.schema.get_field_index(config.data.split_by)))
     else:
         key = np.zeros(batch.num_rows, dtype=np.uint64)
-        for i, arr in enumerate(batch.columns):
-            key = key * np.uint64(1_000_003) + _hash_list_column(arr) + np.uint64(i)
+        for i, (name, arr) in enumerate(zip(batch.schema.names, batch.columns, strict=True)):
+            if name != config.label:
+                key = key * np.uint64(1_000_003) + _hash_list_column(arr) + np.uint64(i)
     slot = key % np.uint64(_SPLIT_SLOTS)
     return slot < np.uint64(round(config.data.eval_fraction * _SPLIT_SLOTS))
 

@@ -40,10 +40,14 @@ from serving.client import EXAMPLES_INPUT, PROBABILITIES_OUTPUT
 from serving.deploy import VERDICT_FILE, export_dir, fingerprint, versions
 from serving.process import ServerProcess
 from trainer.metrics import auc, log_loss
-from transform.config import Config
+from transform.config import Config, DType
+from transform.features import raw_feature_spec
 
 EVAL_RAW_DIR = "eval_raw"
 MAX_QUALITY_EXAMPLES = 200_000
+POPULARITY_PRIOR = 10.0
+"""Impressions of pseudo-evidence at the overall label rate added to each item's own, so an
+item seen twice is not scored 0 or 1."""
 _AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 _END = get_model_status_pb2.ModelVersionStatus.END
 SCORE_TOLERANCE = 1e-4
@@ -267,6 +271,59 @@ def _replay_warmup(stub: Any, model_dir: str | Path, config: Config, result: dic
 
 
 # --------------------------------------------------------------------------------------------
+# Item popularity: the least a ranking model must beat
+
+
+def item_popularity(
+    data_dir: str | Path, config: Config, examples: Sequence[bytes]
+) -> dict[str, Any] | None:
+    """Each eval example's item scored by that item's label rate in the training split.
+
+    The rates come from the datagen output's train split (transformed: the item's vocabulary
+    id and the label), shrunk towards the overall rate by :data:`POPULARITY_PRIOR`
+    impressions; an item the training split did not have gets the overall rate. None when the
+    config names no item and none can be inferred.
+    """
+    import tensorflow_transform as tft
+
+    from trainer import data as data_lib
+
+    item = config.item_feature
+    if item is None:
+        return None
+    data_dir = Path(data_dir)
+    tft_output = tft.TFTransformOutput(str(data_dir))
+    spec = tft_output.transformed_feature_spec()
+    wanted = {item.name: spec[item.name], config.label: spec[config.label]}
+    files = sorted(str(p) for p in (data_dir / "train").glob("part-*"))
+    size = int(tft_output.vocabulary_size_by_name(item.vocabulary)) + 1  # + the OOV id
+    shown = np.zeros(size)
+    liked = np.zeros(size)
+    for features, labels in data_lib.eval_dataset(files, wanted, config.label, 8192):
+        ids = features[item.name].numpy().ravel()
+        shown += np.bincount(ids, minlength=size)
+        liked += np.bincount(ids, weights=labels.numpy().ravel(), minlength=size)
+    rate = liked.sum() / max(shown.sum(), 1.0)
+    scores = (liked + POPULARITY_PRIOR * rate) / (shown + POPULARITY_PRIOR)
+    tokens = tft_output.vocabulary_by_name(item.vocabulary)
+    index = {t: i for i, t in enumerate(tokens)}
+    unknown = size - 1
+    raw = tf.io.parse_example(
+        tf.constant(list(examples)),
+        {item.column: raw_feature_spec(config, with_label=False, with_defaults=True)[item.column]},
+    )[item.column].numpy()
+    as_token = (lambda v: v) if item.dtype is DType.STRING else (lambda v: str(int(v)).encode())
+    ids = np.array([index.get(as_token(v), unknown) for v in raw])
+    # Items the training split did not have score the overall rate, not the OOV bucket's.
+    return {
+        "item": item.name,
+        "scores": np.where(ids == unknown, rate, scores[ids]),
+        "items_in_training": int((shown[:-1] > 0).sum()),
+        "eval_rows_with_known_item": float((ids != unknown).mean()),
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # The whole validation
 
 
@@ -305,6 +362,24 @@ def validate(
         "auc_tolerance": config.validation.auc_tolerance,
         "log_loss_tolerance": config.validation.log_loss_tolerance,
     }
+    popularity = item_popularity(data_dir, config, examples)
+    if popularity is None:
+        quality["popularity"] = None
+    else:
+        pop_auc = auc(labels, popularity["scores"])
+        margin = config.validation.popularity_margin
+        quality["popularity"] = {
+            "item": popularity["item"],
+            "auc": pop_auc,
+            "margin": margin,
+            "eval_rows_with_known_item": popularity["eval_rows_with_known_item"],
+        }
+        if quality["auc"] <= pop_auc + margin:
+            verdict.reasons.append(
+                f"eval AUC {quality['auc']:.4f} does not beat item popularity "
+                f"({popularity['item']}'s label rate in the training split: AUC {pop_auc:.4f} on "
+                f"the same eval rows" + (f", margin {margin}" if margin else "") + ")"
+            )
     base = resolve_baseline(config, baseline, model_base_path)
     if base is not None:
         verdict.baseline = str(base.absolute())
@@ -346,6 +421,11 @@ def format_verdict(verdict: Verdict) -> str:
         f"  eval         {q['examples']:,} examples, AUC {q['auc']:.4f}, "
         f"log loss {q['log_loss']:.4f}",
     ]
+    pop = q.get("popularity")
+    if pop:
+        lines.append(
+            f"  popularity   AUC {pop['auc']:.4f}  (each {pop['item']}'s label rate in training)"
+        )
     if verdict.baseline:
         lines.append(
             f"  baseline     AUC {q['baseline_auc']:.4f}, log loss "

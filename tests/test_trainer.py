@@ -125,9 +125,13 @@ def test_variable_groups_are_disjoint_and_cover_every_variable(tft_output: Any, 
         assert wide_tables == {i.name for i in spec.wide_inputs}
         assert {"occupation_x_genre", "recent_x_movie", "popularity"} <= wide_tables
     if towers != "wide":
-        assert set(model.deep.embeddings) == {i.name for i in spec.deep_inputs if i.embedding_dim}
+        # One table per vocabulary: movie_id and recent_movies share "movies".
+        assert set(model.deep.embeddings) == {
+            i.vocabulary for i in spec.deep_inputs if i.embedding_dim
+        }
+        assert "movie_id" not in model.deep.embeddings
         assert model.deep.embeddings["genres"].shape[1] == 8  # its own embedding_dim
-        assert model.deep.embeddings["movie_id"].shape[1] == 16  # model.embedding_dim
+        assert model.deep.embeddings["movies"].shape[1] == 16  # model.embedding_dim
     # Optimizers are the paper's: FTRL (with L1) for wide, AdaGrad for deep.
     kinds = {k: type(o).__name__ for k, o in model.tower_optimizers.items()}
     assert kinds == {k: {"wide": "Ftrl", "deep": "Adagrad"}[k] for k in groups}
@@ -182,7 +186,7 @@ def test_wide_tower_is_a_linear_model_over_active_ids(tft_output: Any):
 def test_deep_tower_pools_lists_and_zeros_empty_lists(tft_output: Any):
     spec = build_model_spec(CONFIG, tft_output, "deep")
     model = build_model(spec)
-    table = model.deep.embeddings["recent_movies"]
+    table = model.deep.embeddings["movies"]
     ids = tf.sparse.SparseTensor([[0, 0], [0, 1]], tf.constant([4, 6], tf.int64), [2, 2])
     pooled = tf.nn.safe_embedding_lookup_sparse(table, ids, combiner="mean").numpy()
     np.testing.assert_allclose(pooled[0], (table.numpy()[4] + table.numpy()[6]) / 2, rtol=1e-6)
@@ -586,9 +590,12 @@ def test_warm_start_carries_rows_by_token(
     after, counters = _restore(tmp_path / "warm")
     assert counters["step"] == 0
     untrained = build_model(after.spec)  # the fresh initial values (seeded)
-    for feature in ("movie_id", "recent_movies"):
-        old_rows = before.deep.embeddings[feature].numpy()
-        new_rows = after.deep.embeddings[feature].numpy()
+    # movie_id and recent_movies share the vocabulary "movies" and its one embedding table.
+    assert set(after.deep.embeddings) >= {"movies"}
+    assert not {"movie_id", "recent_movies"} & set(after.deep.embeddings)
+    for table in ("movies",):
+        old_rows = before.deep.embeddings[table].numpy()
+        new_rows = after.deep.embeddings[table].numpy()
         for token in moved[:20]:
             np.testing.assert_array_equal(
                 new_rows[new_vocab.index(token)], old_rows[old_vocab.index(token)]
@@ -596,16 +603,16 @@ def test_warm_start_carries_rows_by_token(
         for token in fresh[:5]:
             np.testing.assert_array_equal(
                 new_rows[new_vocab.index(token)],
-                untrained.deep.embeddings[feature].numpy()[new_vocab.index(token)],
+                untrained.deep.embeddings[table].numpy()[new_vocab.index(token)],
             )
-        old_slot = optimizer_slots(before.tower_optimizers["deep"], before.deep.embeddings[feature])
-        new_slot = optimizer_slots(after.tower_optimizers["deep"], after.deep.embeddings[feature])
+        old_slot = optimizer_slots(before.tower_optimizers["deep"], before.deep.embeddings[table])
+        new_slot = optimizer_slots(after.tower_optimizers["deep"], after.deep.embeddings[table])
         token = moved[0]
         np.testing.assert_array_equal(
             new_slot["accumulator"].numpy()[new_vocab.index(token)],
             old_slot["accumulator"].numpy()[old_vocab.index(token)],
         )
-        report = result.warm_start.rows[f"deep/{feature}"]
+        report = result.warm_start.rows[f"deep/{table}"]
         assert report.carried == len(set(old_vocab) & set(new_vocab))
         assert report.new == len(fresh) and report.moved >= len(moved)
 
@@ -629,9 +636,7 @@ def test_warm_start_carries_rows_by_token(
     )
     assert "wide/recent_x_movie" in result.warm_start.copied
     saved = json.loads((tmp_path / "warm" / "warm_start.json").read_text())
-    assert (
-        saved["rows"]["deep/movie_id"]["carried"] == result.warm_start.rows["deep/movie_id"].carried
-    )
+    assert saved["rows"]["deep/movies"]["carried"] == result.warm_start.rows["deep/movies"].carried
 
 
 def test_warm_start_refuses_an_incompatible_model(

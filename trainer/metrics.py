@@ -83,3 +83,42 @@ def plot_roc(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> 
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
+
+
+def plot_learning_curve(
+    curve: list[dict[str, Any]], path: Path, title: str, best_step: int | None
+) -> None:
+    """Writes the training loss and the eval split's AUC and log loss by epoch as a PNG."""
+    from matplotlib.figure import Figure
+
+    epochs = [e["epoch"] for e in curve]
+    fig = Figure(figsize=(8, 4), dpi=100)
+    loss_ax, auc_ax = fig.subplots(1, 2)
+    trained = [(e["epoch"], e["train_loss"]) for e in curve if e.get("train_loss") is not None]
+    if trained:
+        loss_ax.plot(*zip(*trained, strict=True), marker="o", label="training loss")
+    loss_ax.plot(epochs, [e["log_loss"] for e in curve], marker="o", label="eval log loss")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("log loss")
+    loss_ax.legend()
+    aucs = [(e["epoch"], e["auc"]) for e in curve if e["auc"] is not None]
+    if aucs:
+        auc_ax.plot(*zip(*aucs, strict=True), marker="o", color="tab:green", label="eval AUC")
+    best = [e for e in curve if e["step"] == best_step]
+    for ax, key in ((loss_ax, "log_loss"), (auc_ax, "auc")):
+        if best and best[0][key] is not None:
+            ax.scatter(
+                [best[0]["epoch"]],
+                [best[0][key]],
+                s=120,
+                facecolors="none",
+                edgecolors="red",
+                zorder=3,
+                label="exported" if key == "auc" else None,
+            )
+    auc_ax.set_xlabel("epoch")
+    auc_ax.set_ylabel("AUC")
+    auc_ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)

@@ -30,6 +30,7 @@ import tf_keras  # tf_keras, never Keras 3: see STACK.md
 from trainer.errors import TrainError
 from trainer.spec import InputSpec, ModelSpec, Role
 from transform.config import OptimizerConfig
+from transform.features import NUM_OOV_BUCKETS
 
 Features = Mapping[str, tf.Tensor | tf.SparseTensor]
 
@@ -77,6 +78,7 @@ class DeepTower(tf_keras.layers.Layer):
         dropout: float = 0.0,
         seed: int = 0,
         compute_dtype: str = "float32",
+        embedding_stddev: float = 0.0,
         **kwargs: Any,
     ):
         super().__init__(name="deep", **kwargs)
@@ -87,6 +89,7 @@ class DeepTower(tf_keras.layers.Layer):
             "dropout": dropout,
             "seed": seed,
             "compute_dtype": compute_dtype,
+            "embedding_stddev": embedding_stddev,
         }
         # The ReLU layers hold nearly all of the arithmetic. In bfloat16 they keep float32
         # variables (the optimizer updates full-precision weights) and multiply in bfloat16;
@@ -97,23 +100,26 @@ class DeepTower(tf_keras.layers.Layer):
             if self.compute_dtype_ == tf.bfloat16
             else None
         )
-        self.embeddings = {}
+        # One table per vocabulary: features that share a vocabulary (an item and the list of
+        # items a user liked) share its embeddings, so each token is learned from all of them.
+        self.embeddings: dict[str, tf.Variable] = {}
+        self._table_of: dict[str, str] = {}
         width = 0
         for i, spec in enumerate(self._specs):
             if spec.role is Role.NUMERIC:
                 width += 1
                 continue
-            # The scale of tf.feature_column's embedding_column: unit-norm rows on average.
-            init = tf_keras.initializers.TruncatedNormal(
-                stddev=1.0 / math.sqrt(spec.embedding_dim), seed=seed * 1000 + i
-            )
-            self.embeddings[spec.name] = self.add_weight(
-                name=f"embedding_{spec.name}",
+            table = spec.vocabulary or spec.name
+            self._table_of[spec.name] = table
+            width += spec.embedding_dim
+            if table in self.embeddings:
+                continue
+            self.embeddings[table] = self.add_weight(
+                name=f"embedding_{table}",
                 shape=(spec.size, spec.embedding_dim),
-                initializer=init,
+                initializer=_embedding_initializer(embedding_stddev, spec, seed * 1000 + i),
                 trainable=True,
             )
-            width += spec.embedding_dim
         self.hidden = []
         self.dropouts = []
         for i, units in enumerate(hidden_units):
@@ -152,15 +158,13 @@ class DeepTower(tf_keras.layers.Layer):
             x = features[spec.name]
             if spec.role is Role.NUMERIC:
                 parts.append(tf.reshape(tf.cast(x, tf.float32), [-1, 1]))
-            elif spec.is_sparse:
+                continue
+            table = self.embeddings[self._table_of[spec.name]]
+            if spec.is_sparse:
                 # An empty list pools to zeros rather than dropping the row.
-                parts.append(
-                    tf.nn.safe_embedding_lookup_sparse(
-                        self.embeddings[spec.name], x, combiner="mean"
-                    )
-                )
+                parts.append(tf.nn.safe_embedding_lookup_sparse(table, x, combiner="mean"))
             else:
-                parts.append(tf.gather(self.embeddings[spec.name], tf.reshape(x, [-1])))
+                parts.append(tf.gather(table, tf.reshape(x, [-1])))
         h = tf.cast(tf.concat(parts, axis=1), self.compute_dtype_)
         for layer, dropout in zip(self.hidden, self.dropouts, strict=True):
             h = dropout(layer(h), training=training)
@@ -180,7 +184,12 @@ class WideDeepModel(tf_keras.Model):
         self.wide = WideTower(spec.wide_inputs) if spec.towers.has_wide else None
         self.deep = (
             DeepTower(
-                spec.deep_inputs, spec.hidden_units, spec.dropout, spec.seed, spec.compute_dtype
+                spec.deep_inputs,
+                spec.hidden_units,
+                spec.dropout,
+                spec.seed,
+                spec.compute_dtype,
+                embedding_stddev=spec.embedding_stddev,
             )
             if spec.towers.has_deep
             else None
@@ -239,6 +248,8 @@ class WideDeepModel(tf_keras.Model):
         groups = self.variable_groups()
         check_variable_groups(groups, self.trainable_variables)
         names = list(groups)
+        if self.spec.unknown_id_rate > 0:
+            features = self._hide_ids(features)
         with tf.GradientTape() as tape:
             logits = self(features, training=True)
             per_example = tf.nn.sigmoid_cross_entropy_with_logits(
@@ -261,10 +272,54 @@ class WideDeepModel(tf_keras.Model):
             self.tower_optimizers[name].apply_gradients(pairs)
         return {"loss": loss}
 
+    def _hide_ids(self, features: Features) -> dict[str, tf.Tensor | tf.SparseTensor]:
+        """Replaces a share of the vocabulary ids with the out-of-vocabulary id.
+
+        Ids that the vocabulary does not know map to its out-of-vocabulary row. Without this,
+        no training example updates that row (every training token is in the vocabulary), and
+        an unknown user or item is scored with a random vector. Hiding ids at random teaches
+        the row to mean "some token of this feature": the average of what was learned.
+        """
+        out = dict(features)
+        step = tf.cast(
+            self.tower_optimizers[next(iter(self.tower_optimizers))].iterations, tf.int32
+        )
+        for k, spec in enumerate(self.spec.inputs):
+            if not spec.vocabulary or spec.name not in out:
+                continue
+            oov = tf.constant(spec.size - 1, tf.int64)  # NUM_OOV_BUCKETS == 1: the last row
+            x = out[spec.name]
+            values = x.values if isinstance(x, tf.SparseTensor) else x
+            draw = tf.random.stateless_uniform(
+                tf.shape(values), seed=tf.stack([step, k + 1000 * self.spec.seed])
+            )
+            hidden = tf.where(draw < self.spec.unknown_id_rate, oov, values)
+            out[spec.name] = x.with_values(hidden) if isinstance(x, tf.SparseTensor) else hidden
+        return out
+
     def predict_step(self, data: Any) -> tf.Tensor:
         """Probabilities P(Y = 1 | x), shape [batch, 1]."""
         features = data[0] if isinstance(data, tuple) else data
         return tf.sigmoid(self(features, training=False))
+
+
+def _embedding_initializer(stddev: float, spec: InputSpec, seed: int) -> Any:
+    """Initial rows of an embedding table: truncated normal, ``stddev`` or 1/sqrt(dim), with a
+    zero out-of-vocabulary row.
+
+    The out-of-vocabulary row starts at zero so that an id the vocabulary does not know adds
+    nothing to the deep tower until training gives that row a meaning (see
+    ``WideDeepModel._hide_ids``); a random row would score every unknown id as one arbitrary token.
+    """
+    scale = stddev if stddev > 0 else 1.0 / math.sqrt(spec.embedding_dim)
+    normal = tf_keras.initializers.TruncatedNormal(stddev=scale, seed=seed)
+
+    def init(shape: Any, dtype: Any = None, **kwargs: Any) -> tf.Tensor:
+        rows = normal(shape, dtype=dtype)
+        known = tf.cast(tf.range(shape[0]) < shape[0] - NUM_OOV_BUCKETS, rows.dtype)
+        return rows * known[:, None]
+
+    return init
 
 
 def quantile_bucket(x: tf.Tensor, num_quantiles: int) -> tf.Tensor:
@@ -312,7 +367,7 @@ def make_optimizer(config: OptimizerConfig, tower: str) -> Any:
     if config.name == "ftrl":
         return legacy.Ftrl(
             learning_rate=config.learning_rate,
-            initial_accumulator_value=config.initial_accumulator_value,
+            initial_accumulator_value=config.initial_accumulator,
             l1_regularization_strength=config.l1_regularization,
             l2_regularization_strength=config.l2_regularization,
             name=name,
@@ -320,7 +375,7 @@ def make_optimizer(config: OptimizerConfig, tower: str) -> Any:
     if config.name == "adagrad":
         return legacy.Adagrad(
             learning_rate=config.learning_rate,
-            initial_accumulator_value=config.initial_accumulator_value,
+            initial_accumulator_value=config.initial_accumulator,
             name=name,
         )
     if config.name == "adam":

@@ -84,6 +84,11 @@ class InputSpec:
         return self.role in (Role.CATEGORICAL_LIST, Role.CROSS)
 
 
+SPEC_VERSION = 2
+"""Layout of the model's variables: 2 keeps one deep embedding table per vocabulary (1 kept
+one per feature). A model can warm-start only from one of the same layout."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything the model's variables depend on."""
@@ -95,6 +100,11 @@ class ModelSpec:
     dropout: float = 0.0
     seed: int = 0
     compute_dtype: str = "float32"
+    embedding_stddev: float = 0.0
+    """Standard deviation of the initial embeddings; 0 means 1/sqrt(embedding_dim)."""
+    unknown_id_rate: float = 0.0
+    """Share of vocabulary ids replaced by the out-of-vocabulary id in training."""
+    version: int = SPEC_VERSION
 
     @property
     def wide_inputs(self) -> tuple[InputSpec, ...]:
@@ -133,6 +143,9 @@ class ModelSpec:
             dropout=float(d.get("dropout", 0.0)),
             seed=int(d.get("seed", 0)),
             compute_dtype=str(d.get("compute_dtype", "float32")),
+            embedding_stddev=float(d.get("embedding_stddev", 0.0)),
+            unknown_id_rate=float(d.get("unknown_id_rate", 0.0)),
+            version=int(d.get("version", 1)),
         )
 
     def save(self, path: Path) -> None:
@@ -226,6 +239,8 @@ def build_model_spec(config: Config, tft_output: Any, towers: str | Towers) -> M
         dropout=config.model.dropout,
         seed=config.training.seed,
         compute_dtype=resolve_compute_dtype(config.model.compute_dtype),
+        embedding_stddev=config.model.embedding_stddev,
+        unknown_id_rate=config.model.unknown_id_rate,
     )
     if towers.has_wide and not model.wide_inputs:
         raise TrainError("towers: the config gives the wide tower no features and no crosses")
@@ -277,6 +292,11 @@ def incompatibilities(previous: ModelSpec, current: ModelSpec) -> list[str]:
     variable must match. Returns one message per difference, empty when compatible.
     """
     problems = []
+    if previous.version != current.version:
+        return [
+            f"it was trained by an earlier version of the trainer (variable layout "
+            f"{previous.version}, now {current.version}); train one model cold first"
+        ]
     if previous.towers is not current.towers:
         problems.append(f"towers: {previous.towers.value} before, {current.towers.value} now")
     if previous.hidden_units != current.hidden_units:

@@ -64,6 +64,10 @@ LOGS_DIR = "logs"
 EXPORT_DIR = "export"
 METRICS_FILE = "metrics.json"
 ROC_FILE = "roc.png"
+EVAL_CURVE_FILE = "eval_curve.json"
+LEARNING_CURVE_FILE = "learning_curve.png"
+BEST_DIR = "best"
+"""Sub-folder of ``checkpoints/`` holding the weights of the best evaluation so far."""
 WARM_START_FILE = "warm_start.json"
 OUTPUTS = (
     RUN_FILE,
@@ -75,6 +79,8 @@ OUTPUTS = (
     EXPORT_DIR,
     METRICS_FILE,
     ROC_FILE,
+    EVAL_CURVE_FILE,
+    LEARNING_CURVE_FILE,
     WARM_START_FILE,
     EXPORT_DIR + ".partial",
 )
@@ -116,6 +122,12 @@ class TrainResult:
     warm_start: warmstart.WarmStartReport | None
     model: WideDeepModel | None = dataclasses.field(default=None, compare=False, repr=False)
     """The trained model, without optimizers (None on a worker that is not the chief)."""
+    best_step: int | None = None
+    """Step of the evaluation whose weights were exported (None: the last step's)."""
+    stopped_early: bool = False
+    """Training ended before ``epochs`` because the eval split stopped improving."""
+    eval_curve: tuple[dict[str, Any], ...] = ()
+    """Every evaluation of the run: step, epoch, AUC, log loss, mean training loss."""
 
 
 @dataclass(frozen=True)
@@ -242,6 +254,12 @@ def train(
         else tf.summary.create_noop_writer()
     )
     shown = verbose if is_chief else 0
+    evaluator = _Evaluator(spec, data, config, out, state, is_chief, shown)
+    if source is not None and latest is None:
+        # The warm-started model is the first candidate: a day whose training only makes it
+        # worse exports what it started from.
+        evaluator.evaluate(0, steps_per_epoch, loss=None)
+        state.manager.save(checkpoint_number=0)
     loop = _Loop(
         strategy,
         state,
@@ -253,11 +271,13 @@ def train(
         shown,
         callbacks=tuple(callbacks),
         steps_per_execution=steps_per_execution,
+        evaluator=evaluator,
     )
     seconds = loop.run(target)
     step = state.step
-    throughput = (step - resumed_from) * config.training.batch_size / seconds if seconds else 0.0
-    status = STATUS_COMPLETE if step >= total_steps else STATUS_STOPPED
+    throughput = (loop.steps_trained * config.training.batch_size / seconds) if seconds > 0 else 0.0
+    stopped_early = evaluator.should_stop() and step < total_steps
+    status = STATUS_COMPLETE if step >= total_steps or stopped_early else STATUS_STOPPED
     result = TrainResult(
         out_dir=out,
         status=status,
@@ -268,22 +288,41 @@ def train(
         metrics=None,
         export_dir=None,
         warm_start=report,
+        stopped_early=stopped_early,
     )
     if not is_chief:
         state.discard_worker_checkpoints()
         return result
 
-    # Evaluation and export work on a copy without optimizers and outside any strategy.
-    inference = WideDeepModel(spec)
-    inference.set_weights(state.model.get_weights())
-    metrics = _evaluate(inference, data, config, out, step)
+    # Evaluation and export work on a copy without optimizers and outside any strategy: the
+    # weights of the best evaluation when training is complete, else the last step's.
+    inference = evaluator.model
+    best_step = evaluator.restore_best() if status == STATUS_COMPLETE else None
+    if best_step is None:
+        inference.set_weights(state.model.get_weights())
+    metrics = _evaluate(inference, data, config, out, best_step if best_step is not None else step)
     metrics.update(
-        towers=towers.value, status=status, train_examples_per_second=round(throughput, 1)
+        towers=towers.value,
+        status=status,
+        train_examples_per_second=round(throughput, 1),
+        steps_trained=step,
+        best_step=best_step,
+        stopped_early=stopped_early,
+        early_stopping=dataclasses.asdict(config.training.early_stopping),
+        eval_curve=list(evaluator.curve),
     )
     _write_json(out / METRICS_FILE, metrics)
+    evaluator.plot(config, towers, best_step)
     export_dir = _export(inference, data, config, out) if export else None
     _write_json(out / RUN_FILE, {**run, "status": status, "step": step, "total_steps": total_steps})
-    result = dataclasses.replace(result, metrics=metrics, export_dir=export_dir, model=inference)
+    result = dataclasses.replace(
+        result,
+        metrics=metrics,
+        export_dir=export_dir,
+        model=inference,
+        best_step=best_step,
+        eval_curve=tuple(evaluator.curve),
+    )
     if verbose:
         print(format_result(result))
     return result
@@ -350,19 +389,9 @@ def predict(model: WideDeepModel, data: _Data, batch_size: int = 4096) -> tuple[
     return np.concatenate(labels), np.concatenate(probabilities)
 
 
-def write_scalar(name: str, value: float) -> None:
-    """Writes a scalar to the default summary writer, as TensorBoard's scalar plugin reads it.
-
-    The ``tensorboard`` package (which ``tf.summary.scalar`` needs) is not a dependency: the
-    event is written with the plugin's metadata instead.
-    """
-    from tensorflow.core.framework import summary_pb2
-
-    metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-        data_class=summary_pb2.DATA_CLASS_SCALAR,
-    )
-    tf.summary.write(name, tf.constant(value, tf.float32), metadata=metadata)
+def write_scalar(name: str, value: float, step: int | None = None) -> None:
+    """Writes a scalar to the default summary writer (at ``step``, or the writer's default)."""
+    tf.summary.scalar(name, value, step=step)
 
 
 def format_result(result: TrainResult) -> str:
@@ -408,6 +437,8 @@ class _State:
     manager: tf.train.CheckpointManager
     checkpoint_dir: Path
     is_chief: bool
+    tracker: dict[str, tf.Variable]
+    """Early stopping: the best evaluation's metric and step, evaluations since."""
 
     @classmethod
     def create(
@@ -424,18 +455,25 @@ class _State:
                 tf.Variable(0, dtype=tf.int64, trainable=False, name=name)
                 for name in ("step", "epoch", "batch_in_epoch")
             ]
+        # Outside the strategy: only the chief evaluates and assigns them.
+        tracker = {
+            "best_value": tf.Variable(0.0, dtype=tf.float64, trainable=False),
+            "best_step": tf.Variable(-1, dtype=tf.int64, trainable=False),
+            "evals_since_best": tf.Variable(0, dtype=tf.int64, trainable=False),
+        }
         checkpoint = tf.train.Checkpoint(
             **checkpoint_objects(model),
             step=counters[0],
             epoch=counters[1],
             batch_in_epoch=counters[2],
+            **tracker,
         )
         # Every worker saves (the strategy may need them all); only the chief's copy is kept.
         directory = out / CHECKPOINTS_DIR if is_chief else Path(tempfile.mkdtemp())
         manager = tf.train.CheckpointManager(
             checkpoint, str(directory), max_to_keep=CHECKPOINTS_TO_KEEP
         )
-        return cls(model, *counters, manager, directory, is_chief)
+        return cls(model, *counters, manager, directory, is_chief, tracker)
 
     @property
     def step(self) -> int:
@@ -466,9 +504,122 @@ class _State:
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
 
+class _Evaluator:
+    """Evaluates the eval split during training, keeps the best weights and decides when to stop.
+
+    Only the chief evaluates. The early-stopping counters live in the run's checkpoint (a
+    resumed run continues where it was), the curve in ``eval_curve.json`` and TensorBoard, and
+    the best weights in ``checkpoints/best/``.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        data: _Data,
+        config: Config,
+        out: Path,
+        state: _State,
+        is_chief: bool,
+        verbose: int,
+    ) -> None:
+        self.model = WideDeepModel(spec)
+        self._data, self._out, self._state = data, out, state
+        self._is_chief, self._verbose = is_chief, verbose
+        self._rule = config.training.early_stopping
+        self._best = None
+        self.curve: list[dict[str, Any]] = []
+        if not is_chief:
+            return
+        self._best = tf.train.CheckpointManager(
+            tf.train.Checkpoint(model=self.model),
+            str(out / CHECKPOINTS_DIR / BEST_DIR),
+            max_to_keep=1,
+        )
+        path = out / EVAL_CURVE_FILE
+        if path.exists() and state.step > 0:
+            # A resumed run keeps the evaluations up to the checkpoint it resumed from.
+            self.curve = [e for e in json.loads(path.read_text()) if e["step"] <= state.step]
+        self._writer = tf.summary.create_file_writer(str(out / LOGS_DIR / "eval"))
+
+    def evaluate(self, step: int, steps_per_epoch: int, loss: float | None) -> None:
+        """Scores the eval split with the weights of ``step``; records and compares the result."""
+        if not self._is_chief:
+            return
+        self.model.set_weights(self._state.model.get_weights())
+        labels, probabilities = predict(self.model, self._data)
+        m = metrics_lib.offline_metrics(labels, probabilities)
+        # With one class in the eval split AUC is undefined: log loss decides instead.
+        name = self._rule.metric if m["auc"] is not None else "log_loss"
+        value = m[name]
+        tracker = self._state.tracker
+        best_step = int(tracker["best_step"].numpy())
+        best = float(tracker["best_value"].numpy())
+        if name == "auc":
+            improved = value > best + self._rule.min_delta
+        else:
+            improved = value < best - self._rule.min_delta
+        if best_step < 0 or improved:
+            tracker["best_value"].assign(value)
+            tracker["best_step"].assign(step)
+            tracker["evals_since_best"].assign(0)
+            self._best.save(checkpoint_number=step)
+        else:
+            tracker["evals_since_best"].assign_add(1)
+        entry = {
+            "step": step,
+            "epoch": round(step / steps_per_epoch, 3),
+            "auc": m["auc"],
+            "log_loss": m["log_loss"],
+            "mean_prediction": m["mean_prediction"],
+            "train_loss": loss,
+            "best": int(tracker["best_step"].numpy()) == step,
+        }
+        self.curve = [e for e in self.curve if e["step"] != step] + [entry]
+        _write_json(self._out / EVAL_CURVE_FILE, self.curve)
+        with self._writer.as_default(step=step):
+            for key in ("auc", "log_loss", "mean_prediction"):
+                if m[key] is not None:
+                    write_scalar(key, m[key])
+        self._writer.flush()
+        if self._verbose:
+            area = "n/a" if m["auc"] is None else f"{m['auc']:.4f}"
+            mark = "  (best so far)" if entry["best"] else ""
+            print(
+                f"eval at epoch {entry['epoch']:g}: AUC {area}, log loss {m['log_loss']:.4f}{mark}"
+            )
+
+    def should_stop(self) -> bool:
+        """True once ``patience`` evaluations in a row brought no improvement."""
+        patience = self._rule.patience
+        since = int(self._state.tracker["evals_since_best"].numpy())
+        return patience > 0 and since >= patience
+
+    def restore_best(self) -> int | None:
+        """Loads the best evaluation's weights into :attr:`model`; returns its step.
+
+        None when early stopping is off (``patience: 0``: the last step is the model) or no
+        evaluation was made.
+        """
+        if self._rule.patience == 0 or self._best is None:
+            return None
+        latest = self._best.latest_checkpoint
+        if latest is None:
+            return None
+        tf.train.Checkpoint(model=self.model).restore(latest).assert_existing_objects_matched()
+        return int(self._state.tracker["best_step"].numpy())
+
+    def plot(self, config: Config, towers: Towers, best_step: int | None) -> None:
+        """Writes the learning curve (training loss and eval metrics by epoch) as a PNG."""
+        if self._is_chief and self.curve:
+            title = f"{config.model_name} ({towers.value})"
+            metrics_lib.plot_learning_curve(
+                self.curve, self._out / LEARNING_CURVE_FILE, title, best_step
+            )
+
+
 @dataclass
 class _Loop:
-    """Steps through the epochs, checkpointing, logging and checking the loss."""
+    """Steps through the epochs, checkpointing, logging, evaluating and checking the loss."""
 
     strategy: Any
     state: _State
@@ -480,25 +631,52 @@ class _Loop:
     verbose: int
     callbacks: tuple[Any, ...] = ()
     steps_per_execution: int = MAX_STEPS_PER_CALL
+    evaluator: _Evaluator | None = None
     callback_seconds: float = dataclasses.field(default=0.0, init=False)
+    steps_trained: int = dataclasses.field(default=0, init=False)
+
+    def _eval_every(self) -> int:
+        return max(1, math.ceil(self.steps_per_epoch / self.config.training.evals_per_epoch))
+
+    def _next_eval(self, step: int) -> int:
+        """The first evaluation step after ``step``: evenly spaced, and every epoch's end."""
+        epoch_start = (step // self.steps_per_epoch) * self.steps_per_epoch
+        every = self._eval_every()
+        within = ((step - epoch_start) // every + 1) * every
+        return epoch_start + min(within, self.steps_per_epoch)
+
+    def _is_eval_step(self, step: int) -> bool:
+        return step > 0 and self._next_eval(step - 1) == step
+
+    def _agree_to_stop(self) -> bool:
+        """The chief's early-stopping decision, shared with every worker."""
+        stop = self.evaluator is not None and self.evaluator.should_stop()
+        if not (self.strategy.num_replicas_in_sync > 1 or _cluster(self.strategy)):
+            return stop
+        vote = self.strategy.run(
+            lambda: tf.constant(1.0 if stop and self.evaluator._is_chief else 0.0)
+        )
+        return float(self.strategy.reduce(tf.distribute.ReduceOp.SUM, vote, axis=None)) > 0
 
     def run(self, target: int) -> float:
-        """Trains until the global step reaches ``target``; returns the seconds spent training
-        (callbacks excluded)."""
+        """Trains until the global step reaches ``target`` or early stopping ends training;
+        returns the seconds spent training (callbacks and evaluations excluded)."""
         from tf_keras.utils import Progbar
 
         step = self.state.step
-        if step >= target:
+        if step >= target or self._agree_to_stop():
             return 0.0
         run_steps = self._compile()
         every = self.config.training.steps_per_checkpoint
         per_call = self.steps_per_execution
         started = time.monotonic()
         self.callback_seconds = 0.0
+        eval_seconds = 0.0
         for callback in self.callbacks:
             callback.set_model(self.state.model)
         self._call_back("on_train_begin")
-        while step < target:
+        stopping = False
+        while step < target and not stopping:
             epoch, position = divmod(step, self.steps_per_epoch)
             epoch_start = epoch * self.steps_per_epoch
             stop = min(epoch_start + self.steps_per_epoch, target)
@@ -508,24 +686,50 @@ class _Loop:
             if position and self.verbose == 1:
                 progbar.update(position)
             iterator = iter(self._dataset(epoch, position))
+            since_eval: list[float] = []
             while step < stop:
-                n = min((step // every + 1) * every, stop, (step // per_call + 1) * per_call)
+                n = min(
+                    (step // every + 1) * every,
+                    stop,
+                    (step // per_call + 1) * per_call,
+                    self._next_eval(step),
+                )
                 chunk_started = time.monotonic()
-                loss = self._run_chunk(run_steps, iterator, step, n)
+                losses = self._run_chunk(run_steps, iterator, step, n)
                 chunk_seconds = max(time.monotonic() - chunk_started, 1e-9)
                 examples = (n - step) * self.config.training.batch_size
+                with self.writer.as_default():
+                    # One point per step: the curve in TensorBoard is the real one.
+                    for k, value in enumerate(losses):
+                        write_scalar("loss", value, step=step + k + 1)
+                    write_scalar("examples_per_second", examples / chunk_seconds, step=n)
+                self.steps_trained += n - step
                 step = n
+                loss = float(np.mean(losses))
+                since_eval.extend(losses)
                 self.state.advance(step, self.steps_per_epoch)
-                with self.writer.as_default(step=step):
-                    write_scalar("loss", loss)
-                    write_scalar("examples_per_second", examples / chunk_seconds)
-                if step % every == 0 or step == stop:
-                    self.state.manager.save(checkpoint_number=step)
+                evaluated = self._is_eval_step(step) and self.evaluator is not None
                 progbar.update(step - epoch_start, values=[("loss", loss)], finalize=step == stop)
+                if evaluated:
+                    eval_started = time.monotonic()
+                    self.evaluator.evaluate(step, self.steps_per_epoch, float(np.mean(since_eval)))
+                    since_eval = []
+                    eval_seconds += time.monotonic() - eval_started
+                if step % every == 0 or step == stop or evaluated:
+                    self.state.manager.save(checkpoint_number=step)
                 self._call_back("on_train_batch_end", step, {"loss": loss})
+                if evaluated and self._agree_to_stop():
+                    stopping = True
+                    if self.verbose:
+                        rule = self.config.training.early_stopping
+                        print(
+                            f"early stopping: no {rule.metric} gain over {rule.min_delta:g} in "
+                            f"{rule.patience} evaluation(s); the best evaluation is exported"
+                        )
+                    break
         self._call_back("on_train_end")
         self.writer.flush()
-        return time.monotonic() - started - self.callback_seconds
+        return time.monotonic() - started - self.callback_seconds - eval_seconds
 
     def _call_back(self, method: str, *args: Any) -> None:
         """Calls every callback's ``method``; their time is kept out of the training time."""
@@ -536,10 +740,11 @@ class _Loop:
             getattr(callback, method)(*args)
         self.callback_seconds += time.monotonic() - started
 
-    def _run_chunk(self, run_steps: Any, iterator: Any, step: int, n: int) -> float:
-        """Runs steps ``step`` to ``n`` in one compiled call; refuses a NaN loss."""
+    def _run_chunk(self, run_steps: Any, iterator: Any, step: int, n: int) -> list[float]:
+        """Runs steps ``step`` to ``n`` in one compiled call; returns each step's loss and
+        refuses a NaN loss."""
         try:
-            loss, finite = run_steps(iterator, tf.constant(n - step, tf.int64))
+            losses, finite = run_steps(iterator, tf.constant(n - step, tf.int64))
         except tf.errors.OutOfRangeError:
             raise TrainError(
                 f"data_dir {self.data.path}: the train split ended before step {n}: it holds "
@@ -554,21 +759,21 @@ class _Loop:
                 + (f" ({last})" if last else " (none was saved yet)")
                 + ": lower the learning rates or check the data"
             )
-        return float(loss)
+        return [float(v) for v in losses.numpy()]
 
     def _compile(self) -> Callable[..., Any]:
         strategy, model = self.strategy, self.state.model
 
         @tf.function
         def run_steps(iterator: Any, n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            total = tf.constant(0.0)
+            losses = tf.TensorArray(tf.float32, size=tf.cast(n, tf.int32))
             finite = tf.constant(True)
-            for _ in tf.range(n):
+            for i in tf.range(n):
                 out = strategy.run(model.train_step, args=(next(iterator),))
                 loss = strategy.reduce(tf.distribute.ReduceOp.SUM, out["loss"], axis=None)
-                total += loss
+                losses = losses.write(tf.cast(i, tf.int32), loss)
                 finite = tf.logical_and(finite, tf.math.is_finite(loss))
-            return total / tf.cast(n, tf.float32), finite
+            return losses.stack(), finite
 
         return run_steps
 
@@ -795,8 +1000,13 @@ def _is_chief(strategy: Any) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
+def _cluster(strategy: Any) -> bool:
+    """True when training runs on a cluster of workers."""
+    return bool(getattr(strategy, "cluster_resolver", None))
+
+
 def _barrier(strategy: Any) -> None:
     """Waits for every worker (an all-reduce); a no-op in a single process."""
-    if strategy.num_replicas_in_sync > 1 or getattr(strategy, "cluster_resolver", None):
+    if strategy.num_replicas_in_sync > 1 or _cluster(strategy):
         value = strategy.run(lambda: tf.constant(1.0))
         strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)

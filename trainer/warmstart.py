@@ -210,7 +210,7 @@ def _vocabulary_tables(spec: ModelSpec) -> dict[str, str]:
             out[f"wide/{i.name}"] = i.vocabulary
     for i in spec.deep_inputs:
         if i.vocabulary:
-            out[f"deep/{i.name}"] = i.vocabulary
+            out[f"deep/{i.vocabulary}"] = i.vocabulary  # one table per vocabulary
     return out
 
 

@@ -122,6 +122,15 @@ class Cross:
     hash_buckets: int = 100_000
 
 
+DEFAULT_INITIAL_ACCUMULATOR = {"ftrl": 0.1, "adagrad": 0.001}
+"""Initial accumulator of the adaptive optimizers when the config gives none.
+
+FTRL keeps TensorFlow's 0.1. AdaGrad starts at 0.001: its first steps are then about
+``learning_rate`` per coordinate, so small initial embeddings grow within the first epoch (with
+0.1 they needed several, on the simulator and on MovieLens alike).
+"""
+
+
 @dataclass(frozen=True)
 class OptimizerConfig:
     """One tower's optimizer. FTRL settings apply to ``ftrl`` only."""
@@ -130,7 +139,14 @@ class OptimizerConfig:
     learning_rate: float
     l1_regularization: float = 0.0
     l2_regularization: float = 0.0
-    initial_accumulator_value: float = 0.1
+    initial_accumulator_value: float | None = None
+
+    @property
+    def initial_accumulator(self) -> float:
+        """The initial accumulator of FTRL or AdaGrad: as configured, else the default."""
+        if self.initial_accumulator_value is not None:
+            return self.initial_accumulator_value
+        return DEFAULT_INITIAL_ACCUMULATOR.get(self.name, 0.1)
 
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
@@ -145,18 +161,53 @@ class ModelConfig:
     hidden_units: tuple[int, ...] = (1024, 512, 256)
     dropout: float = 0.0
     compute_dtype: str = "auto"
+    embedding_stddev: float = 0.02
+    unknown_id_rate: float = 0.0
     wide_optimizer: OptimizerConfig = OptimizerConfig(
         name="ftrl", learning_rate=0.5, l1_regularization=0.001
     )
     deep_optimizer: OptimizerConfig = OptimizerConfig(name="adagrad", learning_rate=0.1)
 
 
+EARLY_STOPPING_METRICS = ("auc", "log_loss")
+"""Values of ``training.early_stopping.metric``."""
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """When training stops before ``training.epochs``: the eval split stopped improving.
+
+    Attributes:
+      metric: ``auc`` (higher is better) or ``log_loss`` (lower is better), on the eval split.
+      patience: Evaluations in a row without an improvement of at least ``min_delta`` after
+        which training stops; 0 trains every epoch.
+      min_delta: The least change of the metric that counts as an improvement.
+    """
+
+    metric: str = "auc"
+    patience: int = 2
+    min_delta: float = 0.0005
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
-    """How the trainer runs."""
+    """How the trainer runs.
+
+    Attributes:
+      batch_size: Examples per training step.
+      epochs: Most passes over the train split; early stopping usually ends training sooner.
+      evals_per_epoch: Evaluations of the eval split per epoch (at evenly spaced steps, the
+        last at the epoch's end); the best evaluated model is the one exported.
+      early_stopping: When to stop before ``epochs``.
+      steps_per_checkpoint: Steps between two checkpoints (evaluations also checkpoint).
+      shuffle_buffer: Examples in the shuffle buffer of the train split.
+      seed: Seed of initial weights, shuffling and the ids hidden in training.
+    """
 
     batch_size: int = 512
-    epochs: int = 1
+    epochs: int = 10
+    evals_per_epoch: int = 1
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     steps_per_checkpoint: int = 500
     shuffle_buffer: int = 10_000
     seed: int = 0
@@ -188,6 +239,8 @@ class ValidationConfig:
 
     auc_tolerance: float = 0.005
     log_loss_tolerance: float = 0.01
+    popularity_margin: float = 0.0
+    """How much the eval AUC must exceed that of item popularity (``item``) to pass."""
     num_candidates: int = 200
     latency_budget_ms: float = 50.0
     num_requests: int = 50
@@ -212,6 +265,9 @@ class Config:
     label: str
     features: tuple[Feature, ...]
     crosses: tuple[Cross, ...] = ()
+    item: str = ""
+    """The categorical feature that names the ranked item (the candidate); empty to infer it
+    (see :attr:`item_feature`)."""
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     data: DataConfig = DataConfig()
@@ -251,6 +307,21 @@ class Config:
             if f.column not in cols:
                 cols.append(f.column)
         return tuple(cols)
+
+    @property
+    def item_feature(self) -> Feature | None:
+        """The feature that names the ranked item: ``item`` when set, else inferred.
+
+        Inferred as the single-valued categorical feature that shares its vocabulary with a
+        list feature (the impression app and the installed apps, a movie and the movies liked
+        before): a log records what users had and what they were shown in one id space. None
+        when no feature or more than one fits.
+        """
+        if self.item:
+            return self.feature(self.item)
+        lists = {f.vocabulary for f in self.features if f.kind is Kind.CATEGORICAL_LIST}
+        fits = [f for f in self.features if f.kind is Kind.CATEGORICAL and f.vocabulary in lists]
+        return fits[0] if len(fits) == 1 else None
 
     def embedding_dim(self, feature: Feature) -> int:
         """Embedding size of a categorical feature in the deep tower."""
@@ -449,6 +520,15 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 def _validate(config: Config) -> None:
     _check_name("model_name", config.model_name)
     _check_name("label", config.label)
+    if config.item:
+        names_ = [f.name for f in config.features]
+        if config.item not in names_:
+            raise ConfigError(f"item: {_unknown(config.item, names_)}")
+        if config.feature(config.item).kind is not Kind.CATEGORICAL:
+            raise ConfigError(
+                f"item: {config.item!r} is {config.feature(config.item).kind.value}; the item is "
+                "one categorical id per row"
+            )
     names = [f.name for f in config.features]
     for f in config.features:
         _validate_feature(f, config)
@@ -546,6 +626,15 @@ def _validate_vocabularies(config: Config) -> None:
                     f"{where}.min_count: shares vocabulary {vocab!r} with {first.name!r} "
                     f"but its min_count is {f.min_count}, not {first.min_count}"
                 )
+        # The deep tower keeps one embedding table per vocabulary.
+        deep = [f for f in members if f.in_deep]
+        for f in deep[1:]:
+            if config.embedding_dim(f) != config.embedding_dim(deep[0]):
+                raise ConfigError(
+                    f"features.{f.name}.embedding_dim: shares vocabulary {vocab!r} (and its "
+                    f"embeddings) with {deep[0].name!r} but its embedding_dim is "
+                    f"{config.embedding_dim(f)}, not {config.embedding_dim(deep[0])}"
+                )
     for f in config.numeric_features:
         if f.vocabulary != f.name:
             raise ConfigError(f"features.{f.name}.vocabulary: numeric features have no vocabulary")
@@ -576,11 +665,22 @@ def _validate_sections(config: Config) -> None:
         if opt.learning_rate <= 0:
             raise ConfigError(f"{key}.learning_rate: must be > 0, got {opt.learning_rate}")
         for attr in ("l1_regularization", "l2_regularization", "initial_accumulator_value"):
-            if getattr(opt, attr) < 0:
+            if (getattr(opt, attr) or 0) < 0:
                 raise ConfigError(f"{key}.{attr}: must be >= 0, got {getattr(opt, attr)}")
     t = config.training
     _positive("training.batch_size", t.batch_size)
     _positive("training.epochs", t.epochs)
+    _positive("training.evals_per_epoch", t.evals_per_epoch)
+    e = t.early_stopping
+    if e.metric not in EARLY_STOPPING_METRICS:
+        raise ConfigError(
+            f"training.early_stopping.metric: expected one of {', '.join(EARLY_STOPPING_METRICS)}, "
+            f"got {e.metric!r}"
+        )
+    if e.patience < 0:
+        raise ConfigError(f"training.early_stopping.patience: must be >= 0, got {e.patience}")
+    if e.min_delta < 0:
+        raise ConfigError(f"training.early_stopping.min_delta: must be >= 0, got {e.min_delta}")
     _positive("training.steps_per_checkpoint", t.steps_per_checkpoint)
     _positive("training.shuffle_buffer", t.shuffle_buffer)
     d = config.data
@@ -594,7 +694,7 @@ def _validate_sections(config: Config) -> None:
         raise ConfigError("data.list_delimiter: must be non-empty and differ from csv_delimiter")
     _positive("data.shard_rows", d.shard_rows)
     v = config.validation
-    for attr in ("auc_tolerance", "log_loss_tolerance"):
+    for attr in ("auc_tolerance", "log_loss_tolerance", "popularity_margin"):
         if getattr(v, attr) < 0:
             raise ConfigError(f"validation.{attr}: must be >= 0")
     _positive("validation.num_candidates", v.num_candidates)
