@@ -182,6 +182,14 @@ def _serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     binary = None if args.builtin else tfserving.find_binary()
     if binary:
+        ignored = tfserving.builtin_only_flags(extra)
+        if ignored:
+            print(
+                "widedeep serve: tensorflow_model_server has no "
+                + ", ".join(a.split("=", 1)[0] for a in ignored)
+                + "; they apply to the built-in server only (--builtin)",
+                file=sys.stderr,
+            )
         argv = tfserving.binary_argv(binary, extra)
         print("widedeep serve: running " + " ".join(argv), flush=True)
         os.execv(binary, argv)
