@@ -122,6 +122,7 @@ def _datagen(args: argparse.Namespace, extra: Sequence[str]) -> int:
         input_format=InputFormat(args.input_format) if args.input_format else None,
         overwrite=args.overwrite,
         beam_args=beam_args,
+        wait=args.wait,
     )
     return 0
 
@@ -443,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an output folder that holds results (kept until the new output is complete)",
     )
+    _wait_arg(p, "the output folder")
     p.set_defaults(run=_datagen)
 
     p = add("train")
@@ -569,6 +571,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="one line a stage")
     p.set_defaults(run=_run)
     return parser
+
+
+def _wait_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help=f"when another process is writing {what}, wait for it instead of failing",
+    )
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
