@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -63,19 +64,32 @@ def locked(
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        try:
+            yield
+        finally:
+            # Emptied before it is released: a PID left in the file would name a process that
+            # no longer holds the lock.
+            os.ftruncate(fd, 0)
     finally:
         # Closing the descriptor releases the lock.
         os.close(fd)
 
 
-def _holder(fd: int) -> int | None:
-    """The PID the lock's holder wrote into the lock file, if it has yet."""
-    try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
+def _holder(fd: int, attempts: int = 50) -> int | None:
+    """The PID the lock's holder wrote into the lock file.
+
+    The holder writes it just after it takes the lock, so an empty file is read again a few
+    times, a couple of milliseconds apart.
+    """
+    for _ in range(attempts):
+        try:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            return None
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.002)
+    return None
 
 
 def remove_leftovers(folder: Path, patterns: Iterable[str]) -> list[Path]:
