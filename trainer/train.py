@@ -77,6 +77,7 @@ OUTPUTS = (
     ROC_FILE,
     WARM_START_FILE,
     EXPORT_DIR + ".partial",
+    EXPORT_DIR + ".previous",
 )
 """Everything :func:`train` writes in ``out_dir``; ``overwrite`` removes these and nothing else."""
 
@@ -199,6 +200,7 @@ def train(
     if out == data.path or data.path in out.parents:
         raise TrainError(f"out_dir {out}: must not be inside the datagen output {data.path}")
     spec = build_model_spec(config, data.tft_output, towers)
+    _check_memory(spec, config, echo=print if verbose and is_chief else log.info)
     run = {
         "config_fingerprint": config.fingerprint(FINGERPRINT_SECTIONS),
         "data_fingerprint": data.fingerprint,
@@ -717,9 +719,12 @@ def _check_out_dir(out: Path, run: dict[str, Any], overwrite: bool) -> bool:
 def _prepare_out_dir(
     out: Path, run: dict[str, Any], clear: bool, config: Config, spec: ModelSpec, data: _Data
 ) -> None:
-    """Writes what a run needs before its first step; ``clear`` removes a previous run first."""
+    """Writes what a run needs before its first step; ``clear`` removes a previous run first.
+
+    A previous export is kept: it is replaced only once the new one is complete.
+    """
     if clear:
-        remove_paths(out / name for name in OUTPUTS)
+        remove_paths(out / name for name in OUTPUTS if name != EXPORT_DIR)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / RUN_FILE, {**run, "status": STATUS_TRAINING})
     (out / CONFIG_FILE).write_text(config.to_yaml())
@@ -728,6 +733,16 @@ def _prepare_out_dir(
     vocab_dir.mkdir(exist_ok=True)
     for vocab in config.vocabularies:
         shutil.copyfile(data.tft_output.vocabulary_file_by_name(vocab), vocab_dir / vocab)
+
+
+def _check_memory(spec: ModelSpec, config: Config, echo: Callable[[str], None]) -> None:
+    """Says how much memory training will take; refuses a model that cannot fit."""
+    from trainer import memory
+
+    estimate = memory.estimate(spec, config)
+    available = memory.available_memory()
+    memory.check_fits(estimate, available)
+    echo(memory.describe(estimate, available))
 
 
 def _vocabulary_files(out: Path, config: Config) -> dict[str, Path]:
