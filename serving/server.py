@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 # The largest answer gRPC may send (TF Serving's `SetMaxMessageSize(kint32max)`); requests are
 # bounded lower, by `max_receive_message_length`.
 GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
+GRPC_CALLS_PER_THREAD = 16
+SWITCH_INTERVAL_SECONDS = 0.0005
+GRPC_MIN_QUEUED_CALLS = 128
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class ServerSettings:
     requests being answered, and a request that does not fit waits up to
     `in_flight_wait_seconds` before RESOURCE_EXHAUSTED. `rest_api_num_threads` REST requests
     are answered at once; `rest_api_timeout_in_ms` is how long a REST connection may stall.
+    gRPC calls beyond `GRPC_CALLS_PER_THREAD` per `grpc_max_threads` (at least
+    `GRPC_MIN_QUEUED_CALLS`) at once are refused with RESOURCE_EXHAUSTED.
 
     Model management: HandleReloadConfigRequest is refused unless `allow_reload_config`;
     `model_base_path_roots` confines every model's base path to those folders.
@@ -288,11 +293,13 @@ class ModelServer:
         return int(self._channel_arguments()["grpc.max_receive_message_length"])
 
     def _start_grpc(self) -> None:
+        threads = self.settings.grpc_max_threads
         server = grpc.server(
-            ThreadPoolExecutor(
-                max_workers=self.settings.grpc_max_threads, thread_name_prefix="grpc-request"
-            ),
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc-request"),
             options=list(self._channel_arguments().items()),
+            # Calls waiting for a thread hold buffered request bytes: past this many at once,
+            # a new call is refused with RESOURCE_EXHAUSTED instead of queueing.
+            maximum_concurrent_rpcs=max(GRPC_MIN_QUEUED_CALLS, GRPC_CALLS_PER_THREAD * threads),
         )
         server.add_generic_rpc_handlers(service_handlers(self.api))
         address = _address(self.settings.host, self.settings.port)
@@ -393,7 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
             "  widedeep serve --port=8500 --rest_api_port=8501 --model_name=ranker "
             "--model_base_path=/models/ranker\n"
             "  widedeep serve --port=8500 --model_config_file=/models/models.config "
-            "--model_config_file_poll_wait_seconds=30"
+            "--model_config_file_poll_wait_seconds=30\n"
+            "  widedeep serve --port=8500 --model_base_path=/models/ranker "
+            "--allow_reload_config --model_base_path_roots=/models\n"
+            "\n"
+            "Requests are at most 64 MiB (grpc.max_receive_message_length in "
+            "--grpc_channel_arguments sets it for both APIs); what they take in memory is "
+            "bounded by --max_request_tensor_bytes and --max_in_flight_bytes. "
+            "HandleReloadConfigRequest is refused unless --allow_reload_config."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -508,6 +522,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"Failed to start server. Error: {error}", file=sys.stderr)
         return 1
+    # A request coming back from TensorFlow (which runs without the interpreter lock) waits for
+    # whichever thread holds the lock to give it up: by default up to 5 ms, while other
+    # requests (or a flood of bad ones) run Python code. A shorter slice keeps good requests'
+    # tail latency low under such load, for a little more switching.
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
