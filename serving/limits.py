@@ -179,7 +179,6 @@ class RequestLimits:
     """How much memory requests may take.
 
     Attributes:
-      max_request_bytes: Largest request, in bytes on the wire (gRPC message, REST body).
       max_request_tensor_bytes: Bytes one request's inputs may take once expanded to their
         declared shapes (or its examples once merged with their context).
       max_in_flight_bytes: Bytes of all requests being answered at once: each one's size plus
@@ -188,7 +187,6 @@ class RequestLimits:
         refused with RESOURCE_EXHAUSTED.
     """
 
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_request_tensor_bytes: int = DEFAULT_MAX_REQUEST_TENSOR_BYTES
     max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES
     in_flight_wait_seconds: float = DEFAULT_IN_FLIGHT_WAIT_SECONDS

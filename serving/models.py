@@ -658,7 +658,8 @@ class ModelManager:
             )
             if not self._wait_for_retry(model, version, path):
                 log.info(
-                    "Not retrying {name: %s version: %d}: a newer version is waiting to load",
+                    "Not retrying {name: %s version: %d}: a newer version waits to load, or "
+                    "this one is no longer wanted",
                     name,
                     version,
                 )

@@ -197,7 +197,6 @@ class ModelServer:
             self.manager,
             self.metrics,
             RequestLimits(
-                max_request_bytes=self._max_message_bytes(),
                 max_request_tensor_bytes=settings.max_request_tensor_bytes,
                 max_in_flight_bytes=settings.max_in_flight_bytes,
                 in_flight_wait_seconds=settings.in_flight_wait_seconds,
