@@ -17,7 +17,8 @@ SavedModel. Output layout (``out_dir``)::
     export/             the SavedModel (see :mod:`trainer.export`), with
                         assets.extra/{tf_serving_warmup_requests, config.yaml, metrics.json,
                         model_spec.json}; written as export.partial/ and moved into place
-                        when complete, so a reader never sees half an export
+                        when complete (a previous export waits in export.previous/ for the
+                        two renames), so a reader never sees half an export
 
 A run that is stopped (``max_steps``) or killed resumes from its last checkpoint when started
 again with the same arguments: the shuffle order of every epoch is fixed by the seed, so the
