@@ -259,7 +259,8 @@ def markdown(data: dict[str, Any]) -> str:
     """The results as the tables the README quotes."""
     phases = data["phases"]
     lines = [
-        "| good requests (gRPC, 200 candidates) | p50 | p90 | p99 | max | requests | bad requests sent |",
+        "| good requests (gRPC, 200 candidates) | p50 | p90 | p99 | max | requests "
+        "| bad requests sent |",
         "|---|---|---|---|---|---|---|",
     ]
     for phase in phases.values():
@@ -297,8 +298,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"MiB at the end. Good client: the tensorflow-serving-api stub, one request of "
         f"{CANDIDATES} eval examples at a time, {data['requests_per_phase']} requests a phase; "
         f"{data['rounds']} rounds of the three phases, in an order that rotates. The second "
-        "client runs in its own process; each of its threads sends the next bad request (the kinds in turn) "
-        "as soon as the last one was answered. Good requests failed: "
+        "client runs in its own process; each of its threads sends the next bad request (the "
+        "kinds in turn) as soon as the last one was answered. Good requests failed: "
         f"{data['good_failures']}.",
         "",
         f"Measured {data['machine']['date']} on {data['machine']['cpus']} cores, "
