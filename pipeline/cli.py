@@ -122,6 +122,7 @@ def _datagen(args: argparse.Namespace, extra: Sequence[str]) -> int:
         input_format=InputFormat(args.input_format) if args.input_format else None,
         overwrite=args.overwrite,
         beam_args=beam_args,
+        wait=args.wait,
     )
     return 0
 
@@ -182,6 +183,14 @@ def _serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     binary = None if args.builtin else tfserving.find_binary()
     if binary:
+        ignored = tfserving.builtin_only_flags(extra)
+        if ignored:
+            print(
+                "widedeep serve: tensorflow_model_server has no "
+                + ", ".join(a.split("=", 1)[0] for a in ignored)
+                + "; they apply to the built-in server only (--builtin)",
+                file=sys.stderr,
+            )
         argv = tfserving.binary_argv(binary, extra)
         print("widedeep serve: running " + " ".join(argv), flush=True)
         os.execv(binary, argv)
@@ -224,6 +233,12 @@ def _validate(args: argparse.Namespace, extra: Sequence[str]) -> int:
     widedeep deploy --model models/day2 --model_base_path serving --server localhost:8500
     widedeep deploy --rollback --model_base_path serving --model_name app_ranker \\
         --server localhost:8500
+    widedeep deploy --model models/day3 --model_base_path serving --revalidate --wait
+
+    A model is deployed only on a current verdict: one that compared it with the version
+    served now (validate --model_base_path), made after any rollback of it. --revalidate
+    validates it again when it is not. Deploys and rollbacks of one base path take turns:
+    a second one fails naming the first one's PID, or waits for it with --wait.
     """,
 )
 def _deploy(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -231,7 +246,9 @@ def _deploy(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     if args.rollback:
         name = args.model_name or _model_config(args.config, args.model).model_name
-        done = rollback(args.model_base_path, name, server=args.server, timeout_s=args.timeout)
+        done = rollback(
+            args.model_base_path, name, server=args.server, timeout_s=args.timeout, wait=args.wait
+        )
         print(
             f"deploy: rolled back {name} from version {done.previous} to {done.version}"
             + (" (confirmed AVAILABLE)" if done.confirmed else "")
@@ -240,8 +257,30 @@ def _deploy(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if not args.model:
         raise ValueError("--model: required unless --rollback")
     name = args.model_name or _model_config(args.config, args.model).model_name
+
+    def revalidate(baseline: Path | None) -> None:
+        from serving.deploy import DeployError, check_verdict
+        from serving.validate import format_verdict, validate
+
+        config = _model_config(args.config, args.model)
+
+        data = args.data or check_verdict(args.model).get("data")
+        if not data:
+            raise DeployError(
+                f"{args.model}: --revalidate needs --data (its verdict does not say which "
+                "datagen output it was validated on)"
+            )
+        print(f"deploy: the verdict is not current; validating {args.model} again", flush=True)
+        print(format_verdict(validate(args.model, data, config, baseline=baseline)))
+
     done = deploy(
-        args.model, args.model_base_path, name, server=args.server, timeout_s=args.timeout
+        args.model,
+        args.model_base_path,
+        name,
+        server=args.server,
+        timeout_s=args.timeout,
+        wait=args.wait,
+        revalidate=revalidate if args.revalidate else None,
     )
     print(
         f"deploy: {name} version {done.version} -> {done.path}"
@@ -435,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an output folder that holds results (kept until the new output is complete)",
     )
+    _wait_arg(p, "the output folder")
     p.set_defaults(run=_datagen)
 
     p = add("train")
@@ -513,6 +553,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="retire the newest version so the previous one is served again",
     )
+    p.add_argument(
+        "--revalidate",
+        action="store_true",
+        help="when the model's verdict is not current (made against another version than the "
+        "one served now, or before a rollback of it), validate it again before deploying",
+    )
+    p.add_argument(
+        "--data",
+        help="datagen output to validate on with --revalidate (default: the verdict's)",
+    )
+    _wait_arg(p, "the model base path")
     p.set_defaults(run=_deploy)
 
     p = add("query")
@@ -561,6 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="one line a stage")
     p.set_defaults(run=_run)
     return parser
+
+
+def _wait_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help=f"when another process is writing {what}, wait for it instead of failing",
+    )
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ runner-specific step and reads and writes through Beam's filesystems.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from pipeline import sources
 from pipeline.sources import InputFiles, InputFormat
 from pipeline.tfrecords import WriteFramedTFRecords, frame_records
 from transform.config import Config
+from transform.paths import locked, remove_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -275,13 +277,17 @@ def run_datagen(
     beam_args: Sequence[str] = (),
     batch_rows: int = 8192,
     echo: Callable[[str], None] | None = print,
+    wait: bool = False,
 ) -> DatagenResult:
     """Runs data generation end to end and returns its summary.
 
     The input and the output folder are checked before Beam starts. Results are written to a
     sibling ``<out_dir>.partial`` folder and moved into place only when the job succeeded, so an
     interrupted or failed run never leaves half an output, and ``overwrite`` replaces an earlier
-    output only once the new one is complete.
+    output only once the new one is complete. The output is locked while the job runs (a
+    hidden ``.<name>.lock`` file beside it): a second run on the same output fails at once
+    naming the first one's PID, or waits for it; what an interrupted run left beside the output
+    is removed by the next one.
 
     Args:
       config: The pipeline config.
@@ -292,25 +298,54 @@ def run_datagen(
       beam_args: Beam pipeline options (``--runner``, ``--direct_num_workers``, ...).
       batch_rows: Rows per Arrow batch read from the input.
       echo: Where the summary is printed; None to stay quiet.
+      wait: When another process is writing ``out_dir``, wait for it instead of failing.
 
     Raises:
       OutputExistsError: ``out_dir`` holds results and ``overwrite`` is False.
-      sources.InputError: the input cannot be read as the config describes.
+      InUseError: another process is writing ``out_dir`` (and ``wait`` is False).
+      sources.InputError: the input cannot be read as the config describes, the output
+        folder is inside the input (or the input inside it), or the train split is empty.
     """
-    import tensorflow_transform.beam as tft_beam
-    from tensorflow_transform.tf_metadata import dataset_metadata, metadata_io
-
     out = Path(out_dir).absolute()
+    _check_out_free(out, overwrite)
+    files = sources.resolve_input(input_patterns, input_format)
+    sources.check_output_apart(input_patterns, files, out)
+    files = sources.preflight(config, files)
+    say = echo or log.info
+    with locked(lock_file(out), f"the datagen output {out}", wait=wait, echo=say):
+        _check_out_free(out, overwrite)  # again: another run may have finished meanwhile
+        # Holding the lock, what an earlier run left beside the output is no live run's.
+        name = glob.escape(out.name)
+        for path in remove_leftovers(out.parent, [f"{name}.partial", f"{name}.old-*"]):
+            log.info("datagen: removed %s, left by an interrupted run", path)
+        return _run_locked(config, files, out, beam_args, batch_rows, echo)
+
+
+def lock_file(out: Path) -> Path:
+    """The lock file of a datagen output folder: a hidden file beside it."""
+    return out.with_name(f".{out.name}.lock")
+
+
+def _check_out_free(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(
             f"{out}: already holds results; pass --overwrite to replace them "
             "(they are kept until the new output is complete)"
         )
-    files = sources.preflight(config, sources.resolve_input(input_patterns, input_format))
+
+
+def _run_locked(
+    config: Config,
+    files: InputFiles,
+    out: Path,
+    beam_args: Sequence[str],
+    batch_rows: int,
+    echo: Callable[[str], None] | None,
+) -> DatagenResult:
+    import tensorflow_transform.beam as tft_beam
+    from tensorflow_transform.tf_metadata import dataset_metadata, metadata_io
 
     partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)  # left by an interrupted run of ours
     partial.mkdir(parents=True)
     started = time.monotonic()
     options = PipelineOptions(list(beam_args))
@@ -376,6 +411,13 @@ def summarize(config: Config, files: InputFiles, out_dir: Path, seconds: float) 
     total = sum(s["rows"] for s in splits.values())
     if total == 0:
         raise sources.InputError("--input: the input holds no rows")
+    if splits[TRAIN_DIR]["rows"] == 0:
+        by = f"data.split_by column {config.data.split_by!r}" if config.data.split_by else "row"
+        raise sources.InputError(
+            f"--input: all {total:,} rows went to the eval split and none to train (split by "
+            f"{by}, data.eval_fraction {config.data.eval_fraction}); add rows, or lower "
+            "data.eval_fraction, or split by a column with more distinct values"
+        )
     tft_output = tft.TFTransformOutput(str(out_dir))
     vocabularies = {}
     for vocab, members in config.vocabularies.items():

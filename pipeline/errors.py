@@ -14,6 +14,7 @@ from serving.process import ServerProcessError
 from serving.validate import ValidationError
 from trainer.errors import TrainError
 from transform.config import ConfigError
+from transform.paths import InUseError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
@@ -24,6 +25,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ValidationError,
     ScoringError,
     ServerProcessError,
+    InUseError,
     FileExistsError,
     FileNotFoundError,
     ValueError,

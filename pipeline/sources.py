@@ -8,12 +8,17 @@ and the other filesystems Beam supports.
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import difflib
 import io
+import itertools
 import os
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -115,6 +120,51 @@ def resolve_input(patterns: str | Sequence[str], fmt: InputFormat | None = None)
             raise InputError(f"--input: the files mix formats: {listing}")
         fmt = kinds.pop()
     return InputFiles(format=fmt, paths=tuple(dict.fromkeys(paths)))
+
+
+def check_output_apart(
+    patterns: str | Sequence[str], files: InputFiles, out_dir: str | os.PathLike[str]
+) -> None:
+    """Refuses an output folder inside the input, or an input inside the output folder.
+
+    An output inside a folder (or ``**``) input would be read back as input by the next run;
+    an input inside the output would be deleted when the output is replaced.
+
+    Raises:
+      InputError: naming both paths.
+    """
+    out = Path(out_dir).absolute()
+    if isinstance(patterns, str):
+        patterns = [p for p in patterns.split(",") if p]
+    for path in files.paths:
+        if "://" in path:
+            continue
+        file = Path(path).absolute()
+        if out in file.parents:
+            raise InputError(
+                f"--input {path} is inside --out {out}: replacing the output would delete the "
+                "input; write the output elsewhere"
+            )
+    for pattern in patterns:
+        if "://" in pattern:
+            continue
+        root = _glob_root(pattern)
+        recursive = _is_folder(pattern) or "**" in pattern
+        if recursive and (out == root or root in out.parents):
+            raise InputError(
+                f"--out {out} is inside --input {pattern}: a later run would read the output "
+                "as input; write the output elsewhere"
+            )
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder a local glob pattern searches from (its part before any wildcard)."""
+    parts = []
+    for part in Path(pattern).parts:
+        if any(c in part for c in "*?["):
+            break
+        parts.append(part)
+    return Path(*parts).absolute() if parts else Path.cwd()
 
 
 def _known_format(path: str, fmt: InputFormat | None) -> bool:
@@ -220,6 +270,16 @@ def _what(column: str, config: Config) -> str:
     return "feature " + ", ".join(repr(u) for u in users)
 
 
+def _missing_advice(column: str, config: Config) -> str:
+    """What to do about missing values of a column: a feature may take a default, a label not."""
+    if column == config.label:
+        return (
+            "a label has no default: drop the rows without one from the log, or fill their "
+            "labels in"
+        )
+    return "give the feature a 'default' in the config or clean the log"
+
+
 def _required_columns(config: Config) -> list[str]:
     cols = list(column_plan(config))
     if config.data.split_by and config.data.split_by not in cols:
@@ -288,7 +348,7 @@ def _preflight_parquet(config: Config, path: str) -> int:
         if nulls:
             raise InputError(
                 f"{path}: column {column!r} ({_what(column, config)}) has {nulls} missing "
-                "value(s); give the feature a 'default' in the config or clean the log"
+                f"value(s); {_missing_advice(column, config)}"
             )
     return meta.num_rows
 
@@ -434,15 +494,96 @@ def iter_csv(config: Config, path: str, block_rows: int = 65_536) -> Iterator[pa
             for batch in reader:
                 yield _split_lists(batch, plan, config.data.list_delimiter)
         except pa.ArrowInvalid as e:
-            raise InputError(f"{path}: {_explain_csv_error(str(e), plan, config)}") from None
+            raise InputError(f"{path}: {_explain_csv_error(str(e), path, names, config)}") from None
 
 
-def _explain_csv_error(message: str, plan: dict[str, Feature | None], config: Config) -> str:
-    # pyarrow says: "In CSV column #3: CSV conversion error to double: invalid value 'x'"
-    for column in plan:
-        if f"'{column}'" in message:
-            return f"column {column!r} ({_what(column, config)}): {message}"
+_CSV_COLUMN = re.compile(r"In CSV column #(\d+): (.*)", re.DOTALL)
+_CSV_VALUE = re.compile(r"invalid value '(.*)'$", re.DOTALL)
+_CSV_FIELDS = re.compile(r"Expected (\d+) columns, got (\d+)")
+
+
+def _explain_csv_error(message: str, path: str, names: Sequence[str], config: Config) -> str:
+    """pyarrow's CSV error, with the column's name and the line where the problem is.
+
+    pyarrow names a column by number and no line ("In CSV column #3: CSV conversion error to
+    double: invalid value 'x'"), and reports a quote that is never closed as a row with too few
+    columns. The file is read again, with Python's csv module, to find the line.
+    """
+    delimiter = config.data.csv_delimiter
+    column_error = _CSV_COLUMN.match(message)
+    if column_error:
+        index, detail = int(column_error.group(1)), column_error.group(2)
+        column = names[index] if index < len(names) else f"#{index}"
+        what = f" ({_what(column, config)})" if column in column_plan(config) else ""
+        value = _CSV_VALUE.search(detail)
+        line = None
+        if value:
+            with contextlib.suppress(_CsvUnreadable):
+                line = _find_csv_line(
+                    path, delimiter, lambda row: _field(row, index) == value.group(1)
+                )
+        where = f"line {line}, " if line else ""
+        return f"{where}column {column!r}{what}: {detail}"
+    fields = _CSV_FIELDS.search(message)
+    if fields:
+        expected = int(fields.group(1))
+        try:
+            line = _find_csv_line(path, delimiter, lambda row: len(row) != expected)
+        except _CsvUnreadable as unreadable:
+            if "unexpected end of data" in unreadable.reason:
+                return (
+                    f"line {unreadable.line}: a quoted field opened on this line is never "
+                    "closed (an unterminated '\"'), so the rest of the file was read as part of "
+                    f"it; {message.splitlines()[0]}"
+                )
+            return f"line {unreadable.line}: {unreadable.reason}; {message.splitlines()[0]}"
+        if line:
+            first = message.splitlines()[0]
+            return f"line {line}: expected {expected} fields, as in the header; {first}"
     return message
+
+
+class _CsvUnreadable(Exception):
+    """Python's csv module could not read a record; `line` is where the record starts."""
+
+    def __init__(self, line: int, reason: str) -> None:
+        super().__init__(f"line {line}: {reason}")
+        self.line = line
+        self.reason = reason
+
+
+def _field(row: list[str], index: int) -> str | None:
+    return row[index] if index < len(row) else None
+
+
+def _csv_rows(path: str, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """The file's records (header included) with the line each starts on, 1-based.
+
+    Raises:
+      _CsvUnreadable: at a record the csv module cannot read (a quote left open, say).
+    """
+    with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+        reader = csv.reader(text, delimiter=delimiter, strict=True)
+        start = 1
+        try:
+            for row in reader:
+                yield start, row
+                start = reader.line_num + 1
+        except csv.Error as error:
+            raise _CsvUnreadable(start, str(error)) from None
+
+
+def _find_csv_line(path: str, delimiter: str, match: Callable[[list[str]], bool]) -> int | None:
+    """The line of the first record after the header that `match`es; None if there is none
+    or the file cannot be read again. Raises `_CsvUnreadable` at a record it cannot read."""
+    try:
+        for line, row in itertools.islice(_csv_rows(path, delimiter), 1, None):
+            if match(row):
+                return line
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 class _Prepended(io.RawIOBase):
@@ -531,9 +672,12 @@ def fill_missing(config: Config, batch: pa.RecordBatch, where: str) -> pa.Record
         bad = int((lengths != 1).sum())
         if default is None or (lengths > 1).any():
             problem = "missing" if (lengths <= 1).all() else "missing or repeated"
+            advice = _missing_advice(name, config)
+            if (lengths > 1).any():
+                advice = "it takes one value per record; clean the log"
             raise InputError(
                 f"{where}: feature {name!r} ({_what(name, config)}) is {problem} in {bad} "
-                "record(s); give the feature a 'default' in the config or clean the log"
+                f"record(s); {advice}"
             )
         rows = [v if v else [default] for v in arr.to_pylist()]
         arrays[i] = pa.array(rows, arr.type)
@@ -579,7 +723,7 @@ def _to_large_list(
         if default is None:
             raise InputError(
                 f"{path}: column {column!r} ({_what(column, config)}) has {arr.null_count} "
-                "missing value(s); give the feature a 'default' in the config or clean the log"
+                f"missing value(s); {_missing_advice(column, config)}"
             )
         arr = arr.fill_null(
             pa.scalar(default).cast(arr.type)

@@ -3,11 +3,13 @@
 Each handler resolves the servable a `ModelSpec` names, runs it and counts the request in the
 metrics (model, version, API, entrypoint, status, latency). Any error leaves as a `ServingError`
 with TF Serving's code; an unexpected exception becomes INTERNAL and is logged, so no request can
-take the server down.
+take the server down. Before an inference request is run, the memory it will take is counted
+and bounded (see `serving.limits`); config reloads are refused unless the server allows them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from tensorflow_serving.apis import (
 
 from serving import wire
 from serving.errors import ServingError, invalid_argument
+from serving.limits import InFlightBudget, RequestLimits
 from serving.metrics import Metrics
 from serving.models import ModelManager
 from serving.servable import Servable
@@ -40,37 +43,78 @@ Response = TypeVar("Response")
 
 
 class ServingApi:
-    """Predict, Classify, Regress, GetModelMetadata, GetModelStatus and config reloads."""
+    """Predict, Classify, Regress, GetModelMetadata, GetModelStatus and config reloads.
 
-    def __init__(self, manager: ModelManager, metrics: Metrics) -> None:
+    `limits` bound the memory of each request and of all requests in flight; with
+    `allow_reload_config` False (the default), HandleReloadConfigRequest is refused with
+    PERMISSION_DENIED: whoever reaches the port could otherwise unload the served models or
+    load any SavedModel the server can read.
+    """
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        metrics: Metrics,
+        limits: RequestLimits | None = None,
+        *,
+        allow_reload_config: bool = False,
+    ) -> None:
         self.manager = manager
         self.metrics = metrics
+        self.limits = limits or RequestLimits()
+        self.budget = InFlightBudget(
+            self.limits.max_in_flight_bytes, self.limits.in_flight_wait_seconds
+        )
+        self.allow_reload_config = allow_reload_config
 
     # ----------------------------------------------------------------------------------------
     # PredictionService
 
     def predict(
-        self, request: predict_pb2.PredictRequest, entrypoint: str | None = GRPC
+        self,
+        request: predict_pb2.PredictRequest,
+        entrypoint: str | None = GRPC,
+        *,
+        reserved: bool = False,
     ) -> predict_pb2.PredictResponse:
-        """Run Predict; `entrypoint` None leaves the metrics to the caller."""
-        return self._on_servable("Predict", entrypoint, request, lambda s: s.predict(request))
+        """Run Predict; `entrypoint` None leaves the metrics to the caller.
 
-    def classify(self, request: Any, entrypoint: str | None = GRPC) -> Any:
+        `reserved` says the caller already holds room for the request in the in-flight budget
+        (the REST front end reserves it before it reads the body).
+        """
+        return self._on_servable(
+            "Predict",
+            entrypoint,
+            request,
+            lambda s: s.predict(request),
+            expanded_bytes=lambda: self.limits.predict_bytes(request.inputs),
+            reserved=reserved,
+        )
+
+    def classify(
+        self, request: Any, entrypoint: str | None = GRPC, *, reserved: bool = False
+    ) -> Any:
         """Run Classify on a ClassificationRequest read as `wire.SerializedInferenceRequest`."""
         return self._on_servable(
             "Classify",
             entrypoint,
             request,
             lambda s: s.classify(request.model_spec, wire.serialized_examples(request.input)),
+            expanded_bytes=lambda: self.limits.examples_bytes(request.input),
+            reserved=reserved,
         )
 
-    def regress(self, request: Any, entrypoint: str | None = GRPC) -> Any:
+    def regress(
+        self, request: Any, entrypoint: str | None = GRPC, *, reserved: bool = False
+    ) -> Any:
         """Run Regress on a RegressionRequest read as `wire.SerializedInferenceRequest`."""
         return self._on_servable(
             "Regress",
             entrypoint,
             request,
             lambda s: s.regress(request.model_spec, wire.serialized_examples(request.input)),
+            expanded_bytes=lambda: self.limits.examples_bytes(request.input),
+            reserved=reserved,
         )
 
     def get_model_metadata(
@@ -132,6 +176,12 @@ class ServingApi:
         """Apply a new ModelConfigList; returns once the models it adds are available."""
 
         def reload() -> model_management_pb2.ReloadConfigResponse:
+            if not self.allow_reload_config:
+                raise ServingError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "HandleReloadConfigRequest is disabled on this server: start it with "
+                    "--allow_reload_config to let clients change the models it serves",
+                )
             if request.config.WhichOneof("config") != "model_config_list":
                 raise invalid_argument(
                     "ServerModelConfig type not supported by HandleReloadConfigRequest. "
@@ -153,6 +203,9 @@ class ServingApi:
         request: Any,
         run: Callable[[Servable], Response],
         validate: Callable[[], None] | None = None,
+        *,
+        expanded_bytes: Callable[[], int] | None = None,
+        reserved: bool = True,
     ) -> Response:
         version = [""]
 
@@ -161,9 +214,15 @@ class ServingApi:
                 raise invalid_argument("Missing ModelSpec")
             if validate is not None:
                 validate()
-            servable = self.manager.servable(request.model_spec)
-            version[0] = str(servable.version)
-            return run(servable)
+            # Counted before anything is allocated for the request: its declared shapes may
+            # be far larger than the request itself.
+            expanded = expanded_bytes() if expanded_bytes is not None else 0
+            with contextlib.ExitStack() as stack:
+                if not reserved:
+                    stack.enter_context(self.budget.reserve(request.ByteSize() + expanded))
+                servable = self.manager.servable(request.model_spec)
+                version[0] = str(servable.version)
+                return run(servable)
 
         return self._observed(api, entrypoint, request.model_spec.name, call, version)
 

@@ -28,6 +28,16 @@ log = logging.getLogger(__name__)
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
+# A call without a deadline reports a time remaining of centuries, more than a timed wait takes.
+_NO_DEADLINE_SECONDS = 365 * 24 * 3600.0
+
+
+def _time_remaining(context: grpc.ServicerContext) -> float | None:
+    """Seconds left before the client's deadline; None when the client set none."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > _NO_DEADLINE_SECONDS:
+        return None
+    return remaining
 
 
 def _serialize(message: Any) -> bytes:
@@ -71,7 +81,7 @@ def service_handlers(api: ServingApi) -> list[grpc.GenericRpcHandler]:
             get_model_status_pb2.GetModelStatusRequest,
         ),
         "HandleReloadConfigRequest": _unary(
-            lambda r, context: api.reload_config(r, GRPC, timeout=context.time_remaining()),
+            lambda r, context: api.reload_config(r, GRPC, timeout=_time_remaining(context)),
             model_management_pb2.ReloadConfigRequest,
         ),
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import re
 import threading
 import time
@@ -69,7 +70,9 @@ class ManagerSettings:
     `file_system_poll_wait_seconds` <= 0 polls once, when a config is applied (as TF Serving
     does for 0); `poll_now()` polls at any time. A failed load is retried
     `max_num_load_retries` times, `load_retry_interval_seconds` apart, before the version is
-    reported END with its error.
+    reported END with its error; the retries stop early when a newer version of the model
+    appears, so a broken version never holds back the next one. `model_base_path_roots`, when
+    given, confines every model's base path to those folders (symbolic links resolved).
     """
 
     file_system_poll_wait_seconds: float = 1.0
@@ -77,18 +80,27 @@ class ManagerSettings:
     load_retry_interval_seconds: float = 60.0
     num_load_threads: int = 2
     allow_version_labels_for_unavailable_models: bool = False
+    model_base_path_roots: tuple[str, ...] = ()
     servable: ServableOptions = field(default_factory=ServableOptions)
 
 
 @dataclass
 class _Harness:
-    """The manager's hold on one aspired or loaded version."""
+    """The manager's hold on one aspired or loaded version.
+
+    A version number may come from another folder after a reload moves the model to a new base
+    path: `pending` is that folder, loaded while the version keeps serving from `path`, and
+    swapped in once it has loaded (`failed` remembers a folder that did not load, so it is not
+    tried again until it is replaced).
+    """
 
     version: int
     path: Path
     state: State
     servable: Servable | None = None
     error: ServingError | None = None
+    pending: Path | None = None
+    failed: Path | None = None
 
 
 @dataclass
@@ -276,14 +288,25 @@ class ModelManager:
         *,
         wait: bool = True,
         timeout: float | None = None,
+        atomic: bool = True,
     ) -> None:
-        """Apply a new model config, as TF Serving's `ServerCore::ReloadConfig`.
+        """Apply a new model config, as TF Serving's `ServerCore::ReloadConfig`, all or nothing.
 
-        Models not in the new config are unloaded; changed base paths and version policies take
-        effect at once; labels must point at AVAILABLE versions unless
-        `allow_version_labels_for_unavailable_models`. With `wait`, returns once every version
-        aspired by a model new to the server has loaded or failed, and raises UNKNOWN naming the
-        new models left without an AVAILABLE version.
+        The whole config is checked before anything changes: TF Serving's rules, base paths
+        under `model_base_path_roots`, labels (which must point at AVAILABLE versions unless
+        `allow_version_labels_for_unavailable_models`). Changed version policies take effect at
+        once.
+
+        With `atomic` (a HandleReloadConfigRequest, a changed config file), every model new to
+        the server or given another base path or version policy must find a version in its
+        base path and load it: the call returns once they have, or puts the previous config
+        back (models it added are removed, changed ones return to their previous settings)
+        and raises, UNKNOWN naming the models that failed, DEADLINE_EXCEEDED when `timeout`
+        passes first. Models the new config leaves out are removed only once it has succeeded,
+        so a failed reload never unloads a served model. Without `atomic` (the config a server
+        starts with), models that fail stay configured, so a later good version is still
+        picked up; with `wait`, the call then returns once their loads have settled and raises
+        UNKNOWN naming the new models left without an AVAILABLE version.
         """
         validate_config(config)
         if config.WhichOneof("config") is None:
@@ -291,9 +314,20 @@ class ModelManager:
             return
         with self._reload_lock:
             configs = [_copy_model_config(model) for model in config.model_config_list.config]
+            self._check_roots(configs)
             with self._lock:
                 labels = self._checked_labels(configs)
-                new_names = [model.name for model in configs if model.name not in self._models]
+                previous = {name: (m.config, dict(m.labels)) for name, m in self._models.items()}
+            new_names = [model.name for model in configs if model.name not in previous]
+            changed = [
+                model.name
+                for model in configs
+                if model.name not in previous or _source_changed(previous[model.name][0], model)
+            ]
+            if atomic:
+                self._check_sources([model for model in configs if model.name in changed])
+            kept = {model.name for model in configs}
+            with self._lock:
                 for model_config in configs:
                     model = self._models.get(model_config.name)
                     if model is None:
@@ -301,14 +335,88 @@ class ModelManager:
                         model = self._models[model_config.name] = _Model(model_config, statuses)
                     model.config = model_config
                     model.labels = labels.get(model_config.name, {})
+                    if model_config.name in changed:
+                        for harness in model.harnesses.values():
+                            harness.failed = None  # a folder that failed before may be fixed
                     self._publish(model)
-                for name in set(self._models) - {model.name for model in configs}:
-                    self._remove_model(name)
+                if not atomic:
+                    for name in set(self._models) - kept:
+                        self._remove_model(name)
                 self._lock.notify_all()
             log.info("Models in config: %s", ", ".join(model.name for model in configs))
             self.poll_now()
-            if wait:
+            if atomic:
+                try:
+                    self._await_models(changed, timeout, need_aspired=True)
+                except ServingError:
+                    self._restore(previous, new_names)
+                    raise
+                with self._lock:
+                    for name in set(self._models) - kept:
+                        self._remove_model(name)
+                    self._lock.notify_all()
+            elif wait:
                 self._await_models(new_names, timeout)
+
+    def _check_roots(self, configs: Iterable[model_server_config_pb2.ModelConfig]) -> None:
+        """Refuses a base path outside `model_base_path_roots` (PERMISSION_DENIED)."""
+        roots = [Path(os.path.realpath(root)) for root in self.settings.model_base_path_roots]
+        if not roots:
+            return
+        allowed = ", ".join(str(root) for root in roots)
+        for config in configs:
+            if "://" in config.base_path:
+                raise ServingError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"Model {config.name}: base path {config.base_path} is not a local folder "
+                    f"under the allowed roots ({allowed}; --model_base_path_roots)",
+                )
+            # Resolved, so neither '..' nor a symbolic link leads out of a root.
+            base = Path(os.path.realpath(config.base_path))
+            if not any(base == root or root in base.parents for root in roots):
+                raise ServingError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"Model {config.name}: base path {config.base_path} is outside the allowed "
+                    f"roots ({allowed}; --model_base_path_roots)",
+                )
+
+    @staticmethod
+    def _check_sources(configs: Iterable[model_server_config_pb2.ModelConfig]) -> None:
+        """Refuses (UNKNOWN, as TF Serving) a model whose base path holds no version to serve."""
+        for config in configs:
+            try:
+                found = aspired_versions(config)
+            except (_BasePathMissing, OSError) as error:
+                reason = str(error)
+            else:
+                if found:
+                    continue
+                reason = f"no versions found under {config.base_path}"
+            detail = f"{{{{name: {config.name}}} due to error: {reason}}}, "
+            raise ServingError(
+                grpc.StatusCode.UNKNOWN,
+                f"1 model(s) did not become available: {{{detail}}}; the config was not applied",
+            )
+
+    def _restore(
+        self,
+        previous: dict[str, tuple[model_server_config_pb2.ModelConfig, dict[str, int]]],
+        added: list[str],
+    ) -> None:
+        """Puts back the models and settings a failed reload changed."""
+        with self._lock:
+            for name in added:
+                if name in self._models:
+                    self._remove_model(name)
+            for name, (config, labels) in previous.items():
+                model = self._models.get(name)
+                if model is not None:
+                    model.config = config
+                    model.labels = labels
+                    self._publish(model)
+            self._lock.notify_all()
+        log.warning("Model config not applied; the previous one is kept")
+        self.poll_now()
 
     def _checked_labels(
         self, configs: Iterable[model_server_config_pb2.ModelConfig]
@@ -344,20 +452,34 @@ class ModelManager:
         self._routes = {key: value for key, value in self._routes.items() if key != name}
         log.info("Removed model %s from the config", name)
 
-    def _await_models(self, names: list[str], timeout: float | None) -> None:
+    def _await_models(
+        self, names: list[str], timeout: float | None, *, need_aspired: bool = False
+    ) -> None:
+        """Wait until the named models' loads have settled; raise naming those that failed.
+
+        A model failed when it serves nothing, or with `need_aspired`, when none of the versions
+        its current base path and policy ask for is AVAILABLE (it may still serve an older one).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        timed_out = False
         with self._lock:
             while not self._stop.is_set():
                 if all(self._settled(name) for name in names):
                     break
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
+                    timed_out = True
                     break
                 self._lock.wait(remaining)
+            if timed_out:
+                raise ServingError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"Models {', '.join(names)} did not finish loading within {timeout:.3g} s",
+                )
             failures = [
                 self._failure_description(name)
                 for name in names
-                if name in self._models and self._routes.get(name, _NO_ROUTES).latest is None
+                if name in self._models and not self._serves(name, need_aspired)
             ]
         if failures:
             raise ServingError(
@@ -365,13 +487,26 @@ class ModelManager:
                 f"{len(failures)} model(s) did not become available: {{{''.join(failures)}}}",
             )
 
+    def _serves(self, name: str, need_aspired: bool) -> bool:
+        routes = self._routes.get(name, _NO_ROUTES)
+        if not need_aspired:
+            return routes.latest is not None
+        model = self._models[name]
+        return any(
+            model.aspired.get(version) == model.harnesses[version].path
+            for version in routes.versions
+            if version in model.harnesses
+        )
+
     def _settled(self, name: str) -> bool:
         # Every aspired version has been tried, not just the latest: a server that has started
         # serves all the versions its policy asks for (and labels on older ones work at once).
         model = self._models.get(name)
         if model is None or model.base_path_error is not None:
             return True
-        busy = any(h.state in (State.START, State.LOADING) for h in model.harnesses.values())
+        busy = model.loading is not None or any(
+            h.state in (State.START, State.LOADING) or h.pending for h in model.harnesses.values()
+        )
         return model.polled and not busy
 
     def _failure_description(self, name: str) -> str:
@@ -420,9 +555,18 @@ class ModelManager:
     def _set_aspired(self, model: _Model, aspired: dict[int, Path]) -> None:
         model.aspired = aspired
         for version, path in aspired.items():
-            if version not in model.harnesses:
+            harness = model.harnesses.get(version)
+            if harness is None or (harness.state == State.END and harness.path != path):
                 model.harnesses[version] = _Harness(version, path, State.START)
                 self._set_status(model, version, State.START)
+            elif harness.path == path:
+                harness.pending = None
+            elif harness.state == State.START:
+                harness.path = path
+            elif harness.failed != path:
+                # Loaded (or loading) from another folder: keep serving it until this one has
+                # loaded in its place.
+                harness.pending = path
         for version in list(model.harnesses):
             harness = model.harnesses[version]
             if version in aspired:
@@ -453,13 +597,15 @@ class ModelManager:
             new = [
                 v
                 for v, h in model.harnesses.items()
-                if h.state == State.START and v in model.aspired
+                if v in model.aspired
+                and (h.state == State.START or (h.state == State.AVAILABLE and h.pending))
             ]
             if new:
                 harness = model.harnesses[max(new)]
-                harness.state = State.LOADING
                 model.loading = harness.version
-                self._set_status(model, harness.version, State.LOADING)
+                if harness.state == State.START:
+                    harness.state = State.LOADING
+                    self._set_status(model, harness.version, State.LOADING)
                 self._executor.submit(self._load, model, harness)
         self._publish(model)
         self._lock.notify_all()
@@ -480,13 +626,17 @@ class ModelManager:
 
     def _load(self, model: _Model, harness: _Harness) -> None:
         name, version = model.config.name, harness.version
+        with self._lock:
+            # A version already serving is replaced from its new folder only once that loaded.
+            replacing = harness.state == State.AVAILABLE and harness.pending is not None
+            path = harness.pending if replacing and harness.pending else harness.path
         attempts = max(0, self.settings.max_num_load_retries) + 1
         servable: Servable | None = None
         error: ServingError | None = None
         for attempt in range(attempts):
             log.info("Loading servable version {name: %s version: %d}", name, version)
             try:
-                servable = self._loader(name, version, harness.path)
+                servable = self._loader(name, version, path)
                 error = None
                 self._metrics.record_load(name, version, "OK")
                 break
@@ -496,9 +646,7 @@ class ModelManager:
                 log.error(
                     "Loading servable: {name: %s version: %d} failed: %s", name, version, error
                 )
-            with self._lock:
-                wanted = self._models.get(name) is model and version in model.aspired
-            if attempt + 1 == attempts or not wanted:
+            if attempt + 1 == attempts or not self._retry_wanted(model, version, path):
                 break
             log.info(
                 "Retrying load of {name: %s version: %d} in %.3g s (retry %d of %d)",
@@ -508,7 +656,13 @@ class ModelManager:
                 attempt + 1,
                 attempts - 1,
             )
-            if self._stop.wait(self.settings.load_retry_interval_seconds):
+            if not self._wait_for_retry(model, version, path):
+                log.info(
+                    "Not retrying {name: %s version: %d}: a newer version waits to load, or "
+                    "this one is no longer wanted",
+                    name,
+                    version,
+                )
                 break
         with self._lock:
             if model.loading == version:
@@ -517,7 +671,20 @@ class ModelManager:
             # A model removed meanwhile keeps reporting its last states, unless it was added
             # back: then these statuses belong to the new model's versions.
             reported = current or self._retired.get(name) is model.statuses
-            if error is None and current and servable is not None:
+            if replacing:
+                if harness.pending == path:
+                    harness.pending = None
+                if error is None and servable is not None:
+                    harness.servable, harness.path, harness.error = servable, path, None
+                    log.info(
+                        "Replaced servable version {name: %s version: %d} with %s",
+                        name,
+                        version,
+                        path,
+                    )
+                else:
+                    harness.error, harness.failed = error, path
+            elif error is None and current and servable is not None:
                 harness.servable = servable
                 harness.state = State.AVAILABLE
                 self._set_status(model, version, State.AVAILABLE)
@@ -532,6 +699,33 @@ class ModelManager:
             if self._models.get(name) is model:
                 self._reconcile(model)
             self._lock.notify_all()
+
+    def _retry_wanted(self, model: _Model, version: int, path: Path) -> bool:
+        """Whether a failed version is still worth retrying: it is aspired from `path`, and no
+        newer aspired version waits for the model's one load slot."""
+        with self._lock:
+            if self._stop.is_set() or self._models.get(model.config.name) is not model:
+                return False
+            newer_waiting = any(
+                harness.state == State.START and newer > version and newer in model.aspired
+                for newer, harness in model.harnesses.items()
+            )
+            return model.aspired.get(version) == path and not newer_waiting
+
+    def _wait_for_retry(self, model: _Model, version: int, path: Path) -> bool:
+        """Wait out the retry interval; False as soon as the retry is no longer wanted.
+
+        A poll that finds a newer version wakes this wait (it notifies the lock), so the newer
+        version loads at once instead of after the failed one's retries.
+        """
+        deadline = time.monotonic() + self.settings.load_retry_interval_seconds
+        with self._lock:
+            while self._retry_wanted(model, version, path):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return True
+                self._lock.wait(remaining)
+        return False
 
     # ----------------------------------------------------------------------------------------
     # State and routing
@@ -626,6 +820,17 @@ class ModelManager:
 
 
 _NO_ROUTES = _Routes({}, None, {})
+
+
+def _source_changed(
+    old: model_server_config_pb2.ModelConfig, new: model_server_config_pb2.ModelConfig
+) -> bool:
+    """Whether a model's versions come from elsewhere: another base path or version policy."""
+    return (
+        old.base_path != new.base_path
+        or old.model_version_policy != new.model_version_policy
+        or old.model_platform != new.model_platform
+    )
 
 
 def _copy_model_config(

@@ -98,6 +98,11 @@ class ServerProcess:
         )
 
     @property
+    def pid(self) -> int | None:
+        """The server process's id, once started."""
+        return self._process.pid if self._process is not None else None
+
+    @property
     def running(self) -> bool:
         """Whether the process is alive."""
         return self._process is not None and self._process.poll() is None

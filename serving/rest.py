@@ -19,6 +19,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -40,6 +41,7 @@ from tensorflow_serving.apis import (
 from serving import wire
 from serving.api import REST, ServingApi
 from serving.errors import ServingError, invalid_argument
+from serving.limits import json_body_bytes
 from serving.metrics import PROMETHEUS_PATH
 from serving.servable import DEFAULT_SIGNATURE, dtype_name, tensor_proto_from_array
 
@@ -56,7 +58,10 @@ _STATUS_PATH = re.compile(
 _API_PATH = re.compile(r"/v1/.*", re.IGNORECASE | re.DOTALL)
 _INT64_MAX = 2**63 - 1
 _ERROR_VALUE_CHARS = 2000
-_MAX_DISCARDED_BYTES = 64 << 20
+# A refused body is read and dropped up to this size, so that its sender gets the answer.
+_MAX_DISCARDED_BYTES = 1 << 30
+_DISCARD_BYTES_PER_SECOND = 64 << 20
+_DISCARD_BLOCK = 1 << 20
 _MAX_CHUNK_LINE = 1 << 16
 # numpy's limit on dimensions; TensorFlow's is higher, but no model input comes close.
 _MAX_RANK = 32
@@ -398,7 +403,11 @@ def _example_from_json(value: Any) -> tf.train.Example:
 
 
 class RestApi:
-    """Answers REST requests with the shared `ServingApi`."""
+    """Answers REST requests with the shared `ServingApi`.
+
+    The HTTP front end (`RestServer`) holds room in the API's in-flight budget for a request
+    before it reads the body, so the handlers here do not reserve it again.
+    """
 
     def __init__(self, api: ServingApi, max_body_bytes: int | None = None) -> None:
         self.api = api
@@ -544,7 +553,7 @@ class RestApi:
         for name, array in arrays.items():
             # The arrays already have the signature's dtypes (json_to_array checked them).
             tensor_proto_from_array(array, infos[name].dtype, request.inputs[name])
-        response = self.api.predict(request, entrypoint=None)
+        response = self.api.predict(request, entrypoint=None, reserved=True)
         record["version"] = str(response.model_spec.version.value)
         outputs = {
             alias: (tf.make_ndarray(proto), proto.dtype)
@@ -585,7 +594,7 @@ class RestApi:
             raise _format_error(document, "'examples' value is an empty array")
         target.extend(_example_from_json(example).SerializeToString() for example in examples)
         if verb == "classify":
-            response = self.api.classify(request, entrypoint=None)
+            response = self.api.classify(request, entrypoint=None, reserved=True)
             record["version"] = str(response.model_spec.version.value)
             results = [
                 [[entry.label, _float32_json(entry.score)] for entry in row.classes]
@@ -594,7 +603,7 @@ class RestApi:
             if not results:
                 raise invalid_argument("Cannot convert empty ClassificationResults to JSON")
         else:
-            response = self.api.regress(request, entrypoint=None)
+            response = self.api.regress(request, entrypoint=None, reserved=True)
             record["version"] = str(response.model_spec.version.value)
             results = [_float32_json(entry.value) for entry in response.result.regressions]
             if not results:
@@ -659,10 +668,11 @@ def _error_response(error: ServingError) -> RestResponse:
 
 
 def _too_large(length: int, limit: int, at_least: bool = False) -> ServingError:
-    size = f"at least {length}" if at_least else str(length)
+    size = f"at least {length:,}" if at_least else f"{length:,}"
     return ServingError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"Request body of {size} bytes is larger than the maximum of {limit} bytes",
+        f"Request body of {size} bytes is larger than the maximum of {limit:,} bytes "
+        "(grpc.max_receive_message_length in --grpc_channel_arguments)",
     )
 
 
@@ -673,16 +683,21 @@ class _Handler(BaseHTTPRequestHandler):
     # Keep-alive: a client's connection serves many requests, without a TCP handshake and a
     # new server thread for each (HTTP/1.0 closes after every answer).
     protocol_version = "HTTP/1.1"
-    # An idle or stalled client must not hold a thread for long.
+    # An idle or stalled client must not hold a thread for long (--rest_api_timeout_in_ms).
     timeout = 30
     # The headers and the body of an answer are two writes; with Nagle's algorithm the body
     # would wait for the client to acknowledge the headers (a delayed ACK on keep-alive).
     disable_nagle_algorithm = True
 
+    # What is left of the current request's body: bytes (Content-Length), or chunks until the
+    # last one (None while a chunked body is not finished), or nothing known (-1).
+    _body_left: int | None = 0
+
     def parse_request(self) -> bool:
         # The request line has arrived: from here until its answer is written, a graceful
         # stop waits for this connection instead of closing it.
         self.server.set_busy(self.connection, True)
+        self._body_left = 0
         return super().parse_request()
 
     def handle_one_request(self) -> None:
@@ -693,15 +708,68 @@ class _Handler(BaseHTTPRequestHandler):
             if self.server.stopping:
                 self.close_connection = True
 
+    def handle_expect_100(self) -> bool:
+        # A client that asks before sending a body too large is told no at once, and sends none.
+        limit = self.rest.max_body_bytes
+        length = self._content_length()
+        if limit is not None and length is not None and length > limit:
+            self.close_connection = True
+            self._send(_error_response(_too_large(length, limit)))
+            return False
+        return super().handle_expect_100()
+
     def _answer(self) -> None:
         try:
-            body = self._read_body()
+            response = self._admitted_answer()
         except ServingError as error:
-            # What is left of the refused body cannot be told from the next request.
+            # The client may still be sending the refused body: read the rest of it, so that
+            # it gets this answer instead of a reset connection. What is left could not be
+            # told from a next request, so the connection closes after the answer.
+            self._discard_body()
             self.close_connection = True
             response = _error_response(error)
+        self._send(response)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _answer
+
+    def _admitted_answer(self) -> RestResponse:
+        """The answer, given once the request has a worker and room in the memory budget."""
+        limit = self.rest.max_body_bytes
+        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        length = None if chunked else self._content_length()
+        if not chunked:
+            if length is None:
+                self._body_left = -1
+                raise invalid_argument("Invalid Content-Length header")
+            self._body_left = length
+            if limit is not None and length > limit:
+                raise _too_large(length, limit)
         else:
-            response = self.rest.handle(self.command, self.path, body)
+            self._body_left = None
+        api = self.rest.api
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.server.worker(api.limits.in_flight_wait_seconds))
+            if length:
+                # Room for the body is held before it is read.
+                stack.enter_context(api.budget.reserve(length, "this request's body"))
+            body = self._read_body(length, limit)
+            if chunked and body:
+                stack.enter_context(api.budget.reserve(len(body), "this request's body"))
+            if body:
+                # And room for what its JSON is parsed into, before it is parsed.
+                stack.enter_context(api.budget.reserve(json_body_bytes(body), "this request"))
+            return self.rest.handle(self.command, self.path, body)
+
+    def _content_length(self) -> int | None:
+        """The Content-Length header (0 when absent), or None when it is not a count."""
+        text = self.headers.get("Content-Length")
+        try:
+            length = int(text) if text else 0
+        except ValueError:
+            return None
+        return length if length >= 0 else None
+
+    def _send(self, response: RestResponse) -> None:
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
@@ -712,56 +780,92 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(response.body)
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _answer
-
-    def _read_body(self) -> bytes:
-        """The request's body, sized by Content-Length or sent in chunks."""
-        limit = self.rest.max_body_bytes
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+    def _read_body(self, length: int | None, limit: int | None) -> bytes:
+        """The request's body, sized by Content-Length (`length`) or sent in chunks (None)."""
+        if length is None:
             return self._read_chunked(limit)
-        length_header = self.headers.get("Content-Length")
-        try:
-            length = int(length_header) if length_header else 0
-        except ValueError:
-            length = -1
-        if length < 0:
-            raise invalid_argument("Invalid Content-Length header")
-        if limit is not None and length > limit:
-            self._discard_body(length)
-            raise _too_large(length, limit)
-        return self.rfile.read(length) if length else b""
+        body = self.rfile.read(length) if length else b""
+        self._body_left = length - len(body)
+        if self._body_left:
+            raise invalid_argument("The request body ended early")
+        return body
 
     def _read_chunked(self, limit: int | None) -> bytes:
         body = bytearray()
         while True:
-            line = self.rfile.readline(_MAX_CHUNK_LINE)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise invalid_argument("Invalid chunk size in a chunked request body") from None
+            size = self._chunk_size()
             if size == 0:
-                # Trailer fields, if any, up to the empty line that ends the body.
-                while self.rfile.readline(_MAX_CHUNK_LINE) not in (b"\r\n", b"\n", b""):
-                    pass
                 return bytes(body)
             if limit is not None and len(body) + size > limit:
+                self._skip(size)
                 raise _too_large(len(body) + size, limit, at_least=True)
             chunk = self.rfile.read(size)
             if len(chunk) != size:
+                self._body_left = -1
                 raise invalid_argument("The chunked request body ended early")
             body += chunk
             self.rfile.readline(_MAX_CHUNK_LINE)  # the CRLF after the chunk
 
-    def _discard_body(self, length: int) -> None:
-        # Reading a refused body lets the client finish sending and read the error; past a
-        # bound the connection is cut instead.
-        if length > _MAX_DISCARDED_BYTES:
-            return
-        while length > 0:
-            chunk = self.rfile.read(min(length, 1 << 20))
-            if not chunk:
+    def _chunk_size(self) -> int:
+        """The size of the next chunk; at the last one, reads the trailer and ends the body."""
+        line = self.rfile.readline(_MAX_CHUNK_LINE)
+        try:
+            size = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            self._body_left = -1
+            raise invalid_argument("Invalid chunk size in a chunked request body") from None
+        if size < 0:
+            self._body_left = -1
+            raise invalid_argument("Invalid chunk size in a chunked request body")
+        if size == 0:
+            # Trailer fields, if any, up to the empty line that ends the body.
+            while self.rfile.readline(_MAX_CHUNK_LINE) not in (b"\r\n", b"\n", b""):
+                pass
+            self._body_left = 0
+        return size
+
+    def _skip(self, size: int) -> int:
+        """Reads and drops up to `size` bytes, a block at a time; returns how many.
+
+        At most `_DISCARD_BYTES_PER_SECOND`: a client that keeps sending bodies the server
+        refuses is slowed down, instead of taking the machine's time from the requests the
+        server answers.
+        """
+        # One buffer, read into straight from the socket: no allocation per block, and the
+        # interpreter is free while the kernel copies (other requests run meanwhile).
+        block = memoryview(bytearray(min(size, _DISCARD_BLOCK)))
+        skipped = 0
+        started = time.monotonic()
+        while skipped < size:
+            count = self.rfile.readinto(block[: min(size - skipped, len(block))])
+            if not count:
+                break
+            skipped += count
+            ahead = skipped / _DISCARD_BYTES_PER_SECOND - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+        return skipped
+
+    def _discard_body(self) -> None:
+        """Reads and drops what is left of a refused body, up to `_MAX_DISCARDED_BYTES`.
+
+        Dropping takes no memory. Past the bound, or when the body cannot be delimited, the
+        connection is closed with the rest unread.
+        """
+        left = self._body_left
+        try:
+            if left is not None and left > 0:
+                self._body_left = left - self._skip(min(left, _MAX_DISCARDED_BYTES))
                 return
-            length -= len(chunk)
+            discarded = 0
+            while left is None and discarded <= _MAX_DISCARDED_BYTES:
+                size = self._chunk_size()
+                if size == 0:
+                    return
+                discarded += self._skip(size)
+                self.rfile.readline(_MAX_CHUNK_LINE)
+        except (OSError, ServingError):
+            return  # the client hung up, or sent something that is not a chunk
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s - %s", self.address_string(), format % args)
@@ -770,17 +874,33 @@ class _Handler(BaseHTTPRequestHandler):
 class RestServer(ThreadingHTTPServer):
     """A threaded HTTP/1.1 server whose `stop` lets requests in flight finish.
 
-    Connections are kept alive between requests. On `stop`, idle connections are closed at
-    once and busy ones after their answer (sent with ``Connection: close``).
+    Connections are kept alive between requests, each served by its own thread; at most
+    `num_threads` requests are answered at once (TF Serving's `--rest_api_num_threads`), the
+    others wait for a worker. A connection that stalls for `timeout_seconds` is closed. On
+    `stop`, idle connections are closed at once and busy ones after their answer (sent with
+    ``Connection: close``).
     """
 
     # Track request threads so `stop` can wait for them (ThreadingHTTPServer's are daemons).
     daemon_threads = False
     block_on_close = False
+    # Connections the kernel queues before they are accepted: a burst of new clients must not
+    # wait for TCP's retransmission (1 s and more) behind socketserver's default of 5.
+    request_queue_size = socket.SOMAXCONN
 
-    def __init__(self, host: str, port: int, rest: RestApi) -> None:
-        handler = type("RestHandler", (_Handler,), {"rest": rest})
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        rest: RestApi,
+        *,
+        num_threads: int = 16,
+        timeout_seconds: float = 30.0,
+    ) -> None:
+        handler = type("RestHandler", (_Handler,), {"rest": rest, "timeout": timeout_seconds})
         super().__init__((host, port), handler)
+        self.num_threads = num_threads
+        self._workers = threading.BoundedSemaphore(num_threads)
         self._thread: threading.Thread | None = None
         self._in_flight: set[threading.Thread] = set()
         self._in_flight_lock = threading.Lock()
@@ -792,6 +912,20 @@ class RestServer(ThreadingHTTPServer):
     def port(self) -> int:
         """The port the server is bound to."""
         return self.server_address[1]
+
+    @contextlib.contextmanager
+    def worker(self, wait_seconds: float) -> Iterator[None]:
+        """Holds one of the `num_threads` workers; RESOURCE_EXHAUSTED if none frees in time."""
+        if not self._workers.acquire(timeout=wait_seconds):
+            raise ServingError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server is busy: {self.num_threads} REST requests are being answered "
+                "(--rest_api_num_threads); retry later",
+            )
+        try:
+            yield
+        finally:
+            self._workers.release()
 
     def set_busy(self, connection: socket.socket, busy: bool) -> None:
         """Marks a connection as answering a request (True) or waiting for one (False)."""

@@ -39,6 +39,7 @@ from serving.errors import (
     invalid_argument,
     not_found,
 )
+from serving.limits import VALUE_FIELDS, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +55,6 @@ REGRESS_OUTPUTS = "outputs"
 WARMUP_DIR = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"
 WARMUP_MAX_RECORDS = 1000
-MAX_TENSOR_ELEMENTS = 1 << 28
-
-# TensorProto's typed value field per dtype: TF Serving answers with `Tensor::AsProtoField`, so
-# clients that read `float_val` directly (as TF Serving's own examples do) keep working.
-_PROTO_FIELDS: dict[int, str] = {
-    types_pb2.DT_FLOAT: "float_val",
-    types_pb2.DT_DOUBLE: "double_val",
-    types_pb2.DT_INT32: "int_val",
-    types_pb2.DT_INT16: "int_val",
-    types_pb2.DT_INT8: "int_val",
-    types_pb2.DT_UINT8: "int_val",
-    types_pb2.DT_UINT16: "int_val",
-    types_pb2.DT_STRING: "string_val",
-    types_pb2.DT_INT64: "int64_val",
-    types_pb2.DT_BOOL: "bool_val",
-    types_pb2.DT_UINT32: "uint32_val",
-    types_pb2.DT_UINT64: "uint64_val",
-    types_pb2.DT_HALF: "half_val",
-    types_pb2.DT_BFLOAT16: "half_val",
-}
 
 
 @dataclass(frozen=True)
@@ -130,7 +111,7 @@ def tensor_proto_from_array(array: np.ndarray, dtype: int, proto: tensor_pb2.Ten
     proto.dtype = dtype
     for size in array.shape:
         proto.tensor_shape.dim.add(size=size)
-    field = _PROTO_FIELDS.get(dtype)
+    field = VALUE_FIELDS.get(dtype)
     if field is None:
         proto.MergeFrom(tf.make_tensor_proto(array))
         return
@@ -281,17 +262,11 @@ class Servable:
                     f"Expects arg[{order.index(alias)}] to be {dtype_name(info.dtype)} but "
                     f"{dtype_name(proto.dtype)} is provided"
                 )
+            # Checks the shape against the values before anything is allocated: a short proto
+            # may declare a huge shape, or fewer values than its shape holds.
+            tensor_bytes(alias, proto)
             dims = [dim.size for dim in proto.tensor_shape.dim]
-            if any(size < 0 for size in dims):
-                raise invalid_argument(f"tensor parsing error: {alias}")
             elements = math.prod(dims)
-            if elements > MAX_TENSOR_ELEMENTS:
-                # A short proto may declare a huge shape (values repeat to fill it); refuse it
-                # before it is expanded in memory.
-                raise invalid_argument(
-                    f"tensor parsing error: {alias} (shape of {elements} elements exceeds the "
-                    f"limit of {MAX_TENSOR_ELEMENTS})"
-                )
             try:
                 if proto.dtype == types_pb2.DT_STRING and len(proto.string_val) == elements:
                     # The usual request (serialized tf.Examples): straight from the repeated

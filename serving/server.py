@@ -9,6 +9,7 @@ taking `tensorflow_model_server`'s own flag names, so the two servers are interc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -23,9 +24,11 @@ import grpc
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
+from serving import limits
 from serving.api import ServingApi
 from serving.errors import ServingError
 from serving.grpc_api import service_handlers
+from serving.limits import RequestLimits
 from serving.metrics import Metrics
 from serving.models import ManagerSettings, ModelManager, single_model_config
 from serving.rest import RestApi, RestServer
@@ -33,9 +36,12 @@ from serving.servable import ServableOptions
 
 log = logging.getLogger(__name__)
 
-# TF Serving accepts messages up to 2 GiB (`SetMaxMessageSize(kint32max)`) unless
-# `--grpc_channel_arguments` lowers it.
+# The largest answer gRPC may send (TF Serving's `SetMaxMessageSize(kint32max)`); requests are
+# bounded lower, by `max_receive_message_length`.
 GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
+GRPC_CALLS_PER_THREAD = 16
+SWITCH_INTERVAL_SECONDS = 0.0005
+GRPC_MIN_QUEUED_CALLS = 128
 
 
 @dataclass(frozen=True)
@@ -44,12 +50,24 @@ class ServerSettings:
 
     Give either `model_config_file` (a text `ModelServerConfig`) or `model_base_path` (served as
     `model_name`). Ports: 0 picks a free port; `rest_api_port=None` serves no REST API.
-    `max_receive_message_length` bounds a request on both APIs (larger ones are refused with
-    RESOURCE_EXHAUSTED). `grpc_channel_arguments` are passed to the gRPC server as is.
+    `grpc_channel_arguments` are passed to the gRPC server as is.
     `tensorflow_intra_op_parallelism` (threads one op may use) and
     `tensorflow_inter_op_parallelism` (ops, and so requests, run at once) size TensorFlow's
     thread pools; 0 lets TensorFlow choose. They apply to the whole process and only before
     TensorFlow has run anything in it.
+
+    Memory (see `serving.limits`): `max_receive_message_length` bounds a request on both APIs
+    (64 MiB by default, where TF Serving allows 2 GiB; `grpc.max_receive_message_length` in
+    `grpc_channel_arguments` sets it too); `max_request_tensor_bytes` bounds what one request's
+    tensors take once expanded to their declared shapes; `max_in_flight_bytes` bounds all
+    requests being answered, and a request that does not fit waits up to
+    `in_flight_wait_seconds` before RESOURCE_EXHAUSTED. `rest_api_num_threads` REST requests
+    are answered at once; `rest_api_timeout_in_ms` is how long a REST connection may stall.
+    gRPC calls beyond `GRPC_CALLS_PER_THREAD` per `grpc_max_threads` (at least
+    `GRPC_MIN_QUEUED_CALLS`) at once are refused with RESOURCE_EXHAUSTED.
+
+    Model management: HandleReloadConfigRequest is refused unless `allow_reload_config`;
+    `model_base_path_roots` confines every model's base path to those folders.
     """
 
     model_name: str = "default"
@@ -68,10 +86,19 @@ class ServerSettings:
     enable_signature_method_name_check: bool = False
     saved_model_tags: tuple[str, ...] = ("serve",)
     grpc_max_threads: int = 8
-    max_receive_message_length: int = GRPC_MAX_MESSAGE_BYTES
+    max_receive_message_length: int = limits.DEFAULT_MAX_REQUEST_BYTES
     grpc_channel_arguments: tuple[tuple[str, int | str], ...] = ()
     tensorflow_intra_op_parallelism: int = 0
     tensorflow_inter_op_parallelism: int = 0
+    max_request_tensor_bytes: int = limits.DEFAULT_MAX_REQUEST_TENSOR_BYTES
+    max_in_flight_bytes: int = limits.DEFAULT_MAX_IN_FLIGHT_BYTES
+    in_flight_wait_seconds: float = limits.DEFAULT_IN_FLIGHT_WAIT_SECONDS
+    rest_api_num_threads: int = dataclasses.field(
+        default_factory=limits.default_rest_api_num_threads
+    )
+    rest_api_timeout_in_ms: int = 30_000
+    allow_reload_config: bool = False
+    model_base_path_roots: tuple[str, ...] = ()
 
 
 def load_model_server_config(settings: ServerSettings) -> model_server_config_pb2.ModelServerConfig:
@@ -157,6 +184,7 @@ class ModelServer:
                 allow_version_labels_for_unavailable_models=(
                     settings.allow_version_labels_for_unavailable_models
                 ),
+                model_base_path_roots=settings.model_base_path_roots,
                 servable=ServableOptions(
                     tags=settings.saved_model_tags,
                     enable_model_warmup=settings.enable_model_warmup,
@@ -165,7 +193,16 @@ class ModelServer:
             ),
             metrics=self.metrics,
         )
-        self.api = ServingApi(self.manager, self.metrics)
+        self.api = ServingApi(
+            self.manager,
+            self.metrics,
+            RequestLimits(
+                max_request_tensor_bytes=settings.max_request_tensor_bytes,
+                max_in_flight_bytes=settings.max_in_flight_bytes,
+                in_flight_wait_seconds=settings.in_flight_wait_seconds,
+            ),
+            allow_reload_config=settings.allow_reload_config,
+        )
         self.grpc_port: int | None = None
         self.rest_api_port: int | None = None
         self._grpc_server: grpc.Server | None = None
@@ -204,7 +241,9 @@ class ModelServer:
         if self.settings.model_config_file:
             self._config_text = Path(self.settings.model_config_file).read_text()
         try:
-            self.manager.reload_config(config, wait=True)
+            # Not atomic: a model whose first load fails stays configured, so a good version
+            # deployed later is picked up without a restart.
+            self.manager.reload_config(config, wait=True, atomic=False)
         except ServingError as error:
             if error.code != grpc.StatusCode.UNKNOWN:
                 raise
@@ -216,7 +255,11 @@ class ModelServer:
             address = _address(self.settings.host, self.settings.rest_api_port)
             try:
                 self._rest_server = RestServer(
-                    self.settings.host, self.settings.rest_api_port, rest
+                    self.settings.host,
+                    self.settings.rest_api_port,
+                    rest,
+                    num_threads=self.settings.rest_api_num_threads,
+                    timeout_seconds=self.settings.rest_api_timeout_in_ms / 1000,
                 )
             except OSError as error:
                 raise OSError(f"Cannot listen for HTTP/REST on {address}: {error}") from error
@@ -249,11 +292,13 @@ class ModelServer:
         return int(self._channel_arguments()["grpc.max_receive_message_length"])
 
     def _start_grpc(self) -> None:
+        threads = self.settings.grpc_max_threads
         server = grpc.server(
-            ThreadPoolExecutor(
-                max_workers=self.settings.grpc_max_threads, thread_name_prefix="grpc-request"
-            ),
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc-request"),
             options=list(self._channel_arguments().items()),
+            # Calls waiting for a thread hold buffered request bytes: past this many at once,
+            # a new call is refused with RESOURCE_EXHAUSTED instead of queueing.
+            maximum_concurrent_rpcs=max(GRPC_MIN_QUEUED_CALLS, GRPC_CALLS_PER_THREAD * threads),
         )
         server.add_generic_rpc_handlers(service_handlers(self.api))
         address = _address(self.settings.host, self.settings.port)
@@ -354,7 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
             "  widedeep serve --port=8500 --rest_api_port=8501 --model_name=ranker "
             "--model_base_path=/models/ranker\n"
             "  widedeep serve --port=8500 --model_config_file=/models/models.config "
-            "--model_config_file_poll_wait_seconds=30"
+            "--model_config_file_poll_wait_seconds=30\n"
+            "  widedeep serve --port=8500 --model_base_path=/models/ranker "
+            "--allow_reload_config --model_base_path_roots=/models\n"
+            "\n"
+            "Requests are at most 64 MiB (grpc.max_receive_message_length in "
+            "--grpc_channel_arguments sets it for both APIs); what they take in memory is "
+            "bounded by --max_request_tensor_bytes and --max_in_flight_bytes. "
+            "HandleReloadConfigRequest is refused unless --allow_reload_config."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -380,12 +432,29 @@ def build_parser() -> argparse.ArgumentParser:
          help="threads one TensorFlow op may use (0: TensorFlow's choice)")  # fmt: skip
     flag("--tensorflow_inter_op_parallelism", type=int, default=0,
          help="TensorFlow ops run at once (0: TensorFlow's choice)")  # fmt: skip
-    for name, default in (
-        ("enable_model_warmup", True),
-        ("allow_version_labels_for_unavailable_models", False),
-        ("enable_signature_method_name_check", False),
-    ):
-        flag(f"--{name}", type=_flag_bool, nargs="?", const=True, default=default)
+    flag("--rest_api_num_threads", type=int, default=limits.default_rest_api_num_threads(),
+         help="REST requests answered at once (default: 4 per CPU)")  # fmt: skip
+    flag("--rest_api_timeout_in_ms", type=int, default=30_000,
+         help="how long a REST connection may stall (default 30000)")  # fmt: skip
+    flag("--max_request_tensor_bytes", type=int, default=limits.DEFAULT_MAX_REQUEST_TENSOR_BYTES,
+         help="bytes one request's tensors may take once expanded to their declared shapes "
+         f"(default {limits.DEFAULT_MAX_REQUEST_TENSOR_BYTES})")  # fmt: skip
+    flag("--max_in_flight_bytes", type=int, default=limits.DEFAULT_MAX_IN_FLIGHT_BYTES,
+         help="bytes of all requests being answered at once; more wait, then get "
+         f"RESOURCE_EXHAUSTED (default {limits.DEFAULT_MAX_IN_FLIGHT_BYTES})")  # fmt: skip
+    flag("--in_flight_wait_in_ms", type=int,
+         default=int(limits.DEFAULT_IN_FLIGHT_WAIT_SECONDS * 1000),
+         help="how long a request waits for room among those in flight")  # fmt: skip
+    flag("--model_base_path_roots", default="",
+         help="comma-separated folders every model base path must be under")  # fmt: skip
+    for name, default, text in (
+        ("enable_model_warmup", True, None),
+        ("allow_version_labels_for_unavailable_models", False, None),
+        ("enable_signature_method_name_check", False, None),
+        ("allow_reload_config", False,
+         "let clients change the served models with HandleReloadConfigRequest"),
+    ):  # fmt: skip
+        flag(f"--{name}", type=_flag_bool, nargs="?", const=True, default=default, help=text)
     return parser
 
 
@@ -398,8 +467,18 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
         )
     channel_arguments = dict(args.grpc_channel_arguments)
     max_receive = int(
-        channel_arguments.get("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES)
+        channel_arguments.get("grpc.max_receive_message_length", limits.DEFAULT_MAX_REQUEST_BYTES)
     )
+    for name in (
+        "rest_api_num_threads",
+        "rest_api_timeout_in_ms",
+        "max_request_tensor_bytes",
+        "max_in_flight_bytes",
+    ):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}: expected an integer >= 1, got {getattr(args, name)}")
+    if args.in_flight_wait_in_ms < 0:
+        raise ValueError(f"--in_flight_wait_in_ms: expected >= 0, got {args.in_flight_wait_in_ms}")
     return ServerSettings(
         model_name=args.model_name,
         model_base_path=args.model_base_path or None,
@@ -421,6 +500,15 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
         grpc_channel_arguments=tuple(args.grpc_channel_arguments),
         tensorflow_intra_op_parallelism=args.tensorflow_intra_op_parallelism,
         tensorflow_inter_op_parallelism=args.tensorflow_inter_op_parallelism,
+        max_request_tensor_bytes=args.max_request_tensor_bytes,
+        max_in_flight_bytes=args.max_in_flight_bytes,
+        in_flight_wait_seconds=args.in_flight_wait_in_ms / 1000,
+        rest_api_num_threads=args.rest_api_num_threads,
+        rest_api_timeout_in_ms=args.rest_api_timeout_in_ms,
+        allow_reload_config=args.allow_reload_config,
+        model_base_path_roots=tuple(
+            root.strip() for root in args.model_base_path_roots.split(",") if root.strip()
+        ),
     )
 
 
@@ -433,6 +521,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"Failed to start server. Error: {error}", file=sys.stderr)
         return 1
+    # A request coming back from TensorFlow (which runs without the interpreter lock) waits for
+    # whichever thread holds the lock to give it up: by default up to 5 ms, while other
+    # requests (or a flood of bad ones) run Python code. A shorter slice keeps good requests'
+    # tail latency low under such load, for a little more switching.
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -50,20 +50,32 @@ def read_model_config_file(path: str | Path) -> model_server_config_pb2.ModelSer
     return text_format.Parse(Path(path).read_text(), model_server_config_pb2.ModelServerConfig())
 
 
+BUILTIN_ONLY_FLAGS = (
+    "--allow_reload_config",
+    "--model_base_path_roots",
+    "--max_request_tensor_bytes",
+    "--max_in_flight_bytes",
+    "--in_flight_wait_in_ms",
+)
+"""Flags of the built-in server that ``tensorflow_model_server`` does not know."""
+
+
 def binary_argv(binary: str, argv: Sequence[str]) -> list[str]:
     """The command line for the real server, given ``widedeep serve``'s arguments.
 
     ``--model_name``/``--model_base_path`` become a generated model config file, so the real
-    server runs from the same kind of file that production uses.
+    server runs from the same kind of file that production uses. Flags only the built-in
+    server knows are left out (the real binary would refuse to start); see
+    :func:`builtin_only_flags`.
     """
-    args = list(argv)
+    args = _drop_flags(argv, BUILTIN_ONLY_FLAGS)
     name = _flag(args, "--model_name")
     base = _flag(args, "--model_base_path")
     if base is not None and _flag(args, "--model_config_file") is None:
         config = model_server_config(name or "default", str(Path(base).absolute()))
         folder = Path(tempfile.mkdtemp(prefix="widedeep-serve-"))
         path = write_model_config_file(folder / "models.config", config)
-        args = _drop_values(argv, ("--model_name", "--model_base_path"))
+        args = _drop_values(args, ("--model_name", "--model_base_path"))
         args.append(f"--model_config_file={path}")
     return [binary, *args]
 
@@ -90,4 +102,22 @@ def _drop_values(args: Sequence[str], names: tuple[str, ...]) -> list[str]:
         if a.startswith(tuple(n + "=" for n in names)):
             continue
         out.append(a)
+    return out
+
+
+def builtin_only_flags(argv: Sequence[str]) -> list[str]:
+    """The arguments in ``argv`` that only the built-in server understands."""
+    return [a for a in argv if a.split("=", 1)[0] in BUILTIN_ONLY_FLAGS]
+
+
+def _drop_flags(args: Sequence[str], names: tuple[str, ...]) -> list[str]:
+    """``args`` without the flags ``names``: ``--flag=value``, or ``--flag`` and its value."""
+    out: list[str] = []
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg.split("=", 1)[0] not in names:
+            out.append(arg)
+        elif "=" not in arg and rest and not rest[0].startswith("--"):
+            rest.pop(0)  # the flag's value
     return out

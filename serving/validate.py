@@ -77,6 +77,10 @@ class Verdict:
     dry_run: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
     baseline: str | None = None
+    baseline_fingerprint: str | None = None
+    """Fingerprint of the baseline: a deploy checks it is still the version served."""
+    data: str | None = None
+    """The datagen output whose eval split was used (for a later re-validation)."""
     created: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
 
     def to_json(self) -> str:
@@ -352,7 +356,10 @@ def validate(
     examples, labels, _ = read_raw_eval_examples(data_dir)
     scores = score_in_process(model_dir, examples)
     verdict = Verdict(
-        model=str(Path(model_dir).absolute()), fingerprint=fingerprint(model_dir), passed=False
+        model=str(Path(model_dir).absolute()),
+        fingerprint=fingerprint(model_dir),
+        passed=False,
+        data=str(Path(data_dir).absolute()),
     )
     quality: dict[str, Any] = {
         "examples": len(examples),
@@ -383,6 +390,7 @@ def validate(
     base = resolve_baseline(config, baseline, model_base_path)
     if base is not None:
         verdict.baseline = str(base.absolute())
+        verdict.baseline_fingerprint = fingerprint(base)
         base_scores = score_in_process(base, examples)
         quality["baseline_auc"] = auc(labels, base_scores)
         quality["baseline_log_loss"] = log_loss(labels, base_scores)

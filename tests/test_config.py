@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
@@ -159,3 +160,22 @@ def test_load_config_names_the_file(tmp_path) -> None:
     path.write_text("features: [unclosed")
     with pytest.raises(ConfigError, match=r"not valid YAML"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (("hash_buckets: 100", "hash_buckets: 1000000000000"), "crosses.installed_x_app.hash_buckets"),
+        (("quantiles: 4}", "quantiles: 100000}"), "features.score.quantiles"),
+        (("vocabulary: apps}", "vocabulary: apps, embedding_dim: 100000}"),
+         "features.installed.embedding_dim"),
+    ],
+)  # fmt: skip
+def test_sizes_that_decide_memory_are_bounded(change: tuple[str, str], key: str) -> None:
+    old, new = change
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: [\d,]+ is more than the largest"):
+        parse_config(BASE.replace(old, new, 1))
+    with pytest.raises(ConfigError, match=r"^model.hidden_units\[1\]: 1,000,000 is more than"):
+        parse_config(BASE + "model: {hidden_units: [64, 1000000]}\n")
+    with pytest.raises(ConfigError, match=r"^model.embedding_dim: 5,000 is more than"):
+        parse_config(BASE + "model: {embedding_dim: 5000}\n")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +27,7 @@ from tests import logs
 from transform.config import load_config, parse_config
 
 MOVIES = load_config("movies")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _read_examples(folder: Path, data_dir: Path) -> list[dict]:
@@ -348,3 +353,167 @@ crosses:
     assert set(result.summary["vocabularies"]) == {"who", "what", "tags"}
     spec = tft.TFTransformOutput(str(tmp_path / "out")).transformed_feature_spec()
     assert set(spec) == {"who", "what", "tags", "how_old", "who_x_what", "clicked"}
+
+
+# --------------------------------------------------------------------------------------------
+# Two runs on one output, runs that were killed, and clearer messages
+
+
+def _hold_lock(path: Path) -> subprocess.Popen:
+    """Another process holding a lock file until its stdin closes; returns once it holds it."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from transform.paths import locked\n"
+        f"with locked(Path({str(path)!r}), 'the output'):\n"
+        "    print('held', flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def _release(holder: subprocess.Popen) -> None:
+    assert holder.stdin is not None
+    holder.stdin.close()
+    assert holder.wait(timeout=60) == 0
+
+
+@pytest.mark.timeout(300)
+def test_a_second_run_on_one_output_is_refused_or_waits(
+    small_table: pa.Table, tmp_path: Path
+) -> None:
+    from pipeline.datagen import lock_file
+    from transform.paths import InUseError
+
+    log = _parquet(small_table, tmp_path / "log")
+    out = tmp_path / "out"
+    holder = _hold_lock(lock_file(out))
+    try:
+        with pytest.raises(
+            InUseError, match=rf"datagen output {out} is in use by PID {holder.pid}"
+        ):
+            run_datagen(MOVIES, log, out, echo=None)
+        assert not out.exists() and not out.with_name("out.partial").exists()
+        # What a killed run left beside the output is removed by the next run, once it holds
+        # the lock (so never what a live run is writing).
+        (tmp_path / "out.partial").mkdir()
+        (tmp_path / "out.partial" / "half.tfrecord.gz").write_bytes(b"half")
+        (tmp_path / "out.old-12345").mkdir()
+        result: dict[str, object] = {}
+        waiting = threading.Thread(
+            target=lambda: result.update(done=run_datagen(MOVIES, log, out, echo=None, wait=True))
+        )
+        waiting.start()
+        assert (tmp_path / "out.partial" / "half.tfrecord.gz").exists()
+    finally:
+        _release(holder)
+    waiting.join(240)
+    assert "done" in result
+    assert (out / SUMMARY_JSON).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "log", "out"]
+
+
+def test_output_inside_the_input_and_input_inside_the_output_are_refused(
+    small_table: pa.Table, tmp_path: Path
+) -> None:
+    folder = tmp_path / "logs"
+    _parquet(small_table, folder)
+    with pytest.raises(InputError, match=r"--out .*logs/data is inside --input .*logs"):
+        run_datagen(MOVIES, str(folder), folder / "data", echo=None)
+    with pytest.raises(InputError, match=r"--out .*logs/data is inside --input"):
+        run_datagen(MOVIES, f"{folder}/**", folder / "data", echo=None)
+    with pytest.raises(InputError, match=r"is inside --out .*: replacing the output would delete"):
+        run_datagen(MOVIES, str(folder), tmp_path, overwrite=True, echo=None)
+    assert not (folder / "data").exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["part-00000.parquet"]
+
+
+@pytest.mark.timeout(300)
+def test_a_train_split_of_no_rows_fails_datagen(small_table: pa.Table, tmp_path: Path) -> None:
+    from pipeline import sources
+
+    config = parse_config(
+        {**MOVIES.to_dict(), "data": {"split_by": "occupation", "eval_fraction": 0.5}}
+    )
+    # One occupation for everyone, one that the split sends to eval.
+    for value in ("artist", "doctor", "writer", "student", "engineer", "retired"):
+        table = small_table.set_column(
+            small_table.schema.get_field_index("occupation"),
+            "occupation",
+            pa.array([value] * small_table.num_rows),
+        )
+        batch = sources.to_tfxio_batch(config, table.to_batches()[0], "log")
+        if sources.split_mask(config, batch).all():
+            break
+    else:
+        pytest.fail("no occupation falls in the eval split")
+    log = _parquet(table, tmp_path / "log")
+    with pytest.raises(InputError, match=r"all 300 rows went to the eval split and none to train"):
+        run_datagen(config, log, tmp_path / "out", echo=None)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def _plain_csv(table: pa.Table, path: Path) -> list[str]:
+    """The table as CSV without quotes (lists joined by '|'); returns its lines."""
+    lines = [",".join(table.column_names)]
+    for row in table.to_pylist():
+        cells = []
+        for value in row.values():
+            if isinstance(value, list):
+                value = "|".join(value)
+            cells.append("" if value is None else str(value))
+        lines.append(",".join(cells))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def test_csv_errors_name_the_column_and_the_line(small_table: pa.Table, tmp_path: Path) -> None:
+    path = tmp_path / "log" / "log.csv"
+    lines = _plain_csv(small_table, path)
+    column = small_table.column_names.index("popularity")
+    cells = lines[42].split(",")
+    cells[column] = "very"
+    lines[42] = ",".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        InputError,
+        match=r"log.csv: line 43, column 'popularity' \(feature 'popularity'\): .*'very'",
+    ):
+        run_datagen(MOVIES, str(path), tmp_path / "out", echo=None)
+
+
+def test_csv_unterminated_quote_is_named(small_table: pa.Table, tmp_path: Path) -> None:
+    path = tmp_path / "log" / "log.csv"
+    lines = _plain_csv(small_table, path)
+    cells = lines[10].split(",")
+    cells[1] = '"' + cells[1]
+    lines[10] = ",".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"log.csv: line 11: a quoted field .* never closed"):
+        run_datagen(MOVIES, str(path), tmp_path / "out", echo=None)
+
+
+def test_a_missing_label_is_not_told_to_take_a_default(
+    small_table: pa.Table, tmp_path: Path
+) -> None:
+    labels = small_table["liked"].to_pylist()
+    labels[7] = None
+    table = small_table.set_column(
+        small_table.schema.get_field_index("liked"), "liked", pa.array(labels, pa.int64())
+    )
+    log = _parquet(table, tmp_path / "log")
+    with pytest.raises(InputError) as caught:
+        run_datagen(MOVIES, log, tmp_path / "out", echo=None)
+    message = str(caught.value)
+    assert "column 'liked' (the label) has 1 missing value" in message
+    assert "a label has no default" in message and "'default' in the config" not in message

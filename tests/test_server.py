@@ -16,6 +16,7 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -791,7 +792,7 @@ def _reload(client: _Client, config: model_server_config_pb2.ModelServerConfig):
 def test_reload_config_adds_and_removes_models_and_changes_policies(
     make_server, exported, tmp_path
 ) -> None:
-    server, client, base = make_server({1: "v1", 2: "v2"})
+    server, client, base = make_server({1: "v1", 2: "v2"}, allow_reload_config=True)
     assert [s[:2] for s in client.status()] == [(2, State.AVAILABLE)]
     other = tmp_path / "other"
     other.mkdir()
@@ -829,7 +830,7 @@ def test_reload_config_adds_and_removes_models_and_changes_policies(
 
 
 def test_reload_config_moves_a_model_to_a_new_base_path(make_server, exported, tmp_path) -> None:
-    server, client, _ = make_server({1: "v1"})
+    server, client, _ = make_server({1: "v1"}, allow_reload_config=True)
     moved = tmp_path / "moved"
     moved.mkdir()
     _deploy(exported["v2"], moved, 7)
@@ -841,7 +842,7 @@ def test_reload_config_moves_a_model_to_a_new_base_path(make_server, exported, t
 
 
 def test_reload_config_refuses_invalid_configs(make_server, tmp_path) -> None:
-    _, client, base = make_server({1: "v1"})
+    _, client, base = make_server({1: "v1"}, allow_reload_config=True)
     error = _rpc_error(
         client.models.HandleReloadConfigRequest,
         model_management_pb2.ReloadConfigRequest(config=_config((MODEL, base), (MODEL, base))),
@@ -1050,3 +1051,396 @@ def test_command_line_flags_follow_tensorflow_model_server() -> None:
     assert settings_from_args(["--model_base_path=/m"]).rest_api_port is None
     with pytest.raises(ValueError, match="are empty"):
         settings_from_args(["--port=9000"])
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: what a request may take, alone and with others
+
+
+def _huge_fill_request(dims: int) -> predict_pb2.PredictRequest:
+    """A few hundred bytes that declare `dims` examples, filled by repeating the one sent."""
+    request = _predict_request([])
+    tensor = request.inputs["examples"]
+    tensor.Clear()
+    tensor.dtype = tf.string.as_datatype_enum
+    tensor.tensor_shape.dim.add(size=dims)
+    tensor.string_val.append(_example(1.0, padding=b"p" * 320).SerializeToString())
+    return request
+
+
+@pytest.mark.timeout(120)
+def test_a_small_request_declaring_a_huge_tensor_is_refused_before_it_is_expanded(
+    served,
+) -> None:
+    server, client = served
+    request = _huge_fill_request(10**8)
+    assert request.ByteSize() < 500
+    error = _rpc_error(client.prediction.Predict, request)
+    # Expanding it would take ~40 GB: the refusal names the bytes and the limit, and the
+    # server never allocates them (it would be killed for it).
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    assert "--max_request_tensor_bytes" in error.details()
+    assert re.search(r"would take [\d,]{14,} bytes", error.details()), error.details()
+    numeric = _raw_request()
+    numeric.inputs["examples"].CopyFrom(tf.make_tensor_proto(1.0, shape=[10**8]))
+    assert _rpc_error(client.prediction.Predict, numeric).code() in (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert server.api.budget.used == 0
+    # A fill within the limits is still what TensorFlow makes of it: the value repeated.
+    response = client.prediction.Predict(_huge_fill_request(3), timeout=DEADLINE)
+    scores = tf.make_ndarray(response.outputs["probabilities"]).ravel()
+    np.testing.assert_allclose(scores, [_probability(1, 1.0)] * 3, rtol=1e-5)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda t: (t.tensor_shape.dim[0].__setattr__("size", 3), t.string_val.pop()),
+            "has 3 elements but 2 values were sent",
+        ),
+        (
+            lambda t: (t.Clear(), t.MergeFrom(tf.make_tensor_proto(np.zeros(4, np.float32))),
+                       t.tensor_shape.dim[0].__setattr__("size", 5)),
+            "takes 20 bytes but tensor_content holds 16",
+        ),
+        (
+            lambda t: t.tensor_shape.dim[0].__setattr__("size", -1),
+            "has a negative dimension",
+        ),
+        (
+            lambda t: t.tensor_shape.__setattr__("unknown_rank", True),
+            "unknown rank",
+        ),
+    ],
+)  # fmt: skip
+def test_tensors_whose_values_do_not_match_their_shape_are_refused(served, build, message) -> None:
+    _, client = served
+    request = _predict_request([1.0, 2.0, 3.0])
+    build(request.inputs["examples"])
+    error = _rpc_error(client.prediction.Predict, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.details()
+    assert client.prediction.Predict(_predict_request([1.0]), timeout=DEADLINE).outputs
+
+
+@pytest.mark.timeout(120)
+def test_a_classify_context_merged_into_every_example_is_bounded(make_server) -> None:
+    _, client, _ = make_server({1: "v1"}, max_request_tensor_bytes=8 << 20)
+    request = classification_pb2.ClassificationRequest()
+    request.model_spec.name = MODEL
+    request.model_spec.signature_name = "classification"
+    with_context = request.input.example_list_with_context
+    with_context.context.CopyFrom(_example(0.0, padding=b"c" * 100_000))
+    for _ in range(2000):
+        with_context.examples.add().CopyFrom(_example(1.0))
+    assert request.ByteSize() < MAX_MESSAGE
+    error = _rpc_error(client.prediction.Classify, request)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "the 2,000 examples of this request would take" in error.details()
+    del with_context.examples[10:]
+    assert len(client.prediction.Classify(request, timeout=DEADLINE).result.classifications) == 10
+
+
+def _cost(request: predict_pb2.PredictRequest) -> int:
+    """What a Predict request holds of the in-flight budget."""
+    from serving.limits import RequestLimits
+
+    return request.ByteSize() + RequestLimits().predict_bytes(request.inputs)
+
+
+def _hold_first_predict(server: ModelServer) -> tuple[threading.Event, threading.Event]:
+    """Make the served version hold the first Predict until `release` is set."""
+    spec = predict_pb2.PredictRequest().model_spec
+    spec.name = MODEL
+    servable = server.manager.servable(spec)
+    entered, release = threading.Event(), threading.Event()
+    real_predict = servable.predict
+
+    def held_predict(request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(DEADLINE)
+        return real_predict(request)
+
+    servable.predict = held_predict  # type: ignore[method-assign]
+    return entered, release
+
+
+@pytest.mark.timeout(120)
+def test_requests_beyond_the_in_flight_budget_are_refused_then_served(make_server) -> None:
+    request = _predict_request([0.5] * 20)
+    cost = _cost(request)
+    server, client, _ = make_server(
+        {1: "v1"}, max_in_flight_bytes=cost * 3 // 2, in_flight_wait_seconds=0
+    )
+    entered, release = _hold_first_predict(server)
+    held = client.prediction.Predict.future(request, timeout=DEADLINE)
+    assert entered.wait(DEADLINE)
+    assert server.api.budget.used == cost
+    error = _rpc_error(client.prediction.Predict, request)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "the server is busy" in error.details() and "--max_in_flight_bytes" in error.details()
+    instances = [{"b64": base64.b64encode(x).decode()} for x in _serialized([0.5] * 5)]
+    status, body = client.http(f"/v1/models/{MODEL}:predict", {"instances": instances})
+    assert status == 429 and "busy" in body["error"], body
+    # One request larger than the whole budget would never fit: refused at once.
+    big = _predict_request([0.5] * 40)
+    assert "more than the server allows" in _rpc_error(client.prediction.Predict, big).details()
+    release.set()
+    assert held.result(timeout=DEADLINE).outputs
+    assert server.api.budget.used == 0
+    assert client.prediction.Predict(request, timeout=DEADLINE).outputs
+
+
+@pytest.mark.timeout(120)
+def test_a_request_waits_for_room_in_the_budget(make_server) -> None:
+    request = _predict_request([0.5] * 20)
+    cost = _cost(request)
+    server, client, _ = make_server(
+        {1: "v1"}, max_in_flight_bytes=cost * 3 // 2, in_flight_wait_seconds=DEADLINE
+    )
+    entered, release = _hold_first_predict(server)
+    held = client.prediction.Predict.future(request, timeout=DEADLINE)
+    assert entered.wait(DEADLINE)
+    waiting = client.prediction.Predict.future(_predict_request([1.0] * 20), timeout=DEADLINE)
+    budget = server.api.budget
+    with budget.changed:
+        assert budget.changed.wait_for(lambda: budget.waiting == 1, DEADLINE)
+    assert not waiting.done()
+    release.set()
+    assert held.result(timeout=DEADLINE).outputs
+    scores = tf.make_ndarray(waiting.result(timeout=DEADLINE).outputs["probabilities"])
+    np.testing.assert_allclose(scores.ravel(), [_probability(1, 1.0)] * 20, rtol=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_rest_answers_beyond_its_workers_are_refused(make_server) -> None:
+    server, client, _ = make_server({1: "v1"}, rest_api_num_threads=1, in_flight_wait_seconds=0)
+    entered, release = _hold_first_predict(server)
+    body = {"instances": [{"b64": base64.b64encode(_serialized([1.0])[0]).decode()}]}
+    first: queue.Queue[tuple[int, dict]] = queue.Queue()
+    thread = threading.Thread(
+        target=lambda: first.put(client.http(f"/v1/models/{MODEL}:predict", body))
+    )
+    thread.start()
+    assert entered.wait(DEADLINE)
+    status, answer = client.http(f"/v1/models/{MODEL}:predict", body)
+    assert status == 429 and "--rest_api_num_threads" in answer["error"], answer
+    release.set()
+    thread.join(DEADLINE)
+    assert first.get(timeout=DEADLINE)[0] == 200
+
+
+def _post_raw(port: int, path: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, str]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE)
+    try:
+        connection.request("POST", path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+@pytest.mark.timeout(120)
+def test_rest_client_over_the_size_limit_receives_the_refusal(served) -> None:
+    server, client = served
+    path = f"/v1/models/{MODEL}:predict"
+    # Larger than the server reads whole by far, and than it used to drain (64 MiB): the
+    # client sends it all and must still read the answer, not a reset connection.
+    body = b" " * (80 << 20)
+    status, text = _post_raw(server.rest_api_port, path, {"Content-Type": "application/json"}, body)
+    assert status == 429 and "larger than the maximum" in text
+    # Sent in chunks, the size is known only while reading: refused all the same.
+    chunks = iter([b"x" * (MAX_MESSAGE // 2)] * 4)
+    connection = http.client.HTTPConnection("127.0.0.1", server.rest_api_port, timeout=DEADLINE)
+    connection.request("POST", path, body=chunks, encode_chunked=True)
+    response = connection.getresponse()
+    assert response.status == 429 and b"at least" in response.read()
+    connection.close()
+    # A client that asks first (Expect: 100-continue) is refused before it sends the body.
+    connection = http.client.HTTPConnection("127.0.0.1", server.rest_api_port, timeout=DEADLINE)
+    connection.putrequest("POST", path)
+    connection.putheader("Content-Length", str(10 * MAX_MESSAGE))
+    connection.putheader("Expect", "100-continue")
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 429 and b"larger than the maximum" in response.read()
+    connection.close()
+    assert client.prediction.Predict(_predict_request([1.0]), timeout=DEADLINE).outputs
+
+
+@pytest.mark.timeout(120)
+def test_rest_listen_backlog_holds_a_burst_of_connections(served) -> None:
+    from serving.rest import RestApi, RestServer
+
+    server, _ = served
+    # A server that accepts nothing yet: every connection waits in the kernel's backlog, and
+    # past the backlog a connection attempt would wait for TCP's retransmission instead.
+    idle = RestServer("127.0.0.1", 0, RestApi(server.api))
+    sockets = []
+    try:
+        for _ in range(200):
+            sockets.append(socket.create_connection(("127.0.0.1", idle.port), timeout=DEADLINE))
+        assert len(sockets) == 200
+    finally:
+        for connection in sockets:
+            connection.close()
+        idle.server_close()
+
+
+def test_default_request_limits_are_bounded() -> None:
+    settings = settings_from_args(["--model_base_path=/m"])
+    assert settings.max_receive_message_length == 64 << 20
+    assert settings.max_request_tensor_bytes == 256 << 20
+    assert settings.max_in_flight_bytes == 1 << 30
+    assert not settings.allow_reload_config
+    tuned = settings_from_args(
+        [
+            "--model_base_path=/m",
+            "--max_request_tensor_bytes=1000",
+            "--max_in_flight_bytes=5000",
+            "--in_flight_wait_in_ms=250",
+            "--rest_api_num_threads=3",
+            "--rest_api_timeout_in_ms=2000",
+            "--allow_reload_config",
+            "--model_base_path_roots=/models,/srv/models",
+        ]
+    )
+    assert (tuned.max_request_tensor_bytes, tuned.max_in_flight_bytes) == (1000, 5000)
+    assert tuned.in_flight_wait_seconds == 0.25
+    assert (tuned.rest_api_num_threads, tuned.rest_api_timeout_in_ms) == (3, 2000)
+    assert tuned.allow_reload_config
+    assert tuned.model_base_path_roots == ("/models", "/srv/models")
+    with pytest.raises(ValueError, match="--max_in_flight_bytes"):
+        settings_from_args(["--model_base_path=/m", "--max_in_flight_bytes=0"])
+
+
+# --------------------------------------------------------------------------------------------
+# Model management: reloads are allowed, checked whole and applied all or nothing
+
+
+@pytest.mark.timeout(120)
+def test_reload_config_is_refused_unless_the_server_allows_it(make_server, tmp_path) -> None:
+    _, client, _ = make_server({1: "v1"})
+    error = _rpc_error(
+        client.models.HandleReloadConfigRequest,
+        model_management_pb2.ReloadConfigRequest(config=_config(("other", tmp_path))),
+    )
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "--allow_reload_config" in error.details()
+    assert client.prediction.Predict(_predict_request([1.0]), timeout=DEADLINE).outputs
+
+
+@pytest.mark.timeout(120)
+def test_a_reload_that_fails_changes_nothing(make_server, exported, tmp_path) -> None:
+    server, client, base = make_server({1: "v1"}, allow_reload_config=True)
+    before = client.status()
+    not_models = tmp_path / "etc"
+    not_models.mkdir()
+    (not_models / "passwd").write_text("root:x:0:0")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    _deploy(exported["broken"], broken, 1)
+    attempts = {
+        # The served model left out, and a folder without versions added.
+        "no versions": (_config(("other", not_models)), "no versions found under"),
+        # A new model whose only version cannot be loaded.
+        "fails to load": (_config((MODEL, base), ("other", broken)), "did not become available"),
+        # The served model moved to a broken version.
+        "moved to a broken version": (_config((MODEL, broken)), "did not become available"),
+    }
+    for case, (config, message) in attempts.items():
+        error = _rpc_error(
+            client.models.HandleReloadConfigRequest,
+            model_management_pb2.ReloadConfigRequest(config=config),
+        )
+        assert error.code() == grpc.StatusCode.UNKNOWN, case
+        assert message in error.details(), (case, error.details())
+        assert server.manager.model_names == [MODEL], case
+        response = client.prediction.Predict(_predict_request([1.0]), timeout=DEADLINE)
+        assert response.model_spec.version.value == 1, case
+        assert client.status() == before, case
+        assert _rpc_error(
+            client.prediction.Predict, _predict_request([1.0], model="other")
+        ).code() == (grpc.StatusCode.NOT_FOUND), case
+    # A reload that succeeds still replaces the models.
+    good = tmp_path / "good"
+    good.mkdir()
+    _deploy(exported["v2"], good, 3)
+    _reload(client, _config(("other", good)))
+    assert server.manager.model_names == ["other"]
+    assert _rpc_error(client.prediction.Predict, _predict_request([1.0])).code() == (
+        grpc.StatusCode.NOT_FOUND
+    )
+
+
+@pytest.mark.timeout(120)
+def test_reload_moving_a_model_replaces_a_version_of_the_same_number(
+    make_server, exported, tmp_path
+) -> None:
+    _, client, _ = make_server({1: "v1"}, allow_reload_config=True)
+    moved = _base(tmp_path / "moved", exported, {1: "v2"})
+    _reload(client, _config((MODEL, moved)))
+    response = client.prediction.Predict(_predict_request([1.0]), timeout=DEADLINE)
+    assert response.model_spec.version.value == 1
+    score = tf.make_ndarray(response.outputs["probabilities"])[0, 0]
+    assert score == pytest.approx(_probability(2, 1.0), rel=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_reload_without_a_client_deadline(make_server, exported, tmp_path) -> None:
+    server, client, base = make_server({1: "v1"}, allow_reload_config=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    _deploy(exported["v2"], other, 1)
+    # The stock stub call, with no deadline: the server must not try to wait until year 2500.
+    request = model_management_pb2.ReloadConfigRequest(
+        config=_config((MODEL, base), ("other", other))
+    )
+    response = client.models.HandleReloadConfigRequest(request)
+    assert response.status.error_code == 0, response.status.error_message
+    assert server.wait_until_available("other", timeout=DEADLINE)
+
+
+@pytest.mark.timeout(120)
+def test_base_paths_are_confined_to_the_allowed_roots(exported, tmp_path) -> None:
+    root = tmp_path / "models"
+    outside = tmp_path / "elsewhere"
+    inside = _base(root, exported, {1: "v1"})
+    _base(outside, exported, {1: "v1"})
+    (root / "escape").symlink_to(outside / MODEL)
+    settings = _settings(inside, allow_reload_config=True, model_base_path_roots=(str(root),))
+    with ModelServer(settings) as server:
+        client = _Client(server)
+        for path in (outside / MODEL, root / "escape", root / ".." / "elsewhere" / MODEL, "/proc"):
+            error = _rpc_error(
+                client.models.HandleReloadConfigRequest,
+                model_management_pb2.ReloadConfigRequest(config=_config((MODEL, path))),
+            )
+            assert error.code() == grpc.StatusCode.PERMISSION_DENIED, path
+            assert "outside the allowed roots" in error.details()
+        assert client.prediction.Predict(_predict_request([1.0]), timeout=DEADLINE).outputs
+        client.close()
+    with pytest.raises(ServingError, match="outside the allowed roots"):
+        ModelServer(_settings(outside / MODEL, model_base_path_roots=(str(root),))).start()
+
+
+@pytest.mark.timeout(120)
+def test_a_broken_version_does_not_hold_back_a_newer_one(make_server, exported) -> None:
+    # Retries an hour apart: a newer version must not wait for them.
+    server, client, base = make_server(
+        {1: "v1"}, max_num_load_retries=5, load_retry_interval_seconds=3600
+    )
+    _deploy(exported["broken"], base, 3)
+    server.poll_now()
+    _deploy(exported["v2"], base, 4)
+    server.poll_now()
+    assert server.wait_until_available(MODEL, 4, timeout=DEADLINE)
+    response = client.prediction.Predict(_predict_request([1.0]), timeout=DEADLINE)
+    assert response.model_spec.version.value == 4
+    statuses = {s[0]: s for s in client.status()}
+    assert statuses[3][1:3] == (State.END, grpc.StatusCode.DATA_LOSS.value[0])

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import re
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +20,11 @@ import yaml
 
 from serving import tfserving
 from serving.client import ClientSettings, RankingClient, ScoringError
-from serving.deploy import DeployError, deploy, rollback, serving_version, versions
+from serving.deploy import LOCK_FILE, DeployError, deploy, rollback, serving_version, versions
 from serving.server import ModelServer, ServerSettings
 from serving.validate import read_raw_eval_examples, score_in_process, validate
 from transform.config import load_config
+from transform.paths import InUseError
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 
@@ -131,15 +135,33 @@ def test_deploy_serve_query_and_rollback(
             ranked = client.rank(query, candidates)
         assert [r.rank for r in ranked] == list(range(1, 31))
         assert all(a.score >= b.score for a, b in itertools.pairwise(ranked))
-        # The next version is deployed and confirmed, then rolled back.
-        second = deploy(validated, base, config.model_name, server=target, timeout_s=60)
+        # A verdict made when nothing was served does not hold once version 1 is served.
+        with pytest.raises(DeployError, match="no model was served"):
+            deploy(validated, base, config.model_name)
+        # The next model, validated against version 1, is deployed and confirmed, then
+        # rolled back.
+        model = tmp_path / "next"
+        shutil.copytree(validated, model)
+        verdict = validate(model, movies_data, config, model_base_path=base, skip_dry_run=True)
+        assert verdict.passed and verdict.baseline == str(base / config.model_name / "1")
+        second = deploy(model, base, config.model_name, server=target, timeout_s=60)
         assert second.version == 2 and second.confirmed and second.previous == 1
         back = rollback(base, config.model_name, server=target, timeout_s=60)
         assert back.version == 1 and back.confirmed
         assert serving_version(target, config.model_name) == 1
         assert versions(base, config.model_name) == [1]
-        # A third deploy never reuses the retired version's number.
-        assert deploy(validated, base, config.model_name).version == 3
+        # The rolled-back model comes back only on a verdict made after the rollback; a
+        # third deploy never reuses the retired version's number.
+        with pytest.raises(DeployError, match="rolled back at"):
+            deploy(model, base, config.model_name)
+        baselines = []
+
+        def revalidate(baseline: Path | None) -> None:
+            baselines.append(baseline)
+            validate(model, movies_data, config, baseline=baseline, skip_dry_run=True)
+
+        third = deploy(model, base, config.model_name, revalidate=revalidate)
+        assert third.version == 3 and baselines == [base / config.model_name / "1"]
         with pytest.raises(ScoringError, match="NOT_FOUND"):
             RankingClient(target, "no_such_model").score_examples(examples[:2])
 
@@ -200,3 +222,114 @@ def test_dockerfile_installs_the_project() -> None:
     for package in ("pipeline", "transform", "trainer", "serving"):
         assert f"COPY {package} ./{package}" in text
     assert 'ENTRYPOINT ["widedeep"]' in text
+
+
+# --------------------------------------------------------------------------------------------
+# Deploys at once, killed deploys, verdicts that no longer hold
+
+
+@pytest.fixture()
+def served_base(validated: Path, tmp_path: Path, config) -> Path:
+    """A base path serving version 1 (the validated model)."""
+    base = tmp_path / "base"
+    deploy(validated, base, config.model_name)
+    return base
+
+
+def _validated_copy(
+    validated: Path, folder: Path, movies_data: Path, config, base: Path | None
+) -> Path:
+    shutil.copytree(validated, folder)
+    # A model of its own: the same weights, another fingerprint.
+    (folder / "export" / "assets.extra" / "note.txt").write_text(folder.name)
+    verdict = validate(folder, movies_data, config, model_base_path=base, skip_dry_run=True)
+    assert verdict.passed, verdict.reasons
+    return folder
+
+
+def _deploy_at(
+    start: threading.Barrier, outcomes: list, model: Path, base: Path, name: str, wait: bool
+) -> None:
+    """Deploy once every thread is ready; the version, or the error, goes to `outcomes`."""
+    start.wait(60)
+    try:
+        outcomes.append(deploy(model, base, name, wait=wait).version)
+    except (DeployError, InUseError) as error:
+        outcomes.append(error)
+
+
+@pytest.mark.timeout(300)
+def test_two_deploys_at_once_get_one_version_each_or_a_clear_error(
+    validated: Path, served_base: Path, movies_data: Path, tmp_path: Path, config
+) -> None:
+    models = [
+        _validated_copy(validated, tmp_path / f"m{i}", movies_data, config, served_base)
+        for i in range(2)
+    ]
+    for wait in (True, False):
+        start = threading.Barrier(2)
+        outcomes: list[object] = []
+        threads = [
+            threading.Thread(
+                target=_deploy_at, args=(start, outcomes, m, served_base, config.model_name, wait)
+            )
+            for m in models
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        deployed = [o for o in outcomes if isinstance(o, int)]
+        refused = [o for o in outcomes if not isinstance(o, int)]
+        # Both were validated against the same served version: once one is deployed, the
+        # other's verdict no longer holds (or it found the base path busy).
+        assert len(deployed) == 1 and len(refused) == 1, outcomes
+        assert re.search(r"is served now|is in use by PID \d+", str(refused[0])), refused
+        assert versions(served_base, config.model_name)[-1] == deployed[0]
+        # The next round compares with the version now served.
+        for model in models:
+            verdict = validate(
+                model, movies_data, config, model_base_path=served_base, skip_dry_run=True
+            )
+            assert verdict.passed
+    assert versions(served_base, config.model_name) == [1, 2, 3]
+    assert not list((served_base / config.model_name).glob(".staging-*"))
+
+
+@pytest.mark.timeout(300)
+def test_deploy_while_another_holds_the_base_path_and_after_one_was_killed(
+    validated: Path, served_base: Path, movies_data: Path, tmp_path: Path, config
+) -> None:
+    from transform.paths import locked
+
+    model = _validated_copy(validated, tmp_path / "next", movies_data, config, served_base)
+    folder = served_base / config.model_name
+    # A deploy killed while copying left its staging folder; the next deploy removes it.
+    (folder / ".staging-2-99999").mkdir()
+    (folder / ".staging-2-99999" / "half").write_bytes(b"half a model")
+    with locked(folder / LOCK_FILE, "the model base path"):
+        with pytest.raises(InUseError, match=rf"is in use by PID {os.getpid()}.*--wait"):
+            deploy(model, served_base, config.model_name)
+        assert (folder / ".staging-2-99999").exists()
+    assert deploy(model, served_base, config.model_name).version == 2
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "1", "2"]
+
+
+@pytest.mark.timeout(300)
+def test_a_verdict_against_another_model_than_the_served_one_is_refused(
+    validated: Path, served_base: Path, movies_data: Path, trained: Path, tmp_path: Path, config
+) -> None:
+    model = tmp_path / "next"
+    shutil.copytree(validated, model)
+    other = tmp_path / "other_baseline"
+    shutil.copytree(validated, other)
+    (other / "export" / "assets.extra" / "note.txt").write_text("another model")
+    assert validate(model, movies_data, config, baseline=other, skip_dry_run=True).passed
+    with pytest.raises(DeployError, match=r"compared it with .*other_baseline.*is served now"):
+        deploy(model, served_base, config.model_name)
+    assert versions(served_base, config.model_name) == [1]
+    # Compared with a copy of the served model (same fingerprint), it holds.
+    same = tmp_path / "same_as_served"
+    shutil.copytree(validated, same)
+    assert validate(model, movies_data, config, baseline=same, skip_dry_run=True).passed
+    assert deploy(model, served_base, config.model_name).version == 2

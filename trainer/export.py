@@ -104,9 +104,14 @@ def export_saved_model(
     write_warmup_requests(extra / WARMUP_FILE, config.model_name, warmup_examples, sizes)
     for name, path in (extra_files or {}).items():
         shutil.copyfile(path, extra / name)
+    # The previous export is moved aside, not deleted, until the new one is in place.
+    previous = export_dir.with_name(export_dir.name + ".previous")
+    if previous.exists():
+        shutil.rmtree(previous)
     if export_dir.exists():
-        shutil.rmtree(export_dir)
+        export_dir.rename(previous)
     partial.rename(export_dir)
+    shutil.rmtree(previous, ignore_errors=True)
     return export_dir
 
 

@@ -17,7 +17,8 @@ SavedModel. Output layout (``out_dir``)::
     export/             the SavedModel (see :mod:`trainer.export`), with
                         assets.extra/{tf_serving_warmup_requests, config.yaml, metrics.json,
                         model_spec.json}; written as export.partial/ and moved into place
-                        when complete, so a reader never sees half an export
+                        when complete (a previous export waits in export.previous/ for the
+                        two renames), so a reader never sees half an export
 
 A run that is stopped (``max_steps``) or killed resumes from its last checkpoint when started
 again with the same arguments: the shuffle order of every epoch is fixed by the seed, so the
@@ -33,7 +34,10 @@ import logging
 import math
 import os
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -83,6 +87,7 @@ OUTPUTS = (
     LEARNING_CURVE_FILE,
     WARM_START_FILE,
     EXPORT_DIR + ".partial",
+    EXPORT_DIR + ".previous",
 )
 """Everything :func:`train` writes in ``out_dir``; ``overwrite`` removes these and nothing else."""
 
@@ -97,6 +102,10 @@ MAX_STEPS_PER_CALL = 100
 CHECKPOINTS_TO_KEEP = 3
 HEARTBEAT_TIMEOUT_S = 60
 """Multi-worker training: how long a worker's heartbeats may stop before the job fails."""
+WORKER_START_TIMEOUT_S = 300.0
+"""Multi-worker training: how long the workers of TF_CONFIG have to start and find each other
+(the environment variable `WORKER_START_TIMEOUT_ENV` changes it)."""
+WORKER_START_TIMEOUT_ENV = "WIDEDEEP_WORKER_START_TIMEOUT_S"
 _COORDINATED_JOBS = ("chief", "worker")
 FINGERPRINT_SECTIONS = ("label", "features", "crosses", "model", "training")
 
@@ -211,6 +220,7 @@ def train(
     if out == data.path or data.path in out.parents:
         raise TrainError(f"out_dir {out}: must not be inside the datagen output {data.path}")
     spec = build_model_spec(config, data.tft_output, towers)
+    _check_memory(spec, config, echo=print if verbose and is_chief else log.info)
     run = {
         "config_fingerprint": config.fingerprint(FINGERPRINT_SECTIONS),
         "data_fingerprint": data.fingerprint,
@@ -922,9 +932,12 @@ def _check_out_dir(out: Path, run: dict[str, Any], overwrite: bool) -> bool:
 def _prepare_out_dir(
     out: Path, run: dict[str, Any], clear: bool, config: Config, spec: ModelSpec, data: _Data
 ) -> None:
-    """Writes what a run needs before its first step; ``clear`` removes a previous run first."""
+    """Writes what a run needs before its first step; ``clear`` removes a previous run first.
+
+    A previous export is kept: it is replaced only once the new one is complete.
+    """
     if clear:
-        remove_paths(out / name for name in OUTPUTS)
+        remove_paths(out / name for name in OUTPUTS if name != EXPORT_DIR)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / RUN_FILE, {**run, "status": STATUS_TRAINING})
     (out / CONFIG_FILE).write_text(config.to_yaml())
@@ -933,6 +946,16 @@ def _prepare_out_dir(
     vocab_dir.mkdir(exist_ok=True)
     for vocab in config.vocabularies:
         shutil.copyfile(data.tft_output.vocabulary_file_by_name(vocab), vocab_dir / vocab)
+
+
+def _check_memory(spec: ModelSpec, config: Config, echo: Callable[[str], None]) -> None:
+    """Says how much memory training will take; refuses a model that cannot fit."""
+    from trainer import memory
+
+    estimate = memory.estimate(spec, config)
+    available = memory.available_memory()
+    memory.check_fits(estimate, available)
+    echo(memory.describe(estimate, available))
 
 
 def _vocabulary_files(out: Path, config: Config) -> dict[str, Path]:
@@ -956,19 +979,123 @@ def _make_strategy(distribute: str | None) -> Any:
                 '({"cluster": {"worker": [...]}, "task": {"type": "worker", "index": i}})'
             )
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-        _configure_coordination(resolver)
-        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        timeout = _worker_start_timeout()
+        _configure_coordination(resolver, timeout)
+        _wait_for_workers(resolver, timeout)
+        # The strategy's start blocks in TensorFlow until every worker has registered, holding
+        # the interpreter: no Python signal handler runs meanwhile, and TensorFlow takes
+        # SIGTERM for its preemption notices. The registration deadline bounds the wait.
+        terminate = signal.getsignal(signal.SIGTERM)
+        try:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError) as error:
+            first_line = (error.message or "").strip().splitlines()[:1]
+            raise TrainError(
+                f"distribute=multi_worker: the workers of TF_CONFIG did not all start within "
+                f"{timeout:.0f} s ({''.join(first_line)}); start every worker, or give them "
+                f"longer with {WORKER_START_TIMEOUT_ENV}"
+            ) from None
+        if terminate is not None and threading.current_thread() is threading.main_thread():
+            # SIGTERM stops the trainer again, as it stops one that trains alone.
+            signal.signal(signal.SIGTERM, terminate)
+        return strategy
     raise TrainError(f"distribute: unknown value {distribute!r}; expected none or multi_worker")
 
 
-def _configure_coordination(resolver: Any) -> None:
-    """The coordination service MultiWorkerMirroredStrategy sets up, with a longer heartbeat.
+def _worker_start_timeout() -> float:
+    text = os.environ.get(WORKER_START_TIMEOUT_ENV)
+    if not text:
+        return WORKER_START_TIMEOUT_S
+    try:
+        timeout = float(text)
+    except ValueError:
+        timeout = 0.0
+    if timeout <= 0:
+        raise TrainError(f"{WORKER_START_TIMEOUT_ENV}: expected seconds > 0, got {text!r}")
+    return timeout
 
-    The strategy leaves an already configured service alone. The only change from its own
-    configuration is `HEARTBEAT_TIMEOUT_S`: TensorFlow's default of 10 s also declares a live
+
+def _wait_for_workers(resolver: Any, timeout: float) -> None:
+    """On the coordination leader, waits until every other worker listens on its address.
+
+    TensorFlow's own wait for the workers cannot be interrupted; this one, in Python, says
+    what it waits for, gives up at the deadline with an error naming the workers missing, and
+    ends at SIGTERM or SIGINT. The other workers wait in TensorFlow, for the leader, up to the
+    registration deadline.
+    """
+    from tensorflow.python.distribute import multi_worker_util
+
+    cluster = resolver.cluster_spec()
+    me = f"/job:{resolver.task_type}/replica:0/task:{resolver.task_id}"
+    if multi_worker_util.coordination_leader(cluster) != me:
+        return
+    peers = [
+        (f"{job} {index}", address)
+        for job in _COORDINATED_JOBS
+        if job in cluster.jobs
+        for index, address in enumerate(cluster.job_tasks(job))
+        if (job, index) != (resolver.task_type, resolver.task_id)
+    ]
+
+    # The handler only takes note: an exception raised from it could land anywhere (in the
+    # middle of writing a log line, which would swallow it).
+    stopped: list[int] = []
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = (
+        signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
+        if in_main_thread
+        else None
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        waiting = [peer for peer in peers if not _listening(peer[1])]
+        if waiting:
+            log.info(
+                "multi-worker: waiting up to %.0f s for %s to start",
+                timeout,
+                ", ".join(f"{name} ({address})" for name, address in waiting),
+            )
+        while waiting:
+            if stopped:
+                raise TrainError(
+                    f"distribute=multi_worker: stopped by {signal.Signals(stopped[0]).name} "
+                    "while waiting for the workers of TF_CONFIG to start"
+                )
+            if time.monotonic() >= deadline:
+                missing = ", ".join(f"{name} ({address})" for name, address in waiting)
+                raise TrainError(
+                    f"distribute=multi_worker: {missing} of TF_CONFIG did not start within "
+                    f"{timeout:.0f} s; start every worker, or give them longer with "
+                    f"{WORKER_START_TIMEOUT_ENV}"
+                )
+            time.sleep(0.5)
+            waiting = [peer for peer in waiting if not _listening(peer[1])]
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _listening(address: str) -> bool:
+    """Whether something accepts TCP connections at ``host:port``."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _configure_coordination(resolver: Any, start_timeout: float) -> None:
+    """The coordination service MultiWorkerMirroredStrategy sets up, with a longer heartbeat
+    and a deadline for the workers to start.
+
+    The strategy leaves an already configured service alone. The changes from its own
+    configuration: `HEARTBEAT_TIMEOUT_S`, as TensorFlow's default of 10 s also declares a live
     worker dead when a loaded machine stalls it or its wall clock steps forward (the service
     times heartbeats by the wall clock), which fails the whole job; a worker that really dies
-    still fails its peers' collective ops at once, through their connections to it.
+    still fails its peers' collective ops at once, through their connections to it. And a
+    registration deadline (`start_timeout`): without it, a worker whose peer never starts waits
+    for it forever.
     """
     from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
     from tensorflow.python.distribute import multi_worker_util
@@ -987,7 +1114,10 @@ def _configure_coordination(resolver: Any) -> None:
         service_leader=multi_worker_util.coordination_leader(cluster),
         coordinated_jobs=jobs,
         heartbeat_timeout_in_ms=HEARTBEAT_TIMEOUT_S * 1000,
+        cluster_register_timeout_in_ms=int(start_timeout * 1000),
     )
+    # The deadline applies only when registering waits at a barrier for every worker.
+    context.context().coordination_service.cluster_register_with_barrier = True
 
 
 def _is_chief(strategy: Any) -> bool:

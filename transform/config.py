@@ -33,6 +33,15 @@ PRESETS = ("app_store", "movies")
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
+# Upper bounds of the sizes that decide a model's memory, far above any model of this kind:
+# past them a value is a typo, and one table alone would outgrow a machine's memory (a cross's
+# weight and its FTRL slots take 12 bytes a bucket). What fits a given machine is checked when
+# training starts, from the vocabulary sizes the data gave (trainer.memory).
+MAX_HASH_BUCKETS = 2**31 - 1
+MAX_EMBEDDING_DIM = 4096
+MAX_HIDDEN_UNITS = 65_536
+MAX_QUANTILES = 10_000
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the offending key."""
@@ -570,7 +579,7 @@ def _validate(config: Config) -> None:
                 f"{where}.features: at most one categorical_list feature per cross "
                 "(the cross of two lists grows with the product of their lengths)"
             )
-        _positive(f"{where}.hash_buckets", c.hash_buckets)
+        _bounded(f"{where}.hash_buckets", c.hash_buckets, MAX_HASH_BUCKETS)
     if not any(f.in_wide for f in config.features) and not config.crosses:
         raise ConfigError(
             "features: the wide tower has no features (no feature has tower "
@@ -592,10 +601,11 @@ def _validate_feature(f: Feature, config: Config) -> None:
         raise ConfigError(f"{where}.towers: a tower is listed twice")
     _positive(f"{where}.min_count", f.min_count)
     if f.embedding_dim is not None:
-        _positive(f"{where}.embedding_dim", f.embedding_dim)
+        _bounded(f"{where}.embedding_dim", f.embedding_dim, MAX_EMBEDDING_DIM)
     if f.kind is Kind.NUMERIC:
         if f.quantiles < 2:
             raise ConfigError(f"{where}.quantiles: expected an integer >= 2, got {f.quantiles}")
+        _bounded(f"{where}.quantiles", f.quantiles, MAX_QUANTILES)
         if f.dtype is not DType.STRING:  # dtype was given: it means nothing for numbers
             raise ConfigError(f"{where}.dtype: only categorical features take a dtype")
         if f.default is not None and isinstance(f.default, str):
@@ -642,11 +652,11 @@ def _validate_vocabularies(config: Config) -> None:
 
 def _validate_sections(config: Config) -> None:
     m = config.model
-    _positive("model.embedding_dim", m.embedding_dim)
+    _bounded("model.embedding_dim", m.embedding_dim, MAX_EMBEDDING_DIM)
     if not m.hidden_units:
         raise ConfigError("model.hidden_units: the deep tower needs at least one layer")
     for i, units in enumerate(m.hidden_units):
-        _positive(f"model.hidden_units[{i}]", units)
+        _bounded(f"model.hidden_units[{i}]", units, MAX_HIDDEN_UNITS)
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: expected a number in [0, 1), got {m.dropout}")
     if m.compute_dtype not in COMPUTE_DTYPES:
@@ -719,6 +729,16 @@ def _check_name(key: str, name: str) -> None:
 def _positive(key: str, value: int) -> None:
     if value < 1:
         raise ConfigError(f"{key}: expected an integer >= 1, got {value}")
+
+
+def _bounded(key: str, value: int, largest: int) -> None:
+    """An integer >= 1 and at most `largest`: past it, the model would not fit in memory."""
+    _positive(key, value)
+    if value > largest:
+        raise ConfigError(
+            f"{key}: {value:,} is more than the largest allowed, {largest:,}; a model that "
+            "large would not fit in memory"
+        )
 
 
 def _unknown(name: str, known: list[str]) -> str:
