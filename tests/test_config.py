@@ -91,6 +91,12 @@ BAD = [
     (("vocabulary: apps}", "vocabulary: apps, dtype: int}"), ["dtype", "shares vocabulary"]),
     (("towers: [wide, deep]", "towers: []"), ["features.app.towers"]),
     (("towers: [wide, deep]", "towers: [wide, tall]"), ["features.app.towers[1]", "tall"]),
+    (
+        ("vocabulary: apps}", "vocabulary: apps, embedding_dim: 8}"),
+        ["features.installed.embedding_dim", "shares vocabulary 'apps'", "8, not 32"],
+    ),
+    (("label: y", "label: y\nitem: appp"), ["item", "unknown feature 'appp'", "'app'"]),
+    (("label: y", "label: y\nitem: installed"), ["item", "categorical_list"]),
 ]
 
 
@@ -139,6 +145,36 @@ def test_sections_are_checked() -> None:
         parse_config(BASE + "training: {batch_size: 0}\n")
     with pytest.raises(ConfigError, match=r"training.bacth_size.*did you mean 'batch_size'"):
         parse_config(BASE + "training: {bacth_size: 10}\n")
+    with pytest.raises(ConfigError, match=r"training.early_stopping.metric: expected one of auc"):
+        parse_config(BASE + "training: {early_stopping: {metric: accuracy}}\n")
+    with pytest.raises(ConfigError, match=r"training.early_stopping.patience: must be >= 0"):
+        parse_config(BASE + "training: {early_stopping: {patience: -1}}\n")
+    with pytest.raises(ConfigError, match=r"model.unknown_id_rate: expected a number in \[0, 1\)"):
+        parse_config(BASE + "model: {unknown_id_rate: 1.0}\n")
+    with pytest.raises(ConfigError, match=r"model.embedding_stddev: must be >= 0"):
+        parse_config(BASE + "model: {embedding_stddev: -0.1}\n")
+
+
+def test_the_item_is_named_or_inferred() -> None:
+    # The single id that shares its vocabulary with a list: what users had vs were shown.
+    assert parse_config(BASE).item_feature.name == "app"
+    assert load_config("app_store").item_feature.name == "impression_app"
+    assert load_config("movies").item_feature.name == "movie_id"
+    no_list = BASE.replace("vocabulary: apps}", "vocabulary: other}")
+    assert parse_config(no_list).item_feature is None
+    named = parse_config(no_list.replace("label: y", "label: y\nitem: app"))
+    assert named.item_feature.name == "app"
+
+
+def test_optimizer_accumulators_default_by_optimizer() -> None:
+    config = parse_config(BASE + "model: {deep_optimizer: {name: adagrad, learning_rate: 0.3}}\n")
+    assert config.model.deep_optimizer.initial_accumulator == 0.001
+    assert config.model.wide_optimizer.initial_accumulator == 0.1
+    given = parse_config(
+        BASE + "model: {deep_optimizer: {name: adagrad, learning_rate: 0.3, "
+        "initial_accumulator_value: 0.2}}\n"
+    )
+    assert given.model.deep_optimizer.initial_accumulator == 0.2
 
 
 def test_missing_required_keys() -> None:

@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import tensorflow as tf
@@ -517,3 +518,35 @@ def test_a_missing_label_is_not_told_to_take_a_default(
     message = str(caught.value)
     assert "column 'liked' (the label) has 1 missing value" in message
     assert "a label has no default" in message and "'default' in the config" not in message
+
+
+def test_the_split_never_depends_on_the_label() -> None:
+    """Without split_by, rows that differ only in their label land on the same side."""
+    import dataclasses
+
+    from pipeline.sources import split_mask
+    from transform.config import DataConfig
+
+    config = load_config("movies")
+    config = dataclasses.replace(config, data=DataConfig(eval_fraction=0.5, split_by=""))
+    rows = 400
+    columns = {
+        "user_id": pa.array([[i % 50] for i in range(rows)], pa.large_list(pa.int64())),
+        "movie_id": pa.array([[f"m{i % 7}"] for i in range(rows)], pa.large_list(pa.string())),
+        "liked": pa.array([[i % 2] for i in range(rows)], pa.large_list(pa.int64())),
+    }
+    batch = pa.RecordBatch.from_pydict(columns)
+    is_eval = split_mask(config, batch)
+    key = [(i % 50, i % 7) for i in range(rows)]
+    side: dict[tuple[int, int], set[bool]] = {}
+    for k, e in zip(key, is_eval, strict=True):
+        side.setdefault(k, set()).add(bool(e))
+    assert all(len(s) == 1 for s in side.values())  # one side per feature tuple
+    assert 0 < is_eval.mean() < 1
+    flipped = pa.RecordBatch.from_pydict(
+        {
+            **columns,
+            "liked": pa.array([[1 - i % 2] for i in range(rows)], pa.large_list(pa.int64())),
+        }
+    )
+    np.testing.assert_array_equal(split_mask(config, flipped), is_eval)

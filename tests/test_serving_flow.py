@@ -333,3 +333,64 @@ def test_a_verdict_against_another_model_than_the_served_one_is_refused(
     shutil.copytree(validated, same)
     assert validate(model, movies_data, config, baseline=same, skip_dry_run=True).passed
     assert deploy(model, served_base, config.model_name).version == 2
+
+
+def test_the_gate_fails_a_model_that_ranks_worse_than_popularity(
+    undertrained: Path, trained: Path, movies_data: Path, config
+) -> None:
+    """Item popularity from the training split is the least a model must beat."""
+    verdict = validate(undertrained, movies_data, config, skip_dry_run=True)
+    pop = verdict.quality["popularity"]
+    assert pop["item"] == "movie_id"
+    assert not verdict.passed
+    assert any("does not beat item popularity" in r for r in verdict.reasons), verdict.reasons
+    assert verdict.quality["auc"] <= pop["auc"]
+    # The popularity AUC is that of each eval row's movie like rate in the train split.
+    examples, labels, _ = read_raw_eval_examples(movies_data)
+    movie = [_raw_value(e, "movie_id") for e in examples]
+    train_movies, train_labels = _train_rows(movies_data)
+    rate = train_labels.mean()
+    prior = 10.0
+    stats: dict[str, list[float]] = {}
+    for m, y in zip(train_movies, train_labels, strict=True):
+        stats.setdefault(m, [0.0, 0.0])
+        stats[m][0] += y
+        stats[m][1] += 1
+    scores = np.array(
+        [
+            (stats[m][0] + prior * rate) / (stats[m][1] + prior) if m in stats else rate
+            for m in movie
+        ]
+    )
+    from trainer.metrics import auc
+
+    assert pop["auc"] == pytest.approx(auc(labels, scores), abs=1e-9)
+    # A model that learned something beats it: the gate does not fail every model.
+    assert validate(trained, movies_data, config, skip_dry_run=True).passed
+
+
+def _raw_value(serialized: bytes, name: str) -> str:
+    import tensorflow as tf
+
+    return (
+        tf.train.Example.FromString(serialized).features.feature[name].bytes_list.value[0].decode()
+    )
+
+
+def _train_rows(data_dir: Path) -> tuple[list[str], np.ndarray]:
+    """The train split's movie tokens and labels, read back through the vocabulary."""
+    import tensorflow_transform as tft
+
+    from trainer import data as data_lib
+
+    tft_output = tft.TFTransformOutput(str(data_dir))
+    spec = tft_output.transformed_feature_spec()
+    vocab = [t.decode() for t in tft_output.vocabulary_by_name("movies")]
+    files = sorted(str(p) for p in (data_dir / "train").glob("part-*"))
+    wanted = {"movie_id": spec["movie_id"], "liked": spec["liked"]}
+    movies: list[str] = []
+    labels = []
+    for features, y in data_lib.eval_dataset(files, wanted, "liked", 4096):
+        movies += [vocab[i] if i < len(vocab) else "<oov>" for i in features["movie_id"].numpy()]
+        labels.append(y.numpy().ravel())
+    return movies, np.concatenate(labels)

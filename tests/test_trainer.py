@@ -91,7 +91,12 @@ def _restore(model_dir: Path, config: Config = CONFIG) -> tuple[Any, dict[str, i
     optimizers = {"wide": config.model.wide_optimizer, "deep": config.model.deep_optimizer}
     model = build_model(spec, optimizers)
     counters = {k: tf.Variable(0, dtype=tf.int64) for k in ("step", "epoch", "batch_in_epoch")}
-    checkpoint = tf.train.Checkpoint(**checkpoint_objects(model), **counters)
+    tracker = {
+        "best_value": tf.Variable(0.0, dtype=tf.float64),
+        "best_step": tf.Variable(0, dtype=tf.int64),
+        "evals_since_best": tf.Variable(0, dtype=tf.int64),
+    }
+    checkpoint = tf.train.Checkpoint(**checkpoint_objects(model), **counters, **tracker)
     latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
     checkpoint.restore(latest).assert_consumed()
     return model, {k: int(v.numpy()) for k, v in counters.items()}
@@ -964,3 +969,153 @@ def test_module_layout_is_documented():
     doc = train_lib.__doc__
     for name in train_lib.OUTPUTS:
         assert name in doc, name
+
+
+# --------------------------------------------------------------------------------------------
+# Early stopping and unknown ids
+
+
+def overfitting_config(**training: Any) -> Config:
+    """A large deep tower with a high learning rate: on 200 rows it overfits within epochs."""
+    settings = {
+        "epochs": 30,
+        "evals_per_epoch": 1,
+        "batch_size": 64,
+        "early_stopping": dataclasses.replace(MOVIES.training.early_stopping, patience=2),
+        **training,
+    }
+    config = small_config(**settings)
+    return dataclasses.replace(
+        config,
+        model=dataclasses.replace(
+            config.model,
+            hidden_units=(128, 64),
+            deep_optimizer=OptimizerConfig(name="adagrad", learning_rate=0.5),
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def early_stopped(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    out = tmp_path_factory.mktemp("early") / "model"
+    return train(overfitting_config(), small_data, out, towers="deep", verbose=0)
+
+
+def test_early_stopping_stops_and_exports_the_best_evaluation(early_stopped: TrainResult):
+    result = early_stopped
+    config = overfitting_config()
+    patience = config.training.early_stopping.patience
+    assert result.status == "complete" and result.stopped_early
+    assert result.step < result.total_steps
+    curve = result.eval_curve
+    assert [e["step"] for e in curve] == sorted({e["step"] for e in curve})
+    best = max(curve, key=lambda e: e["auc"])
+    # The first best evaluation is kept; the last `patience` evaluations brought nothing.
+    assert result.best_step == best["step"] == curve[-1 - patience]["step"]
+    assert all(e["auc"] <= best["auc"] + config.training.early_stopping.min_delta for e in curve)
+    # What is exported is the best evaluation's model, not the last step's.
+    saved = json.loads((result.out_dir / "metrics.json").read_text())
+    assert saved["best_step"] == best["step"] and saved["stopped_early"] is True
+    assert saved["auc"] == pytest.approx(best["auc"], abs=1e-6)
+    assert saved["log_loss"] == pytest.approx(best["log_loss"], abs=1e-6)
+    loaded = tf.saved_model.load(str(result.out_dir / "export"))
+    raw = _raw_eval_examples(Path(saved["data_dir"]))
+    scores = loaded.signatures[SERVING_SIGNATURE](examples=tf.constant(raw))["probabilities"]
+    labels = _eval_labels(Path(saved["data_dir"]), raw)
+    from trainer.metrics import auc
+
+    assert auc(labels, scores.numpy().ravel()) == pytest.approx(best["auc"], abs=1e-4)
+    assert (result.out_dir / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((result.out_dir / "eval_curve.json").read_text()) == list(curve)
+
+
+def _raw_eval_examples(data_dir: Path) -> list[bytes]:
+    files = sorted(str(p) for p in (data_dir / "eval_raw").glob("*.tfrecord.gz"))
+    return [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+
+
+def _eval_labels(data_dir: Path, raw: list[bytes]) -> np.ndarray:
+    label = MOVIES.label
+    return np.array(
+        [tf.train.Example.FromString(r).features.feature[label].int64_list.value[0] for r in raw]
+    )
+
+
+def test_an_early_stopped_run_resumes_to_the_same_result(
+    early_stopped: TrainResult, small_data: Path, tmp_path: Path
+):
+    """Stopped between evaluations and started again, the run ends as the uninterrupted one."""
+    out = tmp_path / "model"
+    config = overfitting_config()
+    first_eval = early_stopped.eval_curve[0]["step"]
+    stopped = train(config, small_data, out, towers="deep", max_steps=first_eval * 2 + 1, verbose=0)
+    assert stopped.status == "stopped"
+    resumed = train(config, small_data, out, towers="deep", verbose=0)
+    assert resumed.resumed_from_step == first_eval * 2 + 1
+    assert resumed.step == early_stopped.step and resumed.best_step == early_stopped.best_step
+    assert [e["auc"] for e in resumed.eval_curve] == pytest.approx(
+        [e["auc"] for e in early_stopped.eval_curve], abs=1e-6
+    )
+    assert resumed.metrics["auc"] == pytest.approx(early_stopped.metrics["auc"], abs=1e-6)
+
+
+def test_patience_zero_trains_every_epoch_and_exports_the_last_step(
+    small_data: Path, tmp_path: Path
+):
+    config = overfitting_config(epochs=3)
+    config = dataclasses.replace(
+        config,
+        training=dataclasses.replace(
+            config.training,
+            early_stopping=dataclasses.replace(config.training.early_stopping, patience=0),
+        ),
+    )
+    result = train(config, small_data, tmp_path / "m", towers="deep", export=False, verbose=0)
+    assert result.step == result.total_steps and not result.stopped_early
+    assert result.best_step is None and len(result.eval_curve) == 3
+    assert result.metrics["auc"] == pytest.approx(result.eval_curve[-1]["auc"], abs=1e-6)
+
+
+def test_unknown_ids_score_like_the_learned_unknown(trainer_data: Path, tmp_path: Path):
+    """An id the vocabulary does not know scores as the out-of-vocabulary row, which starts at
+    zero and is trained by hiding known ids."""
+    config = small_config(epochs=1)
+    config = dataclasses.replace(  # float32: the comparison below is exact
+        config,
+        model=dataclasses.replace(config.model, unknown_id_rate=0.2, compute_dtype="float32"),
+    )
+    spec = build_model_spec(config, tft.TFTransformOutput(str(trainer_data)), "wide_deep")
+    untrained = build_model(spec)
+    for table in untrained.deep.embeddings.values():
+        np.testing.assert_array_equal(table.numpy()[-1], 0.0)  # the OOV row starts at zero
+        assert np.abs(table.numpy()[:-1]).max() > 0
+    result = train(config, trainer_data, tmp_path / "m", verbose=0)
+    users = result.model.deep.embeddings["user_id"].numpy()
+    assert np.abs(users[-1]).max() > 0  # trained: hidden ids taught it
+
+    never = build_model(dataclasses.replace(spec, unknown_id_rate=0.0))
+    never.set_weights(result.model.get_weights())
+    loaded = tf.saved_model.load(str(result.export_dir))
+    raw = _raw_eval_examples(trainer_data)[:50]
+    unknown_a = [_with_feature(r, "user_id", 10**9) for r in raw]
+    unknown_b = [_with_feature(r, "user_id", 10**9 + 7) for r in raw]
+    serve = loaded.signatures[SERVING_SIGNATURE]
+    a = serve(examples=tf.constant(unknown_a))["probabilities"].numpy()
+    b = serve(examples=tf.constant(unknown_b))["probabilities"].numpy()
+    np.testing.assert_array_equal(a, b)
+    # The same rows with the out-of-vocabulary id given directly to the trained model.
+    tft_output = tft.TFTransformOutput(str(trainer_data))
+    parsed = tf.io.parse_example(
+        tf.constant(unknown_a), raw_feature_spec(config, with_label=False, with_defaults=True)
+    )
+    parsed[config.label] = tf.zeros([len(raw)], tf.int64)
+    features = tft_output.transform_features_layer()(parsed)
+    assert set(features["user_id"].numpy()) == {users.shape[0] - 1}
+    direct = tf.sigmoid(never(features)).numpy()
+    np.testing.assert_allclose(a.ravel(), direct.ravel(), atol=1e-5)
+
+
+def _with_feature(serialized: bytes, name: str, value: int) -> bytes:
+    example = tf.train.Example.FromString(serialized)
+    example.features.feature[name].int64_list.value[:] = [value]
+    return example.SerializeToString()

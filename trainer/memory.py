@@ -77,11 +77,15 @@ def estimate(spec: ModelSpec, config: Config) -> MemoryEstimate:
             what = f"vocabulary {i.vocabulary!r} of {i.size:,} tokens"
         parts.append(Part(key, f"wide weights of {what}", i.size, i.size * wide_bytes))
     width = 0
+    tables: set[str] = set()
     for i in spec.deep_inputs:
         if i.role is Role.NUMERIC:
             width += 1
             continue
         width += i.embedding_dim
+        if i.vocabulary in tables:
+            continue  # features that share a vocabulary share its embedding table
+        tables.add(i.vocabulary)
         count = i.size * i.embedding_dim
         dim_key = (
             f"features.{i.name}.embedding_dim"
@@ -91,7 +95,7 @@ def estimate(spec: ModelSpec, config: Config) -> MemoryEstimate:
         parts.append(
             Part(
                 dim_key,
-                f"embeddings of {i.name}: {i.size:,} tokens x {i.embedding_dim}",
+                f"embeddings of {i.vocabulary}: {i.size:,} tokens x {i.embedding_dim}",
                 count,
                 count * deep_bytes,
             )

@@ -1,18 +1,25 @@
 """Model training (paper section 4.2): datagen output in, a trained and exported model out.
 
 :func:`train` is a pure function of its arguments: it checks its inputs, trains the wide, deep
-or wide & deep model, checkpoints as it goes, evaluates on the eval split and exports a
-SavedModel. Output layout (``out_dir``)::
+or wide & deep model, checkpoints as it goes, evaluates the eval split after every epoch (or
+``training.evals_per_epoch`` times an epoch), stops when the eval metric has not improved for
+``training.early_stopping.patience`` evaluations (``training.epochs`` is the most it trains),
+and exports the SavedModel of the best evaluation. Output layout (``out_dir``)::
 
     run.json            what this run is (config and data fingerprints, towers, warm start)
                         and its status: training, stopped (max_steps) or complete
     config.yaml         the config used
     model_spec.json     the model's inputs and layers (read by a later warm start)
     vocabularies/       copies of the vocabulary files the model was trained with
-    checkpoints/        model, both optimizers (slots included), step, epoch and position
-    logs/train, logs/eval   TensorBoard summaries
+    checkpoints/        model, both optimizers (slots included), step, epoch and position,
+                        and the early-stopping state; checkpoints/best/ the weights of the
+                        best evaluation
+    logs/train, logs/eval   TensorBoard summaries: the loss of every step, every evaluation
     warm_start.json     rows carried per table, when warm-started
-    metrics.json        offline metrics on the eval split: AUC, log loss, label rate, examples
+    eval_curve.json     every evaluation: step, epoch, AUC, log loss, mean training loss
+    learning_curve.png  the same as a plot, the exported evaluation circled
+    metrics.json        offline metrics on the eval split of the exported model: AUC, log
+                        loss, label rate, examples, best step, and the eval curve
     roc.png             ROC curve on the eval split
     export/             the SavedModel (see :mod:`trainer.export`), with
                         assets.extra/{tf_serving_warmup_requests, config.yaml, metrics.json,
@@ -383,15 +390,20 @@ def _export(model: WideDeepModel, data: _Data, config: Config, out: Path) -> Pat
     )
 
 
-def predict(model: WideDeepModel, data: _Data, batch_size: int = 4096) -> tuple[Any, Any]:
-    """Labels and predicted probabilities of the eval split, as flat numpy arrays."""
+def predict(
+    model: WideDeepModel, data: _Data, batch_size: int = 4096, step: Any = None
+) -> tuple[Any, Any]:
+    """Labels and predicted probabilities of the eval split, as flat numpy arrays.
+
+    ``step`` is a compiled ``model.predict_step`` to reuse (one is compiled when not given).
+    """
     ds = data_lib.eval_dataset(
         data.eval_files,
         data.tft_output.transformed_feature_spec(),
         model.spec.label,
         batch_size,
     )
-    step = tf.function(lambda features: model.predict_step(features))
+    step = step or tf.function(model.predict_step)
     labels, probabilities = [], []
     for features, y in ds:
         probabilities.append(step(features).numpy().ravel())
@@ -533,6 +545,7 @@ class _Evaluator:
         verbose: int,
     ) -> None:
         self.model = WideDeepModel(spec)
+        self._predict = tf.function(self.model.predict_step)
         self._data, self._out, self._state = data, out, state
         self._is_chief, self._verbose = is_chief, verbose
         self._rule = config.training.early_stopping
@@ -556,7 +569,7 @@ class _Evaluator:
         if not self._is_chief:
             return
         self.model.set_weights(self._state.model.get_weights())
-        labels, probabilities = predict(self.model, self._data)
+        labels, probabilities = predict(self.model, self._data, step=self._predict)
         m = metrics_lib.offline_metrics(labels, probabilities)
         # With one class in the eval split AUC is undefined: log loss decides instead.
         name = self._rule.metric if m["auc"] is not None else "log_loss"

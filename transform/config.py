@@ -164,14 +164,28 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of the two towers and their optimizers (paper section 4.2, Figure 4)."""
+    """Architecture of the two towers and their optimizers (paper section 4.2, Figure 4).
+
+    Attributes:
+      embedding_dim: Embedding size of categorical features in the deep tower.
+      hidden_units: The ReLU layers of the deep tower.
+      dropout: Dropout after each ReLU layer in training.
+      compute_dtype: Arithmetic of the ReLU layers: float32, bfloat16 or auto.
+      embedding_stddev: Standard deviation of the initial embeddings (0: 1/sqrt(dim)). Small
+        initial rows keep a token seen a few times close to "no information" instead of a
+        random direction as large as a trained one.
+      unknown_id_rate: Share of the vocabulary ids of each training batch replaced by the
+        out-of-vocabulary id, so that row learns what an unknown user or item is like.
+      wide_optimizer: The wide tower's optimizer (FTRL with L1 in the paper).
+      deep_optimizer: The deep tower's optimizer (AdaGrad in the paper).
+    """
 
     embedding_dim: int = 32
     hidden_units: tuple[int, ...] = (1024, 512, 256)
     dropout: float = 0.0
     compute_dtype: str = "auto"
     embedding_stddev: float = 0.02
-    unknown_id_rate: float = 0.0
+    unknown_id_rate: float = 0.05
     wide_optimizer: OptimizerConfig = OptimizerConfig(
         name="ftrl", learning_rate=0.5, l1_regularization=0.001
     )
@@ -659,6 +673,12 @@ def _validate_sections(config: Config) -> None:
         _bounded(f"model.hidden_units[{i}]", units, MAX_HIDDEN_UNITS)
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: expected a number in [0, 1), got {m.dropout}")
+    if not 0.0 <= m.unknown_id_rate < 1.0:
+        raise ConfigError(
+            f"model.unknown_id_rate: expected a number in [0, 1), got {m.unknown_id_rate}"
+        )
+    if m.embedding_stddev < 0:
+        raise ConfigError(f"model.embedding_stddev: must be >= 0, got {m.embedding_stddev}")
     if m.compute_dtype not in COMPUTE_DTYPES:
         raise ConfigError(
             f"model.compute_dtype: expected one of {', '.join(COMPUTE_DTYPES)}, "
