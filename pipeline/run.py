@@ -474,6 +474,7 @@ class _Run:
                 "auc": metrics["auc"],
                 "log_loss": metrics["log_loss"],
                 "step": metrics["step"],
+                "steps_trained": metrics.get("steps_trained", metrics["step"]),
                 "examples_per_second": metrics.get("train_examples_per_second"),
                 "warm_start_from": warm_from,
                 "rows_carried": carried,
@@ -484,8 +485,8 @@ class _Run:
             f"{tag} train",
             train_stage,
             lambda r: (
-                f"eval AUC {r['auc']:.4f}, log loss {r['log_loss']:.4f} after {r['step']:,} "
-                "steps"
+                f"eval AUC {r['auc']:.4f}, log loss {r['log_loss']:.4f} at step {r['step']:,} of "
+                f"{r.get('steps_trained', r['step']):,} trained"
                 + (
                     f", warm-started ({r['rows_carried']:,} rows carried, {r['rows_new']:,} new)"
                     if r["warm_start_from"]

@@ -184,7 +184,7 @@ class ModelConfig:
     hidden_units: tuple[int, ...] = (1024, 512, 256)
     dropout: float = 0.0
     compute_dtype: str = "auto"
-    embedding_stddev: float = 0.02
+    embedding_stddev: float = 0.05
     unknown_id_rate: float = 0.05
     wide_optimizer: OptimizerConfig = OptimizerConfig(
         name="ftrl", learning_rate=0.5, l1_regularization=0.001
