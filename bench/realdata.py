@@ -398,6 +398,8 @@ def log_examples(df: pd.DataFrame, columns: Sequence[str], config: Any = None) -
             if isinstance(value, float) and math.isnan(value):
                 continue  # missing: the signature fills in the config's default
             if isinstance(value, np.ndarray | list):
+                if len(value) == 0:
+                    continue  # an empty list has no type of its own: left out, it parses empty
                 value = [v.item() if hasattr(v, "item") else v for v in value]
             elif hasattr(value, "item"):
                 value = value.item()

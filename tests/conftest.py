@@ -43,9 +43,9 @@ def movies_data(movies_parquet: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def small_model(config):
-    """A config with a small model and two epochs: quick to train, still wide & deep."""
+    """A config with a small model: quick to train (with early stopping), still wide & deep."""
     model = dataclasses.replace(config.model, hidden_units=(16, 8), embedding_dim=8)
-    training = dataclasses.replace(config.training, batch_size=128, epochs=2)
+    training = dataclasses.replace(config.training, batch_size=128)
     return dataclasses.replace(config, model=model, training=training)
 
 

@@ -439,6 +439,16 @@ def format_result(result: TrainResult) -> str:
             f"  eval        AUC {area}, log loss {m['log_loss']:.4f}, label rate "
             f"{m['label_rate']:.4f}, {m['examples']:,} examples"
         )
+    if result.eval_curve:
+        curve = ", ".join(
+            f"{e['epoch']:g}: {'n/a' if e['auc'] is None else format(e['auc'], '.4f')}"
+            + ("*" if e["step"] == result.best_step else "")
+            for e in result.eval_curve
+        )
+        lines.append(f"  eval curve  AUC by epoch {curve}")
+        if result.best_step is not None:
+            why = "early stopping" if result.stopped_early else "the best evaluation"
+            lines.append(f"  exported    the model of step {result.best_step:,} (*: {why})")
     if result.export_dir is not None:
         lines.append(f"  export      {result.export_dir}")
     return "\n".join(lines)
