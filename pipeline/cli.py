@@ -171,7 +171,7 @@ def _train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     """
     widedeep serve --port 8500 --rest_api_port 8501 --model_name app_ranker \\
         --model_base_path serving/app_ranker
-    widedeep serve --port 8500 --model_config_file docker/models.config
+    widedeep serve --port 8500 --model_config_file /srv/models/models.config
 
     Takes tensorflow_model_server's own flags. Runs tensorflow_model_server when it is on PATH
     (writing a model config file for --model_name/--model_base_path), else the built-in server

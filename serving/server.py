@@ -24,12 +24,12 @@ import grpc
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving import limits
+from serving import limits, tfserving
 from serving.api import ServingApi
 from serving.errors import ServingError
 from serving.grpc_api import service_handlers
 from serving.limits import RequestLimits
-from serving.metrics import Metrics
+from serving.metrics import PROMETHEUS_PATH, Metrics
 from serving.models import ManagerSettings, ModelManager, single_model_config
 from serving.rest import RestApi, RestServer
 from serving.servable import ServableOptions
@@ -68,6 +68,12 @@ class ServerSettings:
 
     Model management: HandleReloadConfigRequest is refused unless `allow_reload_config`;
     `model_base_path_roots` confines every model's base path to those folders.
+
+    Metrics are exposed on the REST port at `metrics_path` (None: not exposed), as a
+    `--monitoring_config_file` says. `enable_batching` and `batching_parameters_file` are
+    TF Serving's server-side batching: accepted (the file is checked) so one command line
+    serves with either server, and applied by `tensorflow_model_server` only; the built-in
+    server runs each request as it arrives.
     """
 
     model_name: str = "default"
@@ -99,6 +105,9 @@ class ServerSettings:
     rest_api_timeout_in_ms: int = 30_000
     allow_reload_config: bool = False
     model_base_path_roots: tuple[str, ...] = ()
+    metrics_path: str | None = PROMETHEUS_PATH
+    enable_batching: bool = False
+    batching_parameters_file: str | None = None
 
 
 def load_model_server_config(settings: ServerSettings) -> model_server_config_pb2.ModelServerConfig:
@@ -234,6 +243,11 @@ class ModelServer:
 
     def _start(self) -> None:
         config = load_model_server_config(self.settings)
+        if self.settings.enable_batching:
+            log.info(
+                "--enable_batching: server-side batching is applied by tensorflow_model_server; "
+                "this server runs each request as it arrives"
+            )
         _set_tensorflow_threads(
             self.settings.tensorflow_intra_op_parallelism,
             self.settings.tensorflow_inter_op_parallelism,
@@ -251,7 +265,11 @@ class ModelServer:
         self.manager.start()
         self._start_grpc()
         if self.settings.rest_api_port is not None:
-            rest = RestApi(self.api, max_body_bytes=self._max_message_bytes())
+            rest = RestApi(
+                self.api,
+                max_body_bytes=self._max_message_bytes(),
+                metrics_path=self.settings.metrics_path,
+            )
             address = _address(self.settings.host, self.settings.rest_api_port)
             try:
                 self._rest_server = RestServer(
@@ -447,12 +465,21 @@ def build_parser() -> argparse.ArgumentParser:
          help="how long a request waits for room among those in flight")  # fmt: skip
     flag("--model_base_path_roots", default="",
          help="comma-separated folders every model base path must be under")  # fmt: skip
+    flag("--monitoring_config_file", default="",
+         help="MonitoringConfig text proto: whether and where (on the REST port) Prometheus "
+         f"metrics are exposed (default: at {PROMETHEUS_PATH})")  # fmt: skip
+    flag("--batching_parameters_file", default="",
+         help="BatchingParameters text proto; checked, and applied by "
+         "tensorflow_model_server only (see --enable_batching)")  # fmt: skip
     for name, default, text in (
         ("enable_model_warmup", True, None),
         ("allow_version_labels_for_unavailable_models", False, None),
         ("enable_signature_method_name_check", False, None),
         ("allow_reload_config", False,
          "let clients change the served models with HandleReloadConfigRequest"),
+        ("enable_batching", False,
+         "TF Serving's server-side batching: accepted so one command line serves with either "
+         "server; the built-in server runs each request as it arrives"),
     ):  # fmt: skip
         flag(f"--{name}", type=_flag_bool, nargs="?", const=True, default=default, help=text)
     return parser
@@ -479,6 +506,17 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
             raise ValueError(f"--{name}: expected an integer >= 1, got {getattr(args, name)}")
     if args.in_flight_wait_in_ms < 0:
         raise ValueError(f"--in_flight_wait_in_ms: expected >= 0, got {args.in_flight_wait_in_ms}")
+    metrics_path: str | None = PROMETHEUS_PATH
+    if args.monitoring_config_file:
+        prometheus = tfserving.read_monitoring_config(args.monitoring_config_file).prometheus_config
+        metrics_path = (prometheus.path or PROMETHEUS_PATH) if prometheus.enable else None
+        if metrics_path is not None and not metrics_path.startswith("/"):
+            raise ValueError(
+                f"--monitoring_config_file: prometheus_config.path must start with '/', got "
+                f"{metrics_path!r}"
+            )
+    if args.batching_parameters_file:
+        tfserving.read_batching_parameters(args.batching_parameters_file)
     return ServerSettings(
         model_name=args.model_name,
         model_base_path=args.model_base_path or None,
@@ -509,6 +547,9 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
         model_base_path_roots=tuple(
             root.strip() for root in args.model_base_path_roots.split(",") if root.strip()
         ),
+        metrics_path=metrics_path,
+        enable_batching=args.enable_batching,
+        batching_parameters_file=args.batching_parameters_file or None,
     )
 
 
