@@ -715,6 +715,12 @@ class RankingClient:
             else set()
         )
         self._list_delimiter = (config.data if config is not None else DataConfig()).list_delimiter
+        # An int input has no missing value: the config's default stands in for one.
+        self._defaults = {
+            f.column: f.default
+            for f in (config.features if config else ())
+            if f.default is not None
+        }
 
     def close(self) -> None:
         """Closes the channel or the HTTP connections."""
@@ -891,9 +897,11 @@ class RankingClient:
                 return float("nan") if value is None else float(value)
             if dtype == types_pb2.DT_INT64:
                 if value is None:
+                    value = self._defaults.get(name)
+                if value is None:
                     raise ValueError(
-                        "no value, and an integer input has no missing value: give it one "
-                        "(its default)"
+                        "no value, and an integer input has no missing value: give it one, or "
+                        "a config whose feature has a default"
                     )
                 return _as_int(value)
         except (TypeError, ValueError) as e:

@@ -457,5 +457,15 @@ def test_csv_born_log_rows_score_through_every_api(
     server = _serve(model, config.model_name, tmp_path / "base")
     try:
         _assert_all_equal(_every_path(server, config, model, read.slice(0, ROWS)))
+        # release_year is an int64 input here: the client fills a missing one with the
+        # config's default (an int has no missing value in JSON).
+        target = f"http://127.0.0.1:{server.rest_api_port}"
+        settings = ClientSettings(batch_size=10, timeout_s=30)
+        with RankingClient(target, config.model_name, settings, config) as client:
+            merged = client.score(QUERY, CANDIDATES)
+        settings = dataclasses.replace(settings, request="raw")
+        with RankingClient(target, config.model_name, settings, config) as client:
+            assert client.model_inputs()["release_year"] == tf.int64.as_datatype_enum
+            np.testing.assert_allclose(client.score(QUERY, CANDIDATES), merged, atol=1e-6)
     finally:
         server.stop()
