@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import logging
 import signal
 import sys
@@ -42,6 +43,8 @@ GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
 GRPC_CALLS_PER_THREAD = 16
 SWITCH_INTERVAL_SECONDS = 0.0005
 GRPC_MIN_QUEUED_CALLS = 128
+# With background model loads: the pause after each warmup request, in times its duration.
+WARMUP_PAUSE_RATIO = 1.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,12 @@ class ServerSettings:
     TF Serving's server-side batching: accepted (the file is checked) so one command line
     serves with either server, and applied by `tensorflow_model_server` only; the built-in
     server runs each request as it arrives.
+
+    `background_model_load` isolates loading from serving: versions load and warm up in
+    threads of lower scheduling priority, with pauses between warmup requests, and without
+    Python's full garbage collections, which would stop every thread (see
+    `serving.models.collection_paused`), so requests keep their latency while a new version
+    is swapped in (bench/swap_bench.py).
     """
 
     model_name: str = "default"
@@ -108,6 +117,7 @@ class ServerSettings:
     metrics_path: str | None = PROMETHEUS_PATH
     enable_batching: bool = False
     batching_parameters_file: str | None = None
+    background_model_load: bool = True
 
 
 def load_model_server_config(settings: ServerSettings) -> model_server_config_pb2.ModelServerConfig:
@@ -198,7 +208,11 @@ class ModelServer:
                     tags=settings.saved_model_tags,
                     enable_model_warmup=settings.enable_model_warmup,
                     enable_signature_method_name_check=settings.enable_signature_method_name_check,
+                    warmup_pause_ratio=WARMUP_PAUSE_RATIO
+                    if settings.background_model_load
+                    else 0.0,
                 ),
+                background_load=settings.background_model_load,
             ),
             metrics=self.metrics,
         )
@@ -480,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("enable_batching", False,
          "TF Serving's server-side batching: accepted so one command line serves with either "
          "server; the built-in server runs each request as it arrives"),
+        ("background_model_load", True,
+         "load and warm up new versions at a lower priority than requests (true by default)"),
     ):  # fmt: skip
         flag(f"--{name}", type=_flag_bool, nargs="?", const=True, default=default, help=text)
     return parser
@@ -550,6 +566,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
         metrics_path=metrics_path,
         enable_batching=args.enable_batching,
         batching_parameters_file=args.batching_parameters_file or None,
+        background_model_load=args.background_model_load,
     )
 
 
@@ -567,6 +584,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # requests (or a flood of bad ones) run Python code. A shorter slice keeps good requests'
     # tail latency low under such load, for a little more switching.
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    if settings.background_model_load:
+        # What is alive now (TensorFlow's modules: hundreds of thousands of objects) lives as
+        # long as the process. Out of the collector's sight, a full collection walks only what
+        # comes later (models, requests): pauses of tens of ms instead of hundreds, while
+        # requests are served and when a version is swapped. Done here, where the process is
+        # the server's alone, not in ModelServer, which may run inside another program.
+        gc.collect()
+        gc.freeze()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -151,6 +151,7 @@ BUILTIN_ONLY_FLAGS = (
     "--max_request_tensor_bytes",
     "--max_in_flight_bytes",
     "--in_flight_wait_in_ms",
+    "--background_model_load",
 )
 """Flags of the built-in server that ``tensorflow_model_server`` does not know."""
 
