@@ -56,7 +56,8 @@ def small_config(**training: Any) -> Config:
             deep_optimizer=OptimizerConfig(name="adagrad", learning_rate=0.2),
         ),
         training=dataclasses.replace(
-            MOVIES.training, **{"batch_size": 256, "steps_per_checkpoint": 5, "epochs": 2, **training}
+            MOVIES.training,
+            **{"batch_size": 256, "steps_per_checkpoint": 5, "epochs": 2, **training},
         ),
     )
 
