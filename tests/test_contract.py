@@ -469,3 +469,28 @@ def test_csv_born_log_rows_score_through_every_api(
             np.testing.assert_allclose(client.score(QUERY, CANDIDATES), merged, atol=1e-6)
     finally:
         server.stop()
+
+
+def test_cli_query_sends_the_query_once_when_asked(
+    movies_server: ModelServer, movies_small_config, tmp_path: Path, capsys
+) -> None:
+    from pipeline.cli import main
+
+    query = tmp_path / "q.json"
+    query.write_text(json.dumps({"query": QUERY, "candidates": CANDIDATES}))
+    rankings = {}
+    for kind in ("examples", "classify", "raw"):
+        argv = ["query", "--server", f"http://127.0.0.1:{movies_server.rest_api_port}"]
+        argv += ["--model_name", movies_small_config.model_name, "--query", str(query)]
+        argv += ["--config", "movies", "--request", kind, "--json"]
+        assert main(argv) == 0
+        rankings[kind] = json.loads(capsys.readouterr().out)
+    scores = {k: {r["candidate"]["movie_id"]: r["score"] for r in v} for k, v in rankings.items()}
+    movies = [c["movie_id"] for c in CANDIDATES]
+    for kind in ("classify", "raw"):
+        np.testing.assert_allclose(
+            [scores[kind][m] for m in movies],
+            [scores["examples"][m] for m in movies],
+            rtol=0,
+            atol=1e-6,
+        )

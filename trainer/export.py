@@ -62,14 +62,14 @@ def raw_input_signature(config: Config, spec: Mapping[str, Any]) -> dict[str, tf
 
 
 class ServingModule(tf.Module):
-    """What the SavedModel holds: the transform layer, the inference model, three signatures."""
+    """What the SavedModel holds: the transform layer, the model's weights, three signatures."""
 
     def __init__(self, model: Any, tft_layer: Any, raw_spec: Mapping[str, Any], config: Config):
         super().__init__(name="widedeep_serving")
-        # The model's weights are saved, not its Keras layers: saved layers add a function per
-        # layer call to the SavedModel, which every server load rebuilds as Python objects and
-        # every unload frees in one garbage collection that stops the requests being answered
-        # (about half the objects of a loaded version, and more than half of that pause).
+        # The model's weights are saved, not its Keras layers: saved layers add functions per
+        # layer to the SavedModel, which every server load rebuilds as Python objects and every
+        # unload frees in one garbage collection that stops the requests being answered (a
+        # fifth of a loaded version's objects, and about half of that pause, as measured).
         self._inference = _Unsaved(model)
         self.model_weights = list(model.variables)
         # Attached so its vocabulary files and tables are exported as the model's own assets.
