@@ -431,7 +431,12 @@ def main() -> None:
     tf.config.threading.set_intra_op_parallelism_threads(intra_op)
     tf.config.threading.set_inter_op_parallelism_threads(inter_op)
 
-    from serving.client import ClientSettings, ExampleEncoder, RankingClient
+    from serving.client import (
+        ClientSettings,
+        ExampleEncoder,
+        RankingClient,
+        saved_model_input_types,
+    )
     from transform.config import load_config
 
     started = time.monotonic()
@@ -442,7 +447,8 @@ def main() -> None:
     auc = json.loads((model_dir / "metrics.json").read_text()).get("auc", float("nan"))
 
     query, candidates = build_query(data_dir, config)
-    encoder = ExampleEncoder(config)
+    # Typed as the model parses them (its raw_features signature says how).
+    encoder = ExampleEncoder(config, saved_model_input_types(model_dir / "export"))
     examples = encoder.encode_query(query, candidates)
     encode_times = []
     for _ in range(100):

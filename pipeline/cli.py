@@ -171,7 +171,7 @@ def _train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     """
     widedeep serve --port 8500 --rest_api_port 8501 --model_name app_ranker \\
         --model_base_path serving/app_ranker
-    widedeep serve --port 8500 --model_config_file docker/models.config
+    widedeep serve --port 8500 --model_config_file /srv/models/models.config
 
     Takes tensorflow_model_server's own flags. Runs tensorflow_model_server when it is on PATH
     (writing a model config file for --model_name/--model_base_path), else the built-in server
@@ -307,8 +307,15 @@ def _deploy(args: argparse.Namespace, extra: Sequence[str]) -> int:
     --timeout seconds.
 
     The JSON holds "query" (features shared by every candidate: user and context) and
-    "candidates" (a list of each candidate's features). With --config, feature types follow
-    the config; without, they follow the JSON values.
+    "candidates" (a list of each candidate's features). Features are typed as the model
+    parses them (read from its raw_features signature); for a model without one, as --config
+    says, else as the JSON values are.
+
+    --request says what a request carries: "examples" (default) is Predict on
+    serving_default with one tf.Example a candidate, the query's features merged in;
+    "classify" is Classify with the query's features once, as the context example
+    (example_list_with_context); "raw" is Predict on the raw_features signature, one input
+    per column, the query's columns once (REST: the columnar "inputs" format).
     """,
 )
 def _query(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -331,6 +338,7 @@ def _query(args: argparse.Namespace, extra: Sequence[str]) -> int:
         parallelism=args.parallelism or base.parallelism,
         timeout_s=args.timeout or base.timeout_s,
         retries=base.retries,
+        request=args.request,
     )
     with RankingClient(
         args.server, args.model_name, settings, config=config, version=args.model_version
@@ -580,7 +588,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="score with this version (default: the one the server serves)",
     )
     p.add_argument("--query", help="JSON file with the query and its candidates (default stdin)")
-    p.add_argument("--config", help="pipeline config, to type the features exactly")
+    p.add_argument("--config", help="pipeline config (feature types, list delimiter)")
+    p.add_argument(
+        "--request",
+        # serving.client.REQUEST_KINDS, written out: the parser is built without TensorFlow.
+        choices=("examples", "classify", "raw"),
+        default="examples",
+        help="what a request carries: merged tf.Examples (default), Classify with the query "
+        "as context, or raw values on the raw_features signature",
+    )
     p.add_argument("--batch-size", type=int, help="candidates per request")
     p.add_argument("--parallelism", type=int, help="requests in flight at once")
     p.add_argument("--timeout", type=float, help="deadline of the whole query, seconds")

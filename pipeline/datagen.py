@@ -72,9 +72,17 @@ class DatagenResult:
 class ReadLogBatches(beam.DoFn):
     """Reads one Parquet or CSV file into TFXIO-layout batches, split into train and eval."""
 
-    def __init__(self, config: Config, fmt: InputFormat, batch_rows: int, arrow_schema: pa.Schema):
+    def __init__(
+        self,
+        config: Config,
+        fmt: InputFormat,
+        batch_rows: int,
+        arrow_schema: pa.Schema,
+        int_columns: Sequence[str] = (),
+    ):
         self._config = config
         self._format = fmt
+        self._int_columns = tuple(int_columns)
         self._batch_rows = batch_rows
         self._schema = arrow_schema
         self._rows = beam.metrics.Metrics.counter("widedeep", "rows_read")
@@ -85,15 +93,14 @@ class ReadLogBatches(beam.DoFn):
         if self._format is InputFormat.PARQUET:
             raw = sources.iter_parquet(self._config, path, self._batch_rows)
         else:
-            raw = sources.iter_csv(self._config, path, self._batch_rows)
+            raw = sources.iter_csv(self._config, path, self._batch_rows, self._int_columns)
         for batch in raw:
             if batch.num_rows == 0:
                 continue
             rows += batch.num_rows
             self._rows.inc(batch.num_rows)
-            yield from _split(
-                self._config, sources.to_tfxio_batch(self._config, batch, path), self._schema
-            )
+            batch = sources.to_tfxio_batch(self._config, batch, path, self._int_columns)
+            yield from _split(self._config, batch, self._schema)
         log.info("read %s: %d rows in %.1f s", path, rows, time.monotonic() - started)
 
 
@@ -175,7 +182,8 @@ def build_pipeline(
 
     from transform.features import make_preprocessing_fn
 
-    schema = raw_schema(config)
+    # The log's own types: columns it holds as integers stay int64 (see InputFiles.int_columns).
+    schema = raw_schema(config, int_columns=files.int_columns)
     tfxio = tf_example_record.TFExampleBeamRecord(
         physical_format="tfrecord", schema=schema, telemetry_descriptors=["widedeep"]
     )
@@ -203,7 +211,7 @@ def build_pipeline(
             | "SpreadFiles" >> beam.Reshuffle()
             | f"Read{files.format.value.capitalize()}AndSplit"
             >> beam.ParDo(
-                ReadLogBatches(config, files.format, batch_rows, arrow_schema)
+                ReadLogBatches(config, files.format, batch_rows, arrow_schema, files.int_columns)
             ).with_outputs(TRAIN_DIR, EVAL_DIR, _STATS_NAME)
         )
 
@@ -242,20 +250,24 @@ def build_pipeline(
     )
 
 
-def raw_schema(config: Config, split_column_dtype: str | None = None) -> Any:
+def raw_schema(
+    config: Config, split_column_dtype: str | None = None, int_columns: Sequence[str] = ()
+) -> Any:
     """The raw data's schema (tensorflow_metadata Schema proto) derived from the config.
 
     Args:
       config: The pipeline config.
       split_column_dtype: When given, the ``data.split_by`` column (if no feature reads it)
         is added with this dtype (``string``, ``int`` or ``float``), to decode TFRecord input.
+      int_columns: Columns the log holds as integers: int64 in the schema (recorded under
+        ``metadata/``, it is how the serving signatures parse them).
     """
     import tensorflow as tf
     from tensorflow_transform.tf_metadata import schema_utils
 
     from transform.features import raw_feature_spec
 
-    spec = raw_feature_spec(config)
+    spec = raw_feature_spec(config, int_columns=int_columns)
     split_by = config.data.split_by
     if split_column_dtype and split_by and split_by not in spec:
         dtype = {"int": tf.int64, "float": tf.float32}.get(split_column_dtype, tf.string)
@@ -356,7 +368,7 @@ def _run_locked(
             build_pipeline(p, config, files, str(partial), batch_rows=batch_rows)
         shutil.rmtree(temp_dir, ignore_errors=True)
         metadata_io.write_metadata(
-            dataset_metadata.DatasetMetadata(raw_schema(config)),
+            dataset_metadata.DatasetMetadata(raw_schema(config, int_columns=files.int_columns)),
             str(partial / "metadata"),
         )
         (partial / CONFIG_YAML).write_text(config.to_yaml())
@@ -437,6 +449,8 @@ def summarize(config: Config, files: InputFiles, out_dir: Path, seconds: float) 
             "paths": list(files.paths[:20]),
         },
         "rows": total,
+        # Columns kept as the log's int64 (the serving signatures parse them so).
+        "int_columns": list(files.int_columns),
         "splits": splits,
         "vocabularies": vocabularies,
         "quantiles": {
@@ -466,6 +480,14 @@ def format_summary(summary: dict[str, Any], out_dir: Path | str) -> str:
         f"{summary['rows']:,} rows",
         f"  train       {tr['rows']:,} rows, label rate {rate(tr)}, {tr['shards']} shard(s)",
         f"  eval        {ev['rows']:,} rows, label rate {rate(ev)}, {ev['shards']} shard(s)",
+    ]
+    if summary.get("int_columns"):
+        lines.append(
+            "  int64       "
+            + ", ".join(summary["int_columns"])
+            + " (integers in the log: served as int64 too)"
+        )
+    lines += [
         "  vocabularies (tokens seen >= min_count, + OOV bucket):",
     ]
     for name, v in summary["vocabularies"].items():

@@ -272,12 +272,19 @@ def encode_rows(rows: pa.Table, config: Config) -> list[bytes]:
     import tensorflow as tf
 
     from serving.client import ExampleEncoder
+    from transform.features import can_be_int
 
-    encoder = ExampleEncoder(config)
     columns = list(dict.fromkeys(f.column for f in config.features))
     missing = [c for c in columns if c not in rows.column_names]
     if missing:
         raise ValueError(f"rows lack the config's columns: {', '.join(missing)}")
+    # Typed as data generation typed the log: a column it holds as integers stays int64.
+    int_columns = [
+        f.column
+        for f in config.features
+        if can_be_int(f) and pa.types.is_integer(rows.schema.field(f.column).type)
+    ]
+    encoder = ExampleEncoder(config, dict.fromkeys(int_columns, "int64"))
     values = [rows.column(c).to_pylist() for c in columns]
     cache: dict[tuple[str, Any], Any] = {}
     out = []

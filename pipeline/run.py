@@ -25,6 +25,7 @@ same arguments (an interrupted training run resumes from its own checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -227,33 +228,81 @@ class _State:
 def build_query(
     config: Config, rows: Sequence[dict[str, Any]], num_candidates: int
 ) -> dict[str, Any]:
-    """One query and up to ``num_candidates`` distinct candidates, from raw log rows.
+    """One query and up to ``num_candidates`` distinct items to rank for it, from raw log rows.
 
-    With ``data.split_by`` naming a query column, a feature is a query feature when it is the
-    same in every impression of each query (user and context), else a candidate feature; the
-    query is the one with the most impressions, and candidates are the distinct candidate
-    feature values of the rows. Without it, every row is a candidate with all its features.
+    The item is ``config.item_feature`` (the ``item`` the config names, or the one it infers).
+    A candidate is an item with its item-level columns: those that take one value for each
+    item wherever it appears in the rows, and differ between items (a category, a genre list);
+    every other column (user, context, history) is the query's, from one impression: the
+    first of the query with the most impressions when ``data.split_by`` names a query column,
+    else the first row. Candidates are the distinct items in the order the rows first show
+    them, so the same rows always give the same query. Without an item feature, every distinct
+    combination of the non-query columns is a candidate. The result names the item column
+    (``"item"``).
     """
     columns = list(dict.fromkeys(f.column for f in config.features))
     if not rows:
         raise RunError("no rows to build an example query from")
-    groups: dict[Any, list[dict[str, Any]]] = {}
+    item = config.item_feature
+    if item is None:
+        return _build_query_without_item(config, columns, rows, num_candidates)
+    key = item.column
+    rows = [r for r in rows if r.get(key) is not None]
+    if not rows:
+        raise RunError(f"no row of the log has a value for the item column {key!r}")
+    by_item: dict[Any, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_item.setdefault(_hashable(row[key]), []).append(row)
+    seen_twice = [group for group in by_item.values() if len(group) > 1]
+    # A column is the item's when each item seen more than once keeps one value of it, and
+    # items differ in it (a column the same everywhere is sent once, with the query).
+    item_columns = [key] + [
+        c
+        for c in columns
+        if c != key
+        and seen_twice
+        and all(_same(r.get(c) for r in g) for g in seen_twice)
+        and not _same(r.get(c) for r in rows)
+    ]
+    impression = _query_rows(config, rows)[0]
+    query = {c: impression.get(c) for c in columns if c not in item_columns}
+    candidates = [{c: group[0].get(c) for c in item_columns} for group in by_item.values()][
+        :num_candidates
+    ]
+    return {"item": key, "query": query, "candidates": candidates}
+
+
+def _query_rows(config: Config, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The impressions of the query with the most of them (the first such), or the first row."""
     split_by = config.data.split_by
+    if not split_by or split_by not in rows[0]:
+        return list(rows[:1])
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(_hashable(row.get(split_by)), []).append(row)
+    return max(groups.values(), key=len)
+
+
+def _build_query_without_item(
+    config: Config, columns: list[str], rows: Sequence[dict[str, Any]], num_candidates: int
+) -> dict[str, Any]:
+    """With no item feature: columns constant within every query are the query's."""
+    split_by = config.data.split_by
+    groups: dict[Any, list[dict[str, Any]]] = {}
     if split_by and split_by in rows[0]:
         for row in rows:
             groups.setdefault(_hashable(row.get(split_by)), []).append(row)
     multi = [g for g in groups.values() if len(g) > 1]
-    if multi:
-        query_columns = [
-            c for c in columns if all(_same(r.get(c) for r in group) for group in multi)
-        ]
-        candidate_columns = [c for c in columns if c not in query_columns]
-    else:
-        query_columns, candidate_columns = [], columns
-    if not candidate_columns:
-        query_columns, candidate_columns = [], columns
-    biggest = max(multi, key=len) if multi else rows[:1]
-    query = {c: biggest[0].get(c) for c in query_columns}
+    query_columns = (
+        [c for c in columns if all(_same(r.get(c) for r in group) for group in multi)]
+        if multi
+        else []
+    )
+    candidate_columns = [c for c in columns if c not in query_columns] or columns
+    if candidate_columns == columns:
+        query_columns = []
+    impression = _query_rows(config, rows)[0]
+    query = {c: impression.get(c) for c in query_columns}
     seen: set[Any] = set()
     candidates = []
     for row in rows:
@@ -265,7 +314,7 @@ def build_query(
         candidates.append(candidate)
         if len(candidates) >= num_candidates:
             break
-    return {"query": query, "candidates": candidates}
+    return {"item": None, "query": query, "candidates": candidates}
 
 
 def _hashable(value: Any) -> Any:
@@ -534,7 +583,7 @@ class _Run:
                 else:
                     server = self.server.target if self.server else None
                     version = deploy(model, self.base, name, server=server).version
-                self.ensure_server(version, d)
+                self.ensure_server(version)
                 return {"version": version, "model": str(model)}
 
             r = self.stage(
@@ -573,7 +622,7 @@ class _Run:
 
     # ---------------------------------------------------------------- the server
 
-    def ensure_server(self, version: int | None, day: int) -> None:
+    def ensure_server(self, version: int | None) -> None:
         """Starts the model server over the base path (once) and waits for ``version``."""
         from serving.process import ServerProcess
 
@@ -594,15 +643,19 @@ class _Run:
             + (f" and {self.server.rest_url} (REST)" if self.server.rest_url else "")
             + f" after {seconds:.1f} s; log: {self.out / SERVER_LOG}"
         )
-        self.query = self.load_query(day)
+        self.query = self.load_query()
         if self.on_serving is not None:
             self.on_serving(self.server.target)
         if (self.options.days or len(self.day_inputs)) > 1:
             self.probe = _Probe(self.server.target, self.config, self.query, interval_s=0.5)
             self.probe.start()
 
-    def load_query(self, day: int) -> dict[str, Any]:
-        """The query ranked at the end: the one given, or one built from a day's log."""
+    def load_query(self) -> dict[str, Any]:
+        """The query ranked at the end: the one given, or one built from the last day's log.
+
+        A built query is kept in ``query.json``: a run that stops and continues ranks the same
+        query (the same rows give the same query, and the file is not written again).
+        """
         from pipeline import sources
 
         if self.options.query:
@@ -613,11 +666,36 @@ class _Run:
             if not isinstance(query, dict) or not isinstance(query.get("candidates"), list):
                 raise RunError('--query: expected {"query": {...}, "candidates": [{...}, ...]}')
             return query
-        files = sources.resolve_input(self.day_inputs[day - 1])
+        path = self.out / QUERY_FILE
+        if path.is_file():
+            with contextlib.suppress(json.JSONDecodeError):
+                query = json.loads(path.read_text())
+                if isinstance(query, dict) and isinstance(query.get("candidates"), list):
+                    self.echo(f"[query] {len(query['candidates'])} candidates from {path}")
+                    return query
+        self.echo(self.item_line())
+        files = sources.resolve_input(self.day_inputs[-1])
         rows = sources.read_rows(self.config, files, SAMPLE_ROWS)
         query = build_query(self.config, rows, self.config.validation.num_candidates)
-        (self.out / QUERY_FILE).write_text(json.dumps(query, indent=2, default=str) + "\n")
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(query, indent=2, default=str) + "\n")
+        os.replace(partial, path)
         return query
+
+    def item_line(self) -> str:
+        """Which feature names the ranked items, and whether the config said so."""
+        item = self.config.item_feature
+        if item is None:
+            return (
+                "[query] no item feature (set 'item' in the config to the feature that names "
+                "the ranked item): candidates are the log's distinct non-query values"
+            )
+        if self.config.item:
+            return f"[query] candidates are distinct {item.name!r} items (the config's 'item')"
+        return (
+            f"[query] candidates are distinct {item.name!r} items (inferred: it shares its "
+            "vocabulary with a list feature; set 'item' in the config to choose another)"
+        )
 
     def stop_server(self) -> None:
         if self.probe is not None:
@@ -672,7 +750,7 @@ def run(
         served = r.state.served
         if served is None:
             raise RunError("no model passed validation: nothing is served (see the verdicts)")
-        r.ensure_server(served["version"], served["day"])
+        r.ensure_server(served["version"])
         probe = (r.probe.answered, list(r.probe.failures)) if r.probe else (0, [])
         if r.probe is not None:
             r.probe.stop()
@@ -741,7 +819,7 @@ def format_run(
     m = result.metrics
     id_key = None
     if query and query.get("candidates"):
-        id_key = next(iter(query["candidates"][0]), None)
+        id_key = query.get("item") or next(iter(query["candidates"][0]), None)
     ranked = [Ranked(x["rank"], x["score"], x["candidate"]) for x in result.ranking]
     shown_query = ", ".join(f"{k}={v}" for k, v in (query or {}).get("query", {}).items())
     lines = [

@@ -60,6 +60,10 @@ class InputFiles:
     """Total rows when the format tells without reading the data (Parquet), else None."""
     split_column_dtype: str | None = None
     """Type (string, int, float) of a TFRecord's ``data.split_by`` column, found by preflight."""
+    int_columns: tuple[str, ...] = ()
+    """Columns the log holds as integers where the config would read another type (numbers of
+    a numeric feature, string ids stored as integers), found by preflight: they keep the log's
+    int64 type through data generation, so the model parses them as the log typed them."""
 
 
 def detect_format(path: str) -> InputFormat:
@@ -199,10 +203,34 @@ def _is_hidden(path: str) -> bool:
 # Target layout
 
 
-def _target_type(feature: Feature) -> pa.DataType:
+def _target_type(feature: Feature, as_int: bool = False) -> pa.DataType:
+    if as_int:
+        return pa.int64()
     if feature.kind is Kind.NUMERIC:
         return pa.float32()
     return pa.large_binary() if feature.dtype is DType.STRING else pa.int64()
+
+
+def _holds_integers(arrow_type: pa.DataType) -> bool:
+    """Whether a column's values (a list's elements) are integers."""
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        arrow_type = arrow_type.value_type
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    return pa.types.is_integer(arrow_type)
+
+
+def _int_candidates(config: Config) -> list[str]:
+    """Columns whose log type may be int64 while the config reads them otherwise."""
+    from transform.features import can_be_int, raw_dtype
+
+    out = []
+    for column, feature in column_plan(config).items():
+        if feature is None or not can_be_int(feature):
+            continue
+        if raw_dtype(feature).name != "int64":
+            out.append(column)
+    return out
 
 
 def column_plan(config: Config) -> dict[str, Feature | None]:
@@ -302,14 +330,22 @@ def preflight(config: Config, files: InputFiles) -> InputFiles:
       InputError: naming the file and the column (or the file, if it is corrupt or empty).
     """
     if files.format is InputFormat.PARQUET:
-        rows = sum(_preflight_parquet(config, p) for p in files.paths)
+        rows = 0
+        int_columns = _int_candidates(config)
+        for path in files.paths:
+            count, schema = _preflight_parquet(config, path)
+            rows += count
+            # A column is the log's int64 only when every file holds integers in it.
+            int_columns = [c for c in int_columns if _holds_integers(schema.field(c).type)]
         if rows == 0:
             raise InputError(f"--input: the {len(files.paths)} Parquet file(s) hold no rows")
-        return InputFiles(files.format, files.paths, rows)
+        return InputFiles(files.format, files.paths, rows, int_columns=tuple(int_columns))
     split_dtypes = set()
+    int_columns = _int_candidates(config) if files.format is InputFormat.CSV else []
     for path in files.paths:
         if files.format is InputFormat.CSV:
             _preflight_csv(config, path)
+            int_columns = _csv_whole_number_columns(config, path, int_columns)
         else:
             split_dtypes.add(_preflight_tfrecord(config, path))
     split_dtypes.discard(None)
@@ -318,10 +354,16 @@ def preflight(config: Config, files: InputFiles) -> InputFiles:
             f"--input: the split column {config.data.split_by!r} has different "
             f"types in different files: {', '.join(sorted(split_dtypes))}"
         )
-    return InputFiles(files.format, files.paths, None, split_dtypes.pop() if split_dtypes else None)
+    return InputFiles(
+        files.format,
+        files.paths,
+        None,
+        split_dtypes.pop() if split_dtypes else None,
+        int_columns=tuple(int_columns),
+    )
 
 
-def _preflight_parquet(config: Config, path: str) -> int:
+def _preflight_parquet(config: Config, path: str) -> tuple[int, pa.Schema]:
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             meta = pq.ParquetFile(f).metadata
@@ -350,7 +392,7 @@ def _preflight_parquet(config: Config, path: str) -> int:
                 f"{path}: column {column!r} ({_what(column, config)}) has {nulls} missing "
                 f"value(s); {_missing_advice(column, config)}"
             )
-    return meta.num_rows
+    return meta.num_rows, schema
 
 
 def _parquet_null_count(meta: pq.FileMetaData, column: str) -> int:
@@ -374,6 +416,54 @@ def _preflight_csv(config: Config, path: str) -> None:
         raise
     except Exception as e:
         raise InputError(f"{path}: not a readable CSV file ({e})") from None
+
+
+# What pyarrow's CSV reader reads as int64: an optional sign and at most 18 digits.
+_CSV_INTEGER = r"^[+-]?[0-9]{1,18}$"
+
+
+def _csv_whole_number_columns(config: Config, path: str, candidates: Sequence[str]) -> list[str]:
+    """Those of ``candidates`` (numeric columns) whose every value in the file is an integer.
+
+    CSV has no types: a column is typed as pyarrow's CSV reader would type it, int64 when every
+    field is written as an integer ("34", not "34.0"), so that examples built from the file's
+    rows as pyarrow reads them parse. The whole column is read: a decimal far down the file
+    makes it a float column. Other columns (string ids among them) keep the config's type.
+    """
+    plan = column_plan(config)
+    left = [c for c in candidates if plan[c] is not None and plan[c].kind is Kind.NUMERIC]
+    if not left:
+        return []
+    names: list[str] = []
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as raw:
+            head = raw.read(1 << 16)
+            header = head.split(b"\n", 1)[0].decode("utf-8", "replace").strip("\r")
+            names = [n.strip().strip('"') for n in header.split(config.data.csv_delimiter)]
+            reader = pacsv.open_csv(
+                _Prepended(head, raw),
+                read_options=pacsv.ReadOptions(block_size=1 << 20),
+                parse_options=pacsv.ParseOptions(delimiter=config.data.csv_delimiter),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={c: pa.string() for c in left},
+                    include_columns=left,
+                    strings_can_be_null=True,
+                ),
+            )
+            for batch in reader:
+                left = [
+                    c
+                    for c in left
+                    if pc.all(
+                        pc.match_substring_regex(batch.column(c).drop_null(), _CSV_INTEGER)
+                    ).as_py()
+                    is not False
+                ]
+                if not left:
+                    break
+    except pa.ArrowInvalid as e:
+        raise InputError(f"{path}: {_explain_csv_error(str(e), path, names, config)}") from None
+    return left
 
 
 def _preflight_tfrecord(config: Config, path: str) -> str | None:
@@ -453,8 +543,13 @@ def iter_parquet(config: Config, path: str, batch_rows: int) -> Iterator[pa.Reco
             raise InputError(f"{path}: failed to read Parquet ({e})") from None
 
 
-def iter_csv(config: Config, path: str, block_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
-    """Yields raw batches of a CSV file with a header row; list fields are split."""
+def iter_csv(
+    config: Config, path: str, block_rows: int = 65_536, int_columns: Sequence[str] = ()
+) -> Iterator[pa.RecordBatch]:
+    """Yields raw batches of a CSV file with a header row; list fields are split.
+
+    ``int_columns`` (numeric columns found to hold only integers) are read as int64.
+    """
     plan = column_plan(config)
     delimiter = config.data.csv_delimiter
     columns = _required_columns(config)
@@ -475,7 +570,7 @@ def iter_csv(config: Config, path: str, block_rows: int = 65_536) -> Iterator[pa
             elif feature is None or feature.kind is Kind.CATEGORICAL_LIST:
                 column_types[column] = pa.string()
             elif feature.kind is Kind.NUMERIC:
-                column_types[column] = pa.float64()
+                column_types[column] = pa.int64() if column in int_columns else pa.float64()
             else:
                 column_types[column] = pa.int64() if feature.dtype is DType.INT else pa.string()
         body = _Prepended(head, stream)
@@ -625,8 +720,13 @@ def _split_lists(
 # Normalising a raw batch into the TFXIO layout
 
 
-def to_tfxio_batch(config: Config, batch: pa.RecordBatch, path: str) -> pa.RecordBatch:
+def to_tfxio_batch(
+    config: Config, batch: pa.RecordBatch, path: str, int_columns: Sequence[str] = ()
+) -> pa.RecordBatch:
     """Converts a raw batch (any supported Arrow types) to the ``large_list`` layout.
+
+    Values take the type the config gives their column, except ``int_columns`` (see
+    `InputFiles.int_columns`), which stay int64.
 
     Missing values take the feature's ``default``; a missing list is an empty list; any other
     missing value raises an :class:`InputError` naming the file and column. A ``split_by``
@@ -642,7 +742,8 @@ def to_tfxio_batch(config: Config, batch: pa.RecordBatch, path: str) -> pa.Recor
         if pa.types.is_dictionary(arr.type):
             arr = arr.dictionary_decode()
         if column in plan:
-            arrays.append(_to_large_list(arr, plan[column], column, path, config))
+            as_int = column in int_columns
+            arrays.append(_to_large_list(arr, plan[column], column, path, config, as_int))
         else:
             arrays.append(_wrap_scalar(_as_binary(arr)))
         names.append(column)
@@ -704,7 +805,12 @@ def _as_binary(values: pa.Array) -> pa.Array:
 
 
 def _to_large_list(
-    arr: pa.Array, feature: Feature | None, column: str, path: str, config: Config
+    arr: pa.Array,
+    feature: Feature | None,
+    column: str,
+    path: str,
+    config: Config,
+    as_int: bool = False,
 ) -> pa.Array:
     n = len(arr)
     if feature is not None and feature.kind is Kind.CATEGORICAL_LIST:
@@ -717,7 +823,9 @@ def _to_large_list(
                 "with a missing element"
             )
         offsets = pc.subtract(arr.offsets, arr.offsets[0]).cast(pa.int64())
-        return pa.LargeListArray.from_arrays(offsets, _cast_values(values, feature, column, path))
+        return pa.LargeListArray.from_arrays(
+            offsets, _cast_values(values, feature, column, path, as_int)
+        )
     if arr.null_count:
         default = feature.default if feature is not None else None
         if default is None:
@@ -737,12 +845,14 @@ def _to_large_list(
             raise InputError(f"{path}: label column {column!r} holds {bad}; labels must be 0 or 1")
         values = labels
     else:
-        values = _cast_values(arr, feature, column, path)
+        values = _cast_values(arr, feature, column, path, as_int)
     return _wrap_scalar(values)
 
 
-def _cast_values(values: pa.Array, feature: Feature, column: str, path: str) -> pa.Array:
-    target = _target_type(feature)
+def _cast_values(
+    values: pa.Array, feature: Feature, column: str, path: str, as_int: bool = False
+) -> pa.Array:
+    target = _target_type(feature, as_int)
     if pa.types.is_dictionary(values.type):
         values = values.dictionary_decode()
     try:
@@ -768,15 +878,35 @@ def split_mask(config: Config, batch: pa.RecordBatch) -> np.ndarray:
     The label never takes part: rows with the same features would otherwise be split by their
     label, and a model would learn the opposite of the truth from a log with repeated rows.
     """
+    plan = column_plan(config)
     if config.data.split_by:
-        key = _hash_list_column(batch.column(batch.schema.get_field_index(config.data.split_by)))
+        column = batch.column(batch.schema.get_field_index(config.data.split_by))
+        key = _hash_list_column(_as_config_type(column, plan.get(config.data.split_by)))
     else:
         key = np.zeros(batch.num_rows, dtype=np.uint64)
         for i, (name, arr) in enumerate(zip(batch.schema.names, batch.columns, strict=True)):
             if name != config.label:
+                arr = _as_config_type(arr, plan.get(name))
                 key = key * np.uint64(1_000_003) + _hash_list_column(arr) + np.uint64(i)
     slot = key % np.uint64(_SPLIT_SLOTS)
     return slot < np.uint64(round(config.data.eval_fraction * _SPLIT_SLOTS))
+
+
+def _as_config_type(arr: pa.Array, feature: Feature | None) -> pa.Array:
+    """A ``large_list`` column with the values typed as the config types them.
+
+    A column kept as the log's int64 (`InputFiles.int_columns`) is hashed as the config's type,
+    so a row lands on the same side of the split whatever type its log gave the column.
+    """
+    if feature is None or arr.type.value_type == _target_type(feature):
+        return arr
+    values = arr.flatten()
+    if _target_type(feature) == pa.large_binary():
+        values = _as_binary(pc.cast(values, pa.string())).cast(pa.large_binary())
+    else:
+        values = values.cast(_target_type(feature))
+    offsets = pc.subtract(arr.offsets, arr.offsets[0])
+    return pa.LargeListArray.from_arrays(offsets, values)
 
 
 def _hash_list_column(arr: pa.Array) -> np.ndarray:

@@ -2,10 +2,21 @@
 
 As in the paper (section 4.3), a request's candidates are split into smaller batches that are
 scored in parallel and merged, which cuts the latency of one query. It speaks TensorFlow
-Serving's gRPC API (``PredictionService.Predict`` on the ``serving_default`` signature, with
-serialized tf.Examples of raw features) or, given an ``http://`` target, its REST API
-(``POST /v1/models/<name>[/versions/<v>]:predict``, the examples base64-encoded), so it works
-against ``tensorflow_model_server`` and the built-in server alike.
+Serving's gRPC API or, given an ``http://`` target, its REST API, so it works against
+``tensorflow_model_server`` and the built-in server alike. Three kinds of request
+(``ClientSettings.request``):
+
+- ``examples``: ``Predict`` on ``serving_default``, one serialized tf.Example of raw features a
+  candidate, the query's features merged into each (REST: ``:predict``, base64-encoded);
+- ``classify``: ``Classify`` with ``example_list_with_context``: the query's features are one
+  context example sent once a request, each candidate an example of its own features (REST:
+  ``:classify`` with ``"context"`` and ``"examples"`` as plain JSON values);
+- ``raw``: ``Predict`` on the ``raw_features`` signature, one named input per raw column, the
+  query's columns given one value for all candidates (REST: ``:predict`` in the columnar format,
+  ``{"inputs": {"user_id": [3], "movie_id": ["m1", "m2", ...]}}``).
+
+Features are typed as the model parses them: the log's own types, read once from the model's
+``raw_features`` signature (GetModelMetadata), or as given (``input_types``).
 """
 
 from __future__ import annotations
@@ -19,20 +30,35 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import grpc
 import numpy as np
 import tensorflow as tf
+from google.protobuf import json_format
 from tensorflow.core.framework import types_pb2
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 
-from transform.config import Config, DType, Kind
+from transform.config import Config, DataConfig, DType, Kind
 
 EXAMPLES_INPUT = "examples"
 PROBABILITIES_OUTPUT = "probabilities"
+SERVING_SIGNATURE = "serving_default"
+CLASSIFY_SIGNATURE = "classification"
+RAW_SIGNATURE = "raw_features"
+POSITIVE_CLASS = "1"
+REQUEST_KINDS = ("examples", "classify", "raw")
+"""What a request carries: merged tf.Examples, a context example and the candidates' own
+examples (Classify), or raw values by column (the ``raw_features`` signature)."""
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+_KIND_OF_DTYPE = {types_pb2.DT_INT64: "int64", types_pb2.DT_FLOAT: "float"}
 
 
 class ScoringError(RuntimeError):
@@ -50,16 +76,26 @@ class ClientSettings:
       retries: Attempts after the first when the server is UNAVAILABLE or RESOURCE_EXHAUSTED
         (HTTP 503 or 429 on REST) or cannot be reached (a restart, a version switch on a load
         balancer), with jittered exponential backoff.
-      signature_name: The model's signature that returns probabilities.
+      signature_name: The model's signature that returns probabilities, for ``examples``
+        requests (``classify`` uses ``classification``, ``raw`` uses ``raw_features``).
       max_message_mb: Largest message sent or received.
+      request: What a request carries: ``examples``, ``classify`` or ``raw`` (see the
+        module's docstring).
     """
 
     batch_size: int = 50
     parallelism: int = 4
     timeout_s: float = 5.0
     retries: int = 3
-    signature_name: str = "serving_default"
+    signature_name: str = SERVING_SIGNATURE
     max_message_mb: int = 64
+    request: str = "examples"
+
+    def __post_init__(self) -> None:
+        if self.request not in REQUEST_KINDS:
+            raise ValueError(
+                f"request: expected one of {', '.join(REQUEST_KINDS)}, got {self.request!r}"
+            )
 
     @classmethod
     def from_config(cls, config: Config) -> ClientSettings:
@@ -83,13 +119,16 @@ class Ranked:
 
 
 class ExampleEncoder:
-    """Builds tf.Examples of raw features, typed by the config when one is given.
+    """Builds tf.Examples of raw features, typed as the model parses them.
 
-    Without a config, types follow the Python values: str is bytes, int is int64, float is
-    float; with one, numbers of numeric features are floats and ids follow the feature's dtype.
+    ``types`` (column -> ``int64``, ``float`` or ``bytes``: the model's types, see
+    :func:`kinds_of_inputs`) win; else the config's types (numbers of numeric features are
+    floats, ids follow the feature's dtype); else the Python values' (str is bytes, int is
+    int64, float is float). A whole float for an int64 column is sent as an int; a fraction is
+    refused, naming the column.
     """
 
-    def __init__(self, config: Config | None = None):
+    def __init__(self, config: Config | None = None, types: Mapping[str, str] | None = None):
         self._kinds: dict[str, str] = {}
         if config is not None:
             for f in config.features:
@@ -97,11 +136,16 @@ class ExampleEncoder:
                     self._kinds[f.column] = "float"
                 else:
                     self._kinds[f.column] = "bytes" if f.dtype is DType.STRING else "int64"
+        self._kinds.update(types or {})
+
+    def kind(self, name: str, values: list[Any]) -> str:
+        """How a column's values are encoded: ``int64``, ``float`` or ``bytes``."""
+        return self._kinds.get(name) or _kind_of(values)
 
     def feature(self, name: str, value: Any) -> tf.train.Feature:
         """One tf.train.Feature of a raw value or list of values."""
         values = list(value) if isinstance(value, list | tuple) else [value]
-        kind = self._kinds.get(name) or _kind_of(values)
+        kind = self.kind(name, values)
         try:
             if kind == "float":
                 return tf.train.Feature(
@@ -109,7 +153,7 @@ class ExampleEncoder:
                 )
             if kind == "int64":
                 return tf.train.Feature(
-                    int64_list=tf.train.Int64List(value=[int(v) for v in values])
+                    int64_list=tf.train.Int64List(value=[_as_int(v) for v in values])
                 )
             return tf.train.Feature(
                 bytes_list=tf.train.BytesList(
@@ -118,6 +162,29 @@ class ExampleEncoder:
             )
         except (TypeError, ValueError) as e:
             raise ValueError(f"feature {name!r}: cannot encode {value!r} as {kind}: {e}") from None
+
+    def json_value(self, name: str, value: Any) -> Any:
+        """A raw value (or list) as the JSON TF Serving's REST API turns into this feature.
+
+        REST builds a tf.Example from JSON types: an integer is int64, a number with a decimal
+        point float, a string bytes (``{"b64": ...}`` when it is not UTF-8 text).
+        """
+        values = list(value) if isinstance(value, list | tuple) else [value]
+        kind = self.kind(name, values)
+        try:
+            if kind == "float":
+                out: list[Any] = [float(v) for v in values]
+            elif kind == "int64":
+                out = [_as_int(v) for v in values]
+            else:
+                out = [_json_text(v if isinstance(v, bytes) else str(v).encode()) for v in values]
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"feature {name!r}: cannot encode {value!r} as {kind}: {e}") from None
+        return out if isinstance(value, list | tuple) else out[0]
+
+    def json_features(self, features: Mapping[str, Any]) -> dict[str, Any]:
+        """A mapping of raw values as a JSON example of TF Serving's REST classify API."""
+        return {k: self.json_value(k, v) for k, v in features.items() if v is not None}
 
     def encode(self, features: Mapping[str, Any]) -> bytes:
         """A serialized tf.Example of a mapping of feature name to value(s)."""
@@ -160,6 +227,43 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, float | np.floating) and not (
+        np.isfinite(value) and float(value).is_integer()
+    ):
+        raise ValueError(
+            f"the model takes whole numbers (int64, as its log typed them), got {value!r}"
+        )
+    return int(value)
+
+
+def _json_text(value: bytes) -> Any:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"b64": base64.b64encode(value).decode("ascii")}
+
+
+def kinds_of_inputs(inputs: Mapping[str, int]) -> dict[str, str]:
+    """The tf.Example types of a model's columns, from its ``raw_features`` signature inputs
+    (name -> DataType enum): an int64 input is an int64 feature, a float input a float one.
+    A string input is a string column or a list (whose values keep the config's type)."""
+    return {
+        name: _KIND_OF_DTYPE[dtype] for name, dtype in inputs.items() if dtype in _KIND_OF_DTYPE
+    }
+
+
+def saved_model_input_types(path: str | Path) -> dict[str, str] | None:
+    """:func:`kinds_of_inputs` of the SavedModel at ``path`` (None if it has no
+    ``raw_features`` signature): how examples must be typed to score with it in process."""
+    from serving.servable import read_meta_graph
+
+    signature = read_meta_graph(Path(path), ("serve",)).signature_def.get(RAW_SIGNATURE)
+    if signature is None:
+        return None
+    return kinds_of_inputs({name: info.dtype for name, info in signature.inputs.items()})
 
 
 def _kind_of(values: list[Any]) -> str:
@@ -257,10 +361,11 @@ def _settled(run: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
 
 
 class _GrpcTransport:
-    """PredictionService.Predict through a gRPC channel.
+    """TF Serving's PredictionService through a gRPC channel.
 
     `send` starts a call as a future on the channel; `call` makes it in the calling thread,
-    which saves a thread hand-off (about 0.3 ms on loopback) for the last call of a wave.
+    which saves a thread hand-off (about 0.3 ms on loopback) for the last call of a wave. A
+    payload is a (method, request, answer reader) triple built by the ``*_payload`` methods.
     """
 
     def __init__(
@@ -283,12 +388,15 @@ class _GrpcTransport:
     def close(self) -> None:
         self._channel.close()
 
-    def request(self, examples: Sequence[bytes]) -> predict_pb2.PredictRequest:
-        request = predict_pb2.PredictRequest()
+    def _spec(self, request: Any, signature_name: str) -> None:
         request.model_spec.name = self._model_name
-        request.model_spec.signature_name = self._settings.signature_name
+        request.model_spec.signature_name = signature_name
         if self._version is not None:
             request.model_spec.version.value = self._version
+
+    def request(self, examples: Sequence[bytes]) -> predict_pb2.PredictRequest:
+        request = predict_pb2.PredictRequest()
+        self._spec(request, self._settings.signature_name)
         # What tf.make_tensor_proto writes for a list of bytes, without its per-value checks.
         tensor = request.inputs[EXAMPLES_INPUT]
         tensor.dtype = types_pb2.DT_STRING
@@ -296,30 +404,67 @@ class _GrpcTransport:
         tensor.string_val.extend(examples)
         return request
 
-    def send(self, examples: Sequence[bytes], deadline: float) -> Callable[[], np.ndarray]:
-        call = self._stub.Predict.future(
-            self.request(examples), timeout=deadline - time.monotonic()
-        )
+    def examples_payload(self, examples: Sequence[bytes]) -> Any:
+        return (self._stub.Predict, self.request(examples), _probabilities)
+
+    def classify_payload(self, context: bytes, examples: Sequence[bytes]) -> Any:
+        request = classification_pb2.ClassificationRequest()
+        self._spec(request, CLASSIFY_SIGNATURE)
+        with_context = request.input.example_list_with_context
+        with_context.context.ParseFromString(context)
+        for example in examples:
+            with_context.examples.add().ParseFromString(example)
+        return (self._stub.Classify, request, _classify_probabilities)
+
+    def raw_payload(self, columns: Mapping[str, tuple[list[Any], int]]) -> Any:
+        request = predict_pb2.PredictRequest()
+        self._spec(request, RAW_SIGNATURE)
+        for name, (values, dtype) in columns.items():
+            request.inputs[name].CopyFrom(
+                tf.make_tensor_proto(values, dtype=tf.dtypes.as_dtype(dtype), shape=[len(values)])
+            )
+        return (self._stub.Predict, request, _probabilities)
+
+    def send(self, payload: Any, deadline: float) -> Callable[[], np.ndarray]:
+        method, request, read = payload
+        call = method.future(request, timeout=deadline - time.monotonic())
 
         def wait() -> np.ndarray:
             try:
-                return _probabilities(call.result())
+                return read(call.result())
             except grpc.RpcError as e:
                 raise self._failure(e) from None
 
         return wait
 
-    def call(self, examples: Sequence[bytes], deadline: float) -> Callable[[], np.ndarray]:
+    def call(self, payload: Any, deadline: float) -> Callable[[], np.ndarray]:
+        method, request, read = payload
+
         def run() -> np.ndarray:
             try:
-                response = self._stub.Predict(
-                    self.request(examples), timeout=deadline - time.monotonic()
-                )
+                response = method(request, timeout=deadline - time.monotonic())
             except grpc.RpcError as e:
                 raise self._failure(e) from None
-            return _probabilities(response)
+            return read(response)
 
         return _settled(run)
+
+    def signature_inputs(self, signature_name: str, deadline: float) -> dict[str, int] | None:
+        """The named signature's inputs (name -> DataType), None when the model lacks it."""
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request.model_spec.name = self._model_name
+        if self._version is not None:
+            request.model_spec.version.value = self._version
+        try:
+            response = self._stub.GetModelMetadata(request, timeout=deadline - time.monotonic())
+        except grpc.RpcError as e:
+            raise self._failure(e) from None
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signatures)
+        signature = signatures.signature_def.get(signature_name)
+        if signature is None:
+            return None
+        return {name: info.dtype for name, info in signature.inputs.items()}
 
     def _failure(self, error: grpc.RpcError) -> _Failure:
         code, details = error.code(), error.details()
@@ -351,12 +496,15 @@ _HTTP_CODE_NAMES = {
 
 
 class _RestTransport:
-    """TF Serving's REST predict, ``POST /v1/models/<name>[/versions/<v>]:predict``.
+    """TF Serving's REST API, ``POST /v1/models/<name>[/versions/<v>]:predict`` or ``:classify``.
 
-    The body is the row format with the serialized examples base64-encoded, as TF Serving
-    requires for binary strings: ``{"signature_name": ..., "instances": [{"examples":
-    {"b64": ...}}, ...]}``. Requests run on `parallelism` threads (the last of a wave in the
-    calling thread), each with its own keep-alive connection (http.client).
+    ``examples`` requests are the row format with the serialized examples base64-encoded, as TF
+    Serving requires for binary strings: ``{"signature_name": ..., "instances": [{"examples":
+    {"b64": ...}}, ...]}``; ``classify`` requests carry plain JSON features (``"context"`` and
+    ``"examples"``), ``raw`` requests plain JSON values by column (the columnar format).
+    Requests run on `parallelism` threads (the last of a wave in the calling thread), each with
+    its own keep-alive connection (http.client). A payload is a (verb, body, answer reader)
+    triple built by the ``*_payload`` methods.
     """
 
     def __init__(
@@ -368,6 +516,7 @@ class _RestTransport:
         path = f"{endpoint.path}/v1/models/{quote(model_name, safe='')}"
         if version is not None:
             path += f"/versions/{version}"
+        self.model_path = path
         self.path = path + ":predict"
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, settings.parallelism), thread_name_prefix="rest-client"
@@ -394,12 +543,54 @@ class _RestTransport:
         instances = b",".join(opening + base64.b64encode(e) + b'"}}' for e in examples)
         return head + b"[" + instances + b"]}"
 
-    def send(self, examples: Sequence[bytes], deadline: float) -> Callable[[], np.ndarray]:
-        future = self._pool.submit(self._post, examples, deadline)
+    def examples_payload(self, examples: Sequence[bytes]) -> Any:
+        count = len(examples)
+        return (":predict", self.body(examples), lambda data: _rest_probabilities(data, count))
+
+    def classify_payload(self, context: Mapping[str, Any], examples: Sequence[Any]) -> Any:
+        document = {"signature_name": CLASSIFY_SIGNATURE, "context": context, "examples": examples}
+        count = len(examples)
+        body = json.dumps(document, separators=(",", ":")).encode()
+        return (":classify", body, lambda data: _rest_classify_probabilities(data, count))
+
+    def raw_payload(self, columns: Mapping[str, tuple[list[Any], int]], count: int) -> Any:
+        inputs = {
+            name: [_json_text(v) if isinstance(v, bytes) else v for v in values]
+            for name, (values, _) in columns.items()
+        }
+        # NaN (a missing float) is written as the bare NaN TF Serving's JSON parser accepts.
+        body = json.dumps(
+            {"signature_name": RAW_SIGNATURE, "inputs": inputs}, separators=(",", ":")
+        ).encode()
+        return (":predict", body, lambda data: _rest_output_probabilities(data, count))
+
+    def send(self, payload: Any, deadline: float) -> Callable[[], np.ndarray]:
+        future = self._pool.submit(self._post, payload, deadline)
         return future.result
 
-    def call(self, examples: Sequence[bytes], deadline: float) -> Callable[[], np.ndarray]:
-        return _settled(lambda: self._post(examples, deadline))
+    def call(self, payload: Any, deadline: float) -> Callable[[], np.ndarray]:
+        return _settled(lambda: self._post(payload, deadline))
+
+    def signature_inputs(self, signature_name: str, deadline: float) -> dict[str, int] | None:
+        """The named signature's inputs (name -> DataType), None when the model lacks it."""
+        status, data = self._request("GET", self.model_path + "/metadata", None, deadline)
+        if status != 200:
+            raise self._http_failure(status, data)
+        try:
+            document = json.loads(data)
+            signatures = get_model_metadata_pb2.SignatureDefMap()
+            json_format.ParseDict(
+                document["metadata"]["signature_def"], signatures, ignore_unknown_fields=True
+            )
+        except (ValueError, KeyError, TypeError, json_format.ParseError) as e:
+            raise _Failure(
+                f"{self._model_name}: the REST metadata answer is not TF Serving's ({e})",
+                retryable=False,
+            ) from None
+        signature = signatures.signature_def.get(signature_name)
+        if signature is None:
+            return None
+        return {name: info.dtype for name, info in signature.inputs.items()}
 
     def _connection(self) -> http.client.HTTPConnection:
         connection = getattr(self._local, "connection", None)
@@ -411,9 +602,19 @@ class _RestTransport:
                 self._connections.append(connection)
         return connection
 
-    def _post(self, examples: Sequence[bytes], deadline: float) -> np.ndarray:
-        body = self.body(examples)
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    def _post(self, payload: Any, deadline: float) -> np.ndarray:
+        verb, body, read = payload
+        status, data = self._request("POST", self.model_path + verb, body, deadline)
+        if status != 200:
+            raise self._http_failure(status, data)
+        return read(data)
+
+    def _request(
+        self, method: str, path: str, body: bytes | None, deadline: float
+    ) -> tuple[int, bytes]:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         for attempt in range(2):
             connection = self._connection()
             reused = connection.sock is not None
@@ -424,11 +625,9 @@ class _RestTransport:
             if connection.sock is not None:
                 connection.sock.settimeout(remaining)
             try:
-                connection.request("POST", self.path, body=body, headers=headers)
+                connection.request(method, path, body=body, headers=headers)
                 response = connection.getresponse()
-                data = response.read()
-                status = response.status
-                break
+                return response.status, response.read()
             except TimeoutError:
                 connection.close()
                 raise _Failure(self._deadline_message(), retryable=False) from None
@@ -448,9 +647,7 @@ class _RestTransport:
                     "the gRPC one?",
                     retryable=False,
                 ) from None
-        if status != 200:
-            raise self._http_failure(status, data)
-        return _rest_probabilities(data, len(examples))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _deadline_message(self) -> str:
         return f"{self._model_name}: deadline of {self._settings.timeout_s} s exceeded"
@@ -483,9 +680,14 @@ class RankingClient:
       target: ``host:port`` of the gRPC API, or ``http://host:port`` of the REST API (see
         `Endpoint`). Both give the same scores.
       model_name: The model's name on the server.
-      settings: Batching, parallelism, deadline and retries (the same for both APIs).
-      config: The pipeline config, to type raw features exactly (recommended).
+      settings: Batching, parallelism, deadline, retries and the kind of request (the same
+        for both APIs).
+      config: The pipeline config: the features' types where the model does not tell them,
+        and the list delimiter of ``raw`` requests.
       version: A specific model version; None for the one the server serves.
+      input_types: The model's tf.Example types by column (``int64``, ``float``, ``bytes``);
+        None reads them once from the model's ``raw_features`` signature (GetModelMetadata),
+        falling back on the config's types for a model that has none.
     """
 
     def __init__(
@@ -495,6 +697,7 @@ class RankingClient:
         settings: ClientSettings | None = None,
         config: Config | None = None,
         version: int | None = None,
+        input_types: Mapping[str, str] | None = None,
     ):
         self.settings = settings or ClientSettings()
         self.model_name = model_name
@@ -502,7 +705,22 @@ class RankingClient:
         self.endpoint = Endpoint.parse(target)
         transport = _RestTransport if self.endpoint.api == "rest" else _GrpcTransport
         self._transport = transport(self.endpoint, model_name, self.settings, version)
-        self._encoder = ExampleEncoder(config)
+        self._config = config
+        self._types = dict(input_types) if input_types is not None else None
+        self._encoder = ExampleEncoder(config, self._types)
+        self._raw_inputs: dict[str, int] | None = None
+        self._list_columns = (
+            {f.column for f in config.features if f.kind is Kind.CATEGORICAL_LIST}
+            if config is not None
+            else set()
+        )
+        self._list_delimiter = (config.data if config is not None else DataConfig()).list_delimiter
+        # An int input has no missing value: the config's default stands in for one.
+        self._defaults = {
+            f.column: f.default
+            for f in (config.features if config else ())
+            if f.default is not None
+        }
 
     def close(self) -> None:
         """Closes the channel or the HTTP connections."""
@@ -522,13 +740,20 @@ class RankingClient:
         is sent again after a jittered exponential backoff, up to `retries` times, all within
         the deadline of `timeout_s`.
         """
-        if not examples:
+        s = self.settings
+        batches = [examples[i : i + s.batch_size] for i in range(0, len(examples), s.batch_size)]
+        return self._score_payloads(
+            [(len(b), self._transport.examples_payload(b)) for b in batches]
+        )
+
+    def _score_payloads(self, payloads: Sequence[tuple[int, Any]]) -> np.ndarray:
+        """Sends each (candidates, request) payload, retried as `score_examples` says."""
+        if not payloads:
             return np.zeros(0, dtype=np.float32)
         s = self.settings
         deadline = time.monotonic() + s.timeout_s
-        batches = [examples[i : i + s.batch_size] for i in range(0, len(examples), s.batch_size)]
-        scores: list[np.ndarray | None] = [None] * len(batches)
-        pending = list(range(len(batches)))
+        scores: list[np.ndarray | None] = [None] * len(payloads)
+        pending = list(range(len(payloads)))
         attempt = 0
         while pending:
             failure: _Failure | None = None
@@ -541,7 +766,7 @@ class RankingClient:
                         raise ScoringError(f"deadline of {s.timeout_s} s exceeded")
                     # The others are in flight while the last is made in this thread.
                     start_call = self._transport.call if i == wave[-1] else self._transport.send
-                    calls[i] = start_call(batches[i], deadline)
+                    calls[i] = start_call(payloads[i][1], deadline)
                 for i in wave:
                     try:
                         got = calls[i]()
@@ -550,9 +775,9 @@ class RankingClient:
                             raise ScoringError(e.message) from None
                         failure = e
                         continue
-                    if got.size != len(batches[i]):
+                    if got.size != payloads[i][0]:
                         raise ScoringError(
-                            f"{self.model_name}: {len(batches[i])} candidates sent, "
+                            f"{self.model_name}: {payloads[i][0]} candidates sent, "
                             f"{got.size} scores received"
                         )
                     scores[i] = got
@@ -566,11 +791,125 @@ class RankingClient:
                 time.sleep(backoff)
         return np.concatenate([x for x in scores if x is not None])
 
+    def model_inputs(self, required: bool = False) -> dict[str, int] | None:
+        """The inputs of the served model's ``raw_features`` signature (name -> DataType).
+
+        Read once with GetModelMetadata. None when the model has no such signature (a model
+        exported before it existed), or, unless ``required``, when the server cannot say now.
+        """
+        if self._raw_inputs is not None:
+            return self._raw_inputs
+        deadline = time.monotonic() + self.settings.timeout_s
+        try:
+            inputs = self._transport.signature_inputs(RAW_SIGNATURE, deadline)
+        except _Failure as e:
+            if required:
+                raise ScoringError(e.message) from None
+            return None
+        if inputs is None and required:
+            raise ScoringError(
+                f"{self.model_name}: the model has no {RAW_SIGNATURE!r} signature (it was "
+                "exported before models had one); send examples instead (--request examples)"
+            )
+        if inputs is not None:
+            self._raw_inputs = inputs
+        return inputs
+
+    def _typed_encoder(self) -> ExampleEncoder:
+        """The encoder, typed by the model once its types are known."""
+        if self._types is None:
+            inputs = self.model_inputs()
+            if inputs is not None:
+                self._types = kinds_of_inputs(inputs)
+                self._encoder = ExampleEncoder(self._config, self._types)
+        return self._encoder
+
     def score(
         self, query: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]
     ) -> np.ndarray:
         """The probability of each candidate for the query, in candidate order."""
-        return self.score_examples(self._encoder.encode_query(query, candidates))
+        s = self.settings
+        if s.request == "examples":
+            return self.score_examples(self._typed_encoder().encode_query(query, candidates))
+        batches = [
+            candidates[i : i + s.batch_size] for i in range(0, len(candidates), s.batch_size)
+        ]
+        if s.request == "classify":
+            payloads = [(len(b), self._classify_payload(query, b)) for b in batches]
+        else:
+            inputs = self.model_inputs(required=True) or {}
+            payloads = [(len(b), self._raw_payload(inputs, query, b)) for b in batches]
+        return self._score_payloads(payloads)
+
+    def _classify_payload(
+        self, query: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]
+    ) -> Any:
+        encoder = self._typed_encoder()
+        if isinstance(self._transport, _RestTransport):
+            return self._transport.classify_payload(
+                encoder.json_features(query), [encoder.json_features(c) for c in candidates]
+            )
+        return self._transport.classify_payload(
+            encoder.encode(query), [encoder.encode(c) for c in candidates]
+        )
+
+    def _raw_payload(
+        self,
+        inputs: Mapping[str, int],
+        query: Mapping[str, Any],
+        candidates: Sequence[Mapping[str, Any]],
+    ) -> Any:
+        """One value per candidate of each input, or one for all when only the query has it."""
+        columns: dict[str, tuple[list[Any], int]] = {}
+        for name in sorted(inputs):
+            dtype = inputs[name]
+            own = [c.get(name) for c in candidates]
+            shared = query.get(name)
+            if all(v is None for v in own):
+                values = [self._raw_value(name, shared, dtype, "the query")]
+            else:
+                values = [
+                    self._raw_value(name, shared if v is None else v, dtype, f"candidate {i}")
+                    for i, v in enumerate(own)
+                ]
+            columns[name] = (values, dtype)
+        if isinstance(self._transport, _RestTransport):
+            return self._transport.raw_payload(columns, len(candidates))
+        return self._transport.raw_payload(columns)
+
+    def _raw_value(self, name: str, value: Any, dtype: int, whose: str) -> Any:
+        """A value as the ``raw_features`` input takes it; None is the input's missing value."""
+        try:
+            if dtype == types_pb2.DT_STRING:
+                if value is None:
+                    return b""  # missing: the column's default, or an empty list
+                if isinstance(value, list | tuple) or name in self._list_columns:
+                    items = value if isinstance(value, list | tuple) else [value]
+                    texts = [v if isinstance(v, bytes) else str(v).encode() for v in items]
+                    delimiter = self._list_delimiter.encode()
+                    if any(delimiter in t for t in texts):
+                        raise ValueError(
+                            f"a value holds the list delimiter {self._list_delimiter!r}"
+                        )
+                    return delimiter.join(texts)
+                return value if isinstance(value, bytes) else str(value).encode()
+            if dtype == types_pb2.DT_FLOAT:
+                return float("nan") if value is None else float(value)
+            if dtype == types_pb2.DT_INT64:
+                if value is None:
+                    value = self._defaults.get(name)
+                if value is None:
+                    raise ValueError(
+                        "no value, and an integer input has no missing value: give it one, or "
+                        "a config whose feature has a default"
+                    )
+                return _as_int(value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"column {name!r} of {whose}: {e}") from None
+        raise ValueError(
+            f"column {name!r}: the {RAW_SIGNATURE!r} input has type "
+            f"{types_pb2.DataType.Name(dtype)}, which this client does not send"
+        )
 
     def rank(
         self, query: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]
@@ -593,18 +932,79 @@ def _probabilities(response: Any) -> np.ndarray:
         raise ScoringError(
             f"response has no {PROBABILITIES_OUTPUT!r} output: {sorted(response.outputs)}"
         )
-    values = tf.make_ndarray(proto).reshape(-1).astype(np.float32)
+    return _finite(tf.make_ndarray(proto).reshape(-1).astype(np.float32))
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
     if not np.all(np.isfinite(values)):
         raise ScoringError("the model returned a score that is not a finite number")
     return values
 
 
-def _rest_probabilities(data: bytes, expected: int) -> np.ndarray:
-    """The scores of a REST predict answer in row format (``{"predictions": [...]}``)."""
+def _positive_score(classes: Sequence[tuple[str, float]]) -> float:
+    """The score of class "1" among a candidate's classes (the last one if none is labelled)."""
+    for label, score in classes:
+        if label == POSITIVE_CLASS:
+            return score
+    if not classes:
+        raise ScoringError("the Classify answer has a candidate without classes")
+    return classes[-1][1]
+
+
+def _classify_probabilities(response: Any) -> np.ndarray:
+    values = [
+        _positive_score([(c.label, c.score) for c in row.classes])
+        for row in response.result.classifications
+    ]
+    return _finite(np.asarray(values, dtype=np.float32))
+
+
+def _rest_classify_probabilities(data: bytes, expected: int) -> np.ndarray:
+    """The scores of a REST classify answer (``{"results": [[["0", p0], ["1", p1]], ...]}``)."""
+    document = _json_answer(data)
+    results = document.get("results") if isinstance(document, dict) else None
+    if not isinstance(results, list):
+        raise ScoringError(f"the REST answer has no 'results' list: {data[:200]!r}")
     try:
-        document = json.loads(data)
+        values = [_positive_score([(str(c[0]), float(c[1])) for c in row]) for row in results]
+    except (TypeError, ValueError, IndexError):
+        raise ScoringError(
+            f"the REST classify answer is not TF Serving's: {data[:200]!r}"
+        ) from None
+    if len(values) != expected:
+        raise ScoringError(f"{expected} candidates sent, {len(values)} scores received")
+    return _finite(np.asarray(values, dtype=np.float32))
+
+
+def _rest_output_probabilities(data: bytes, expected: int) -> np.ndarray:
+    """The scores of a REST predict answer in the columnar format (``{"outputs": ...}``)."""
+    document = _json_answer(data)
+    outputs = document.get("outputs") if isinstance(document, dict) else None
+    if isinstance(outputs, dict):
+        outputs = outputs.get(PROBABILITIES_OUTPUT)
+    if not isinstance(outputs, list):
+        raise ScoringError(
+            f"the REST answer has no {PROBABILITIES_OUTPUT!r} outputs: {data[:200]!r}"
+        )
+    try:
+        values = np.asarray(outputs, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise ScoringError(f"the REST answer's outputs are not numbers: {e}") from None
+    if values.size != expected:
+        raise ScoringError(f"{expected} candidates sent, {values.size} scores received")
+    return _finite(values)
+
+
+def _json_answer(data: bytes) -> Any:
+    try:
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ScoringError(f"the REST answer is not JSON ({e}): {data[:200]!r}") from None
+
+
+def _rest_probabilities(data: bytes, expected: int) -> np.ndarray:
+    """The scores of a REST predict answer in row format (``{"predictions": [...]}``)."""
+    document = _json_answer(data)
     predictions = document.get("predictions") if isinstance(document, dict) else None
     if not isinstance(predictions, list):
         raise ScoringError(f"the REST answer has no 'predictions' list: {data[:200]!r}")
@@ -627,9 +1027,7 @@ def _rest_probabilities(data: bytes, expected: int) -> np.ndarray:
         raise ScoringError(f"the REST answer's predictions are not numbers: {e}") from None
     if values.size != expected:
         raise ScoringError(f"{expected} candidates sent, {values.size} scores received")
-    if not np.all(np.isfinite(values)):
-        raise ScoringError("the model returned a score that is not a finite number")
-    return values
+    return _finite(values)
 
 
 def format_ranking(

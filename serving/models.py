@@ -10,13 +10,15 @@ never takes the model down. Requests read an immutable routing table, never a lo
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import gc
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +75,8 @@ class ManagerSettings:
     reported END with its error; the retries stop early when a newer version of the model
     appears, so a broken version never holds back the next one. `model_base_path_roots`, when
     given, confines every model's base path to those folders (symbolic links resolved).
+    With `background_load`, the threads that load versions run at a lower scheduling priority
+    than the ones answering requests (see `lower_thread_priority`).
     """
 
     file_system_poll_wait_seconds: float = 1.0
@@ -82,6 +86,7 @@ class ManagerSettings:
     allow_version_labels_for_unavailable_models: bool = False
     model_base_path_roots: tuple[str, ...] = ()
     servable: ServableOptions = field(default_factory=ServableOptions)
+    background_load: bool = True
 
 
 @dataclass
@@ -625,6 +630,8 @@ class ModelManager:
         return Servable.load(name, version, path, self.settings.servable)
 
     def _load(self, model: _Model, harness: _Harness) -> None:
+        if self.settings.background_load:
+            lower_thread_priority()
         name, version = model.config.name, harness.version
         with self._lock:
             # A version already serving is replaced from its new folder only once that loaded.
@@ -636,7 +643,8 @@ class ModelManager:
         for attempt in range(attempts):
             log.info("Loading servable version {name: %s version: %d}", name, version)
             try:
-                servable = self._loader(name, version, path)
+                with collection_paused(self.settings.background_load):
+                    servable = self._loader(name, version, path)
                 error = None
                 self._metrics.record_load(name, version, "OK")
                 break
@@ -820,6 +828,58 @@ class ModelManager:
 
 
 _NO_ROUTES = _Routes({}, None, {})
+
+_collection_lock = threading.Lock()
+_collection_pauses = 0
+
+
+@contextlib.contextmanager
+def collection_paused(pause: bool = True) -> Iterator[None]:
+    """Python's automatic garbage collection off while the block runs (process-wide).
+
+    Loading a SavedModel allocates tens of thousands of Python objects, which trigger full
+    collections: each stops every thread for as long as it takes to walk every object (200 ms
+    and more with a model loaded), requests included. Off during the load, the collector runs
+    afterwards on the young generations only.
+    """
+    global _collection_pauses
+    if not pause:
+        yield
+        return
+    with _collection_lock:
+        _collection_pauses += 1
+        gc.disable()
+    try:
+        yield
+    finally:
+        with _collection_lock:
+            _collection_pauses -= 1
+            if _collection_pauses == 0:
+                gc.enable()
+                # The load's objects are young: collected here, in the loading thread, rather
+                # than in whichever request allocates next.
+                gc.collect(1)
+
+
+BACKGROUND_NICENESS = 10
+"""How much lower a loading thread's priority is than the server's (Unix nice levels)."""
+
+
+def lower_thread_priority(niceness: int = BACKGROUND_NICENESS) -> bool:
+    """Lowers the calling thread's scheduling priority by ``niceness`` (at most to 19).
+
+    On Linux a thread's id names that thread alone to setpriority, so the threads answering
+    requests keep their priority: when both want a CPU, the kernel runs them first, and a
+    version loading and warming up takes the time they leave. Returns False where the system
+    does not allow it (the thread then loads at the server's priority).
+    """
+    try:
+        thread = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + niceness))
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def _source_changed(

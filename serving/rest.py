@@ -409,14 +409,21 @@ class RestApi:
     before it reads the body, so the handlers here do not reserve it again.
     """
 
-    def __init__(self, api: ServingApi, max_body_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        api: ServingApi,
+        max_body_bytes: int | None = None,
+        metrics_path: str | None = PROMETHEUS_PATH,
+    ) -> None:
         self.api = api
         self.max_body_bytes = max_body_bytes
+        # Where Prometheus metrics are served (a --monitoring_config_file); None: nowhere.
+        self.metrics_path = metrics_path
 
     def handle(self, method: str, target: str, body: bytes) -> RestResponse:
         """Answer one HTTP request; never raises."""
         path = urlsplit(target).path
-        if path == PROMETHEUS_PATH:
+        if self.metrics_path is not None and path == self.metrics_path:
             if method != "GET":
                 return _error_response(invalid_argument(f"Unexpected method: {method}"))
             return RestResponse(

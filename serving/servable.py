@@ -63,11 +63,15 @@ class ServableOptions:
 
     `enable_signature_method_name_check` mirrors TF Serving's flag of that name, off by default
     there too: `tf.saved_model.save` writes every signature as a predict method.
+    `warmup_pause_ratio` paces the warmup: after each record, the loading thread waits that
+    many times as long as the record took, so a version warming up beside a served one leaves
+    the served one most of the machine.
     """
 
     tags: tuple[str, ...] = ("serve",)
     enable_model_warmup: bool = True
     enable_signature_method_name_check: bool = False
+    warmup_pause_ratio: float = 0.0
 
 
 def dtype_name(dtype: int) -> str:
@@ -479,7 +483,10 @@ class Servable:
                     raise invalid_argument(
                         f"Failed to parse warmup record: {data!r} from {path}"
                     ) from error
+                started = time.perf_counter()
                 self._replay(prediction_log)
+                if self.options.warmup_pause_ratio > 0:
+                    time.sleep((time.perf_counter() - started) * self.options.warmup_pause_ratio)
         except tf.errors.DataLossError as error:
             raise ServingError(
                 grpc.StatusCode.DATA_LOSS,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import logging
 import signal
 import sys
@@ -24,12 +25,12 @@ import grpc
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving import limits
+from serving import limits, tfserving
 from serving.api import ServingApi
 from serving.errors import ServingError
 from serving.grpc_api import service_handlers
 from serving.limits import RequestLimits
-from serving.metrics import Metrics
+from serving.metrics import PROMETHEUS_PATH, Metrics
 from serving.models import ManagerSettings, ModelManager, single_model_config
 from serving.rest import RestApi, RestServer
 from serving.servable import ServableOptions
@@ -42,6 +43,8 @@ GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
 GRPC_CALLS_PER_THREAD = 16
 SWITCH_INTERVAL_SECONDS = 0.0005
 GRPC_MIN_QUEUED_CALLS = 128
+# With background model loads: the pause after each warmup request, in times its duration.
+WARMUP_PAUSE_RATIO = 1.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,18 @@ class ServerSettings:
 
     Model management: HandleReloadConfigRequest is refused unless `allow_reload_config`;
     `model_base_path_roots` confines every model's base path to those folders.
+
+    Metrics are exposed on the REST port at `metrics_path` (None: not exposed), as a
+    `--monitoring_config_file` says. `enable_batching` and `batching_parameters_file` are
+    TF Serving's server-side batching: accepted (the file is checked) so one command line
+    serves with either server, and applied by `tensorflow_model_server` only; the built-in
+    server runs each request as it arrives.
+
+    `background_model_load` isolates loading from serving: versions load and warm up in
+    threads of lower scheduling priority, with pauses between warmup requests, and without
+    Python's full garbage collections, which would stop every thread (see
+    `serving.models.collection_paused`), so requests keep their latency while a new version
+    is swapped in (bench/swap_bench.py).
     """
 
     model_name: str = "default"
@@ -99,6 +114,10 @@ class ServerSettings:
     rest_api_timeout_in_ms: int = 30_000
     allow_reload_config: bool = False
     model_base_path_roots: tuple[str, ...] = ()
+    metrics_path: str | None = PROMETHEUS_PATH
+    enable_batching: bool = False
+    batching_parameters_file: str | None = None
+    background_model_load: bool = True
 
 
 def load_model_server_config(settings: ServerSettings) -> model_server_config_pb2.ModelServerConfig:
@@ -189,7 +208,11 @@ class ModelServer:
                     tags=settings.saved_model_tags,
                     enable_model_warmup=settings.enable_model_warmup,
                     enable_signature_method_name_check=settings.enable_signature_method_name_check,
+                    warmup_pause_ratio=WARMUP_PAUSE_RATIO
+                    if settings.background_model_load
+                    else 0.0,
                 ),
+                background_load=settings.background_model_load,
             ),
             metrics=self.metrics,
         )
@@ -234,6 +257,11 @@ class ModelServer:
 
     def _start(self) -> None:
         config = load_model_server_config(self.settings)
+        if self.settings.enable_batching:
+            log.info(
+                "--enable_batching: server-side batching is applied by tensorflow_model_server; "
+                "this server runs each request as it arrives"
+            )
         _set_tensorflow_threads(
             self.settings.tensorflow_intra_op_parallelism,
             self.settings.tensorflow_inter_op_parallelism,
@@ -251,7 +279,11 @@ class ModelServer:
         self.manager.start()
         self._start_grpc()
         if self.settings.rest_api_port is not None:
-            rest = RestApi(self.api, max_body_bytes=self._max_message_bytes())
+            rest = RestApi(
+                self.api,
+                max_body_bytes=self._max_message_bytes(),
+                metrics_path=self.settings.metrics_path,
+            )
             address = _address(self.settings.host, self.settings.rest_api_port)
             try:
                 self._rest_server = RestServer(
@@ -447,12 +479,23 @@ def build_parser() -> argparse.ArgumentParser:
          help="how long a request waits for room among those in flight")  # fmt: skip
     flag("--model_base_path_roots", default="",
          help="comma-separated folders every model base path must be under")  # fmt: skip
+    flag("--monitoring_config_file", default="",
+         help="MonitoringConfig text proto: whether and where (on the REST port) Prometheus "
+         f"metrics are exposed (default: at {PROMETHEUS_PATH})")  # fmt: skip
+    flag("--batching_parameters_file", default="",
+         help="BatchingParameters text proto; checked, and applied by "
+         "tensorflow_model_server only (see --enable_batching)")  # fmt: skip
     for name, default, text in (
         ("enable_model_warmup", True, None),
         ("allow_version_labels_for_unavailable_models", False, None),
         ("enable_signature_method_name_check", False, None),
         ("allow_reload_config", False,
          "let clients change the served models with HandleReloadConfigRequest"),
+        ("enable_batching", False,
+         "TF Serving's server-side batching: accepted so one command line serves with either "
+         "server; the built-in server runs each request as it arrives"),
+        ("background_model_load", True,
+         "load and warm up new versions at a lower priority than requests (true by default)"),
     ):  # fmt: skip
         flag(f"--{name}", type=_flag_bool, nargs="?", const=True, default=default, help=text)
     return parser
@@ -479,6 +522,17 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
             raise ValueError(f"--{name}: expected an integer >= 1, got {getattr(args, name)}")
     if args.in_flight_wait_in_ms < 0:
         raise ValueError(f"--in_flight_wait_in_ms: expected >= 0, got {args.in_flight_wait_in_ms}")
+    metrics_path: str | None = PROMETHEUS_PATH
+    if args.monitoring_config_file:
+        prometheus = tfserving.read_monitoring_config(args.monitoring_config_file).prometheus_config
+        metrics_path = (prometheus.path or PROMETHEUS_PATH) if prometheus.enable else None
+        if metrics_path is not None and not metrics_path.startswith("/"):
+            raise ValueError(
+                f"--monitoring_config_file: prometheus_config.path must start with '/', got "
+                f"{metrics_path!r}"
+            )
+    if args.batching_parameters_file:
+        tfserving.read_batching_parameters(args.batching_parameters_file)
     return ServerSettings(
         model_name=args.model_name,
         model_base_path=args.model_base_path or None,
@@ -509,6 +563,10 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
         model_base_path_roots=tuple(
             root.strip() for root in args.model_base_path_roots.split(",") if root.strip()
         ),
+        metrics_path=metrics_path,
+        enable_batching=args.enable_batching,
+        batching_parameters_file=args.batching_parameters_file or None,
+        background_model_load=args.background_model_load,
     )
 
 
@@ -526,6 +584,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # requests (or a flood of bad ones) run Python code. A shorter slice keeps good requests'
     # tail latency low under such load, for a little more switching.
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    if settings.background_model_load:
+        # What is alive now (TensorFlow's modules: hundreds of thousands of objects) lives as
+        # long as the process. Out of the collector's sight, a full collection walks only what
+        # comes later (models, requests): pauses of tens of ms instead of hundreds, while
+        # requests are served and when a version is swapped. Done here, where the process is
+        # the server's alone, not in ModelServer, which may run inside another program.
+        gc.collect()
+        gc.freeze()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -40,8 +40,8 @@ from serving.client import EXAMPLES_INPUT, PROBABILITIES_OUTPUT
 from serving.deploy import VERDICT_FILE, export_dir, fingerprint, versions
 from serving.process import ServerProcess
 from trainer.metrics import auc, log_loss
-from transform.config import Config, DType
-from transform.features import raw_feature_spec
+from transform.config import Config
+from transform.features import recorded_raw_spec, serving_feature_spec
 
 EVAL_RAW_DIR = "eval_raw"
 MAX_QUALITY_EXAMPLES = 200_000
@@ -314,9 +314,10 @@ def item_popularity(
     unknown = size - 1
     raw = tf.io.parse_example(
         tf.constant(list(examples)),
-        {item.column: raw_feature_spec(config, with_label=False, with_defaults=True)[item.column]},
+        # As the log typed it (string ids may be stored as integers).
+        {item.column: serving_feature_spec(config, recorded_raw_spec(data_dir))[item.column]},
     )[item.column].numpy()
-    as_token = (lambda v: v) if item.dtype is DType.STRING else (lambda v: str(int(v)).encode())
+    as_token = (lambda v: v) if raw.dtype == object else (lambda v: str(int(v)).encode())
     ids = np.array([index.get(as_token(v), unknown) for v in raw])
     # Items the training split did not have score the overall rate, not the OOV bucket's.
     return {

@@ -84,14 +84,17 @@ def test_parquet_output_layout_and_summary(movies_data: Path, movies_table: pa.T
 
 def test_raw_eval_examples_are_kept(movies_data: Path) -> None:
     """Raw eval rows let models with other vocabularies be compared on the same examples."""
-    from transform.features import raw_feature_spec
-
     files = sorted(str(p) for p in (movies_data / EVAL_RAW_DIR).glob("*.tfrecord.gz"))
     records = list(tf.data.TFRecordDataset(files, compression_type="GZIP"))
     summary = json.loads((movies_data / SUMMARY_JSON).read_text())
     assert len(records) == summary["splits"][EVAL_DIR]["rows"]
-    parsed = tf.io.parse_example(tf.stack(records), raw_feature_spec(MOVIES))
+    # Typed as the log typed them: the recorded raw schema parses them.
+    recorded = tft.TFTransformOutput(str(movies_data)).raw_feature_spec()
+    parsed = tf.io.parse_example(tf.stack(records), recorded)
     assert parsed["movie_id"].dtype == tf.string and parsed["user_id"].dtype == tf.int64
+    # user_age is int64 in the log, release_year and popularity are floats.
+    assert summary["int_columns"] == ["user_age"]
+    assert parsed["user_age"].dtype == tf.int64 and parsed["popularity"].dtype == tf.float32
     # Missing values were filled with the config's defaults before they were written.
     assert b"unknown" in set(parsed["occupation"].numpy().tolist())
 

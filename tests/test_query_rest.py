@@ -22,7 +22,14 @@ import pytest
 import tensorflow as tf
 
 from pipeline.cli import main
-from serving.client import ClientSettings, Endpoint, ExampleEncoder, RankingClient, ScoringError
+from serving.client import (
+    ClientSettings,
+    Endpoint,
+    ExampleEncoder,
+    RankingClient,
+    ScoringError,
+    saved_model_input_types,
+)
 from serving.deploy import export_dir
 from serving.server import ModelServer, ServerSettings
 from serving.validate import score_in_process
@@ -84,8 +91,9 @@ def test_rest_and_grpc_rank_a_query_identically(
     assert [r.candidate["movie_id"] for r in by_rest] == [r.candidate["movie_id"] for r in by_grpc]
     assert [r.score for r in by_rest] == [r.score for r in by_grpc]
     assert [r.rank for r in by_rest] == list(range(1, len(CANDIDATES) + 1))
-    # And both are the model's own scores.
-    examples = ExampleEncoder(config).encode_query(QUERY, CANDIDATES)
+    # And both are the model's own scores (examples typed as the model parses them).
+    types = saved_model_input_types(export_dir(movies_model))
+    examples = ExampleEncoder(config, types).encode_query(QUERY, CANDIDATES)
     expected = score_in_process(movies_model, examples)
     got = {r.candidate["movie_id"]: r.score for r in by_rest}
     np.testing.assert_allclose(

@@ -26,10 +26,13 @@ class _Client(threading.Thread):
         super().__init__(daemon=True)
         import grpc
 
-        from serving.client import ExampleEncoder
+        from serving.client import ExampleEncoder, RankingClient, kinds_of_inputs
 
         query = json.loads(query_file.read_text())
-        examples = ExampleEncoder(config).encode_query(query["query"], query["candidates"])
+        # Typed as the served model parses them, which its raw_features signature tells.
+        with RankingClient(target, config.model_name) as client:
+            types = kinds_of_inputs(client.model_inputs(required=True) or {})
+        examples = ExampleEncoder(config, types).encode_query(query["query"], query["candidates"])
         self.request = predict_pb2.PredictRequest()
         self.request.model_spec.name = config.model_name
         self.request.inputs["examples"].CopyFrom(tf.make_tensor_proto(examples))
@@ -140,9 +143,15 @@ def test_run_writes_its_artifacts_and_ranks_through_the_endpoint(two_days) -> No
     scores = [r["score"] for r in ranking["ranking"]]
     assert scores == sorted(scores, reverse=True) and len(scores) > 1
     assert ranking["version"] == 2
-    # The query holds the features shared by one user's impressions, candidates the rest.
+    # The query holds one impression's user, context and history; candidates are distinct
+    # movies (the item the config infers: it shares its vocabulary with recent_movies).
     query = json.loads((out / "query.json").read_text())
-    assert "user_id" in query["query"] and "movie_id" in query["candidates"][0]
+    assert query["item"] == "movie_id"
+    assert {"user_id", "occupation", "recent_movies"} <= set(query["query"])
+    movies = [c["movie_id"] for c in query["candidates"]]
+    assert len(movies) == len(set(movies)) == 50
+    assert [r["candidate"]["movie_id"] for r in ranking["ranking"]] != movies  # ranked
+    assert sorted(r["candidate"]["movie_id"] for r in ranking["ranking"]) == sorted(movies)
     assert 0.0 < result.metrics["auc"] <= 1.0
 
 
@@ -150,15 +159,20 @@ def test_a_second_run_continues_from_the_finished_stages(
     two_days, movies_config: Path, movie_days: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, _, out = two_days
-    code = main(
-        ["run", "--config", str(movies_config), "--input", str(movie_days), "--out", str(out)]
-    )
-    assert code == 0
+    query = (out / "query.json").read_text()
+    argv = ["run", "--config", str(movies_config), "--input", str(movie_days), "--out", str(out)]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     for day in (1, 2):
         for stage in ("datagen", "train", "validate", "deploy"):
             assert f"[day {day} {stage}] done before" in printed
     assert "ranking of" in printed and "eval AUC" in printed
+    # The same query is ranked: kept in query.json, and built the same way from the log.
+    assert (out / "query.json").read_text() == query
+    (out / "query.json").unlink()
+    assert main(argv) == 0
+    assert "candidates are distinct 'movie_id' items (inferred" in capsys.readouterr().out
+    assert (out / "query.json").read_text() == query
 
 
 def test_other_settings_are_refused_and_nothing_is_lost(
@@ -230,3 +244,28 @@ def test_build_query_splits_query_and_candidate_features() -> None:
                                    "release_year"}  # fmt: skip
     assert [c["movie_id"] for c in built["candidates"]] == ["m1", "m2", "m3"]
     assert set(built["candidates"][0]) == {"movie_id", "genres", "popularity"}
+
+
+def test_build_query_ranks_distinct_items_for_one_impression() -> None:
+    """A real log's history list and hour differ between impressions of one query: they are
+    the query's (from its first impression), and an item shown twice is one candidate."""
+    config = load_config("app_store")
+    assert config.item_feature.name == "impression_app"
+    rows = []
+    for i, app in enumerate(["a1", "a2", "a1", "a3", "a2", "a4", "a1", "a5"]):
+        rows.append(
+            {"query_id": "q1" if i < 6 else "q2", "country": "us" if i < 6 else "fr",
+             "language": "en", "gender": "f", "user_age": 30, "device": "phone",
+             "installed_apps": [f"x{i}"], "hour": i % 3, "day_of_week": 2,
+             "impression_app": app, "app_category": {"a1": "games"}.get(app, "tools"),
+             "app_age_days": 10, "app_rating": float(len(app)), "app_installs": 5})  # fmt: skip
+    built = build_query(config, rows, num_candidates=200)
+    apps = [c["impression_app"] for c in built["candidates"]]
+    assert apps == ["a1", "a2", "a3", "a4", "a5"]  # distinct, in order of first appearance
+    assert built["item"] == "impression_app"
+    # One impression of the query with most impressions (q1): its own history and hour.
+    assert built["query"]["installed_apps"] == ["x0"] and built["query"]["hour"] == 0
+    assert built["query"]["country"] == "us"
+    assert set(built["candidates"][0]) == {"impression_app", "app_category"}
+    assert build_query(config, list(rows), num_candidates=200) == built
+    assert len(build_query(config, rows, num_candidates=2)["candidates"]) == 2

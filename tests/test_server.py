@@ -691,8 +691,11 @@ def test_version_whose_warmup_fails_is_not_served(make_server, exported) -> None
     assert client.prediction.Predict(_predict_request([1.0]), timeout=DEADLINE).outputs
 
 
-def test_predict_under_load_while_a_new_version_is_deployed(make_server, exported) -> None:
-    server, client, base = make_server({1: "v1"})
+@pytest.mark.parametrize("background", [True, False], ids=["isolated_load", "plain_load"])
+def test_predict_under_load_while_a_new_version_is_deployed(
+    make_server, exported, background: bool
+) -> None:
+    server, client, base = make_server({1: "v1"}, background_model_load=background)
     xs = [i / 100 for i in range(-50, 50)]
     expected = {v: np.array([_probability(v, x) for x in xs]) for v in WEIGHTS}
     started = threading.Barrier(5)
@@ -731,6 +734,48 @@ def test_predict_under_load_while_a_new_version_is_deployed(make_server, exporte
     for versions in seen:
         assert versions[0] == 1 and versions[-1] == 2
         assert versions == sorted(versions)  # never back to the old version
+
+
+def test_versions_load_in_threads_of_lower_priority_than_requests(
+    tmp_path: Path, exported: dict[str, Path]
+) -> None:
+    """Loading threads are niced below the server's threads; plain loads are not."""
+    from serving.models import ManagerSettings, ModelManager
+    from serving.servable import Servable, ServableOptions
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    for background in (True, False):
+        base = _base(tmp_path / str(background), exported, {1: "v1"})
+        seen: list[int] = []
+        options = ServableOptions(warmup_pause_ratio=1.0 if background else 0.0)
+
+        def load(name: str, version: int, path: Path, options=options, seen=seen) -> Servable:
+            seen.append(priority())
+            return Servable.load(name, version, path, options)
+
+        manager = ModelManager(
+            ManagerSettings(file_system_poll_wait_seconds=0, background_load=background),
+            loader=load,
+        )
+        try:
+            manager.reload_config(_config((MODEL, base)), wait=True, atomic=False)
+            assert manager.wait_until_available(MODEL, 1, timeout=DEADLINE)
+        finally:
+            manager.stop()
+        assert seen and (seen[0] > priority() if background else seen[0] == priority())
+
+
+def test_background_model_load_is_a_flag_the_real_server_is_not_given() -> None:
+    from serving import tfserving
+
+    assert settings_from_args(["--model_base_path=/m"]).background_model_load
+    assert not settings_from_args(
+        ["--model_base_path=/m", "--background_model_load=false"]
+    ).background_model_load
+    argv = tfserving.binary_argv("tms", ["--model_config_file=/c", "--background_model_load=0"])
+    assert argv == ["tms", "--model_config_file=/c"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,14 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from serving import tfserving
 from serving.client import ClientSettings, RankingClient, ScoringError
 from serving.deploy import LOCK_FILE, DeployError, deploy, rollback, serving_version, versions
 from serving.server import ModelServer, ServerSettings
 from serving.validate import read_raw_eval_examples, score_in_process, validate
-from transform.config import load_config
 from transform.paths import InUseError
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
@@ -172,14 +170,7 @@ def test_rollback_needs_a_previous_version(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# docker/: files for production, checked against what `serve` generates (no engine here).
-
-
-def test_model_config_file_matches_what_serve_writes() -> None:
-    shipped = tfserving.read_model_config_file(DOCKER / "models.config")
-    expected = tfserving.model_server_config("app_ranker", "/models/app_ranker")
-    assert shipped == expected
-    assert load_config("app_store").model_name == "app_ranker"
+# The real binary's command line (docker/ itself: test_docker.py).
 
 
 def test_serve_generates_a_config_file_for_the_real_binary(tmp_path: Path) -> None:
@@ -191,30 +182,6 @@ def test_serve_generates_a_config_file_for_the_real_binary(tmp_path: Path) -> No
     config_flag = next(a for a in argv if a.startswith("--model_config_file="))
     parsed = tfserving.read_model_config_file(config_flag.split("=", 1)[1])
     assert parsed == tfserving.model_server_config("m", str(tmp_path))
-
-
-def test_compose_file_serves_the_config_and_ports() -> None:
-    compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
-    service = compose["services"]["serving"]
-    assert service["image"].startswith("tensorflow/serving:")
-    flags = dict(f.lstrip("-").split("=", 1) for f in service["command"])
-    assert flags["port"] == "8500" and flags["rest_api_port"] == "8501"
-    # "source:target:mode", where the source may be "${VAR:-default}".
-    mounts = {v.rsplit(":", 2)[1]: v.rsplit(":", 2)[0] for v in service["volumes"]}
-    for key in ("model_config_file", "batching_parameters_file", "monitoring_config_file"):
-        source = mounts[flags[key]]
-        assert (DOCKER / source).exists(), source
-    shipped = tfserving.read_model_config_file(DOCKER / "models.config")
-    assert shipped.model_config_list.config[0].base_path.startswith("/models/")
-    assert "/models" in mounts
-
-
-def test_batching_and_monitoring_files_parse() -> None:
-    text = (DOCKER / "batching_parameters.txt").read_text()
-    for key in ("max_batch_size", "batch_timeout_micros", "num_batch_threads"):
-        assert key in text
-    monitoring = (DOCKER / "monitoring.config").read_text()
-    assert 'path: "/monitoring/prometheus/metrics"' in monitoring
 
 
 def test_dockerfile_installs_the_project() -> None:

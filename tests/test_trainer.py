@@ -24,7 +24,13 @@ from tests import logs
 from trainer import export as export_lib
 from trainer import train as train_lib
 from trainer.errors import TrainError
-from trainer.export import CLASSIFY_SIGNATURE, SERVING_SIGNATURE, WARMUP_FILE, read_warmup_requests
+from trainer.export import (
+    CLASSIFY_SIGNATURE,
+    RAW_SIGNATURE,
+    SERVING_SIGNATURE,
+    WARMUP_FILE,
+    read_warmup_requests,
+)
 from trainer.model import (
     build_model,
     check_variable_groups,
@@ -34,7 +40,7 @@ from trainer.model import (
 from trainer.spec import ModelSpec, build_model_spec, incompatibilities, resolve_compute_dtype
 from trainer.train import HEARTBEAT_TIMEOUT_S, TrainResult, train
 from transform.config import Config, OptimizerConfig, load_config
-from transform.features import raw_feature_spec
+from transform.features import recorded_raw_spec, serving_feature_spec
 
 MOVIES = load_config("movies")
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +56,8 @@ def small_config(**training: Any) -> Config:
             deep_optimizer=OptimizerConfig(name="adagrad", learning_rate=0.2),
         ),
         training=dataclasses.replace(
-            MOVIES.training, **{"batch_size": 256, "steps_per_checkpoint": 5, "epochs": 2, **training}
+            MOVIES.training,
+            **{"batch_size": 256, "steps_per_checkpoint": 5, "epochs": 2, **training},
         ),
     )
 
@@ -689,9 +696,9 @@ def exported(trainer_data: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     shutil.copytree(trainer_data, data)
     result = train(CONFIG, data, root / "model", epochs=1, verbose=0)
     examples = _raw_examples(result)
-    raw = tf.io.parse_example(
-        tf.constant(examples), raw_feature_spec(CONFIG, with_label=False, with_defaults=True)
-    )
+    # Parsed as the model parses them: user_age is int64 in the log.
+    spec = serving_feature_spec(CONFIG, recorded_raw_spec(data))
+    raw = tf.io.parse_example(tf.constant(examples), spec)
     transformed = tft.TFTransformOutput(str(data)).transform_raw_features(
         raw, drop_unused_features=True
     )
@@ -703,7 +710,11 @@ def exported(trainer_data: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 def _raw_examples(result: TrainResult) -> list[bytes]:
     """The warmup requests' examples plus two hand-made ones: an unseen token, missing defaults."""
     requests = read_warmup_requests(result.export_dir / "assets.extra" / WARMUP_FILE)
-    examples = [tf.make_ndarray(r.inputs["examples"])[0] for r in requests]
+    examples = [
+        tf.make_ndarray(r.inputs["examples"])[0]
+        for r in requests
+        if r.model_spec.signature_name == SERVING_SIGNATURE
+    ]
 
     def example(**features: Any) -> bytes:
         feature = {}
@@ -723,7 +734,7 @@ def _raw_examples(result: TrainResult) -> list[bytes]:
         example(
             user_id=7,
             occupation="astronaut",
-            user_age=33.0,
+            user_age=33,
             recent_movies=["m1", "m2"],
             movie_id="m3",
             genres=["drama"],
@@ -735,7 +746,7 @@ def _raw_examples(result: TrainResult) -> list[bytes]:
     examples.append(
         example(
             user_id=3,
-            user_age=60.0,
+            user_age=60,
             recent_movies=[],
             movie_id="m9999",
             genres=["comedy"],
@@ -765,7 +776,7 @@ def test_saved_model_is_self_contained_and_matches_keras(exported: dict[str, Any
 
 def test_signatures_names_and_outputs(exported: dict[str, Any]):
     loaded = tf.saved_model.load(str(exported["result"].export_dir))
-    assert set(loaded.signatures) == {SERVING_SIGNATURE, CLASSIFY_SIGNATURE}
+    assert set(loaded.signatures) == {SERVING_SIGNATURE, CLASSIFY_SIGNATURE, RAW_SIGNATURE}
     serve = loaded.signatures[SERVING_SIGNATURE]
     classify = loaded.signatures[CLASSIFY_SIGNATURE]
     assert set(serve.structured_input_signature[1]) == {"examples"}
@@ -788,18 +799,23 @@ def test_warmup_requests_parse_and_score(exported: dict[str, Any]):
     requests = read_warmup_requests(path)
     assert 1 <= len(requests) <= 1000
     loaded = tf.saved_model.load(str(result.export_dir))
+    signatures = set()
     for request in requests:
         assert request.model_spec.name == CONFIG.model_name
-        assert request.model_spec.signature_name == SERVING_SIGNATURE
-        examples = tf.make_ndarray(request.inputs["examples"])
-        out = loaded.signatures[SERVING_SIGNATURE](examples=tf.constant(examples))
-        assert out["probabilities"].shape == (len(examples), 1)
+        signature = request.model_spec.signature_name
+        signatures.add(signature)
+        inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+        out = loaded.signatures[signature](**inputs)
+        assert out["probabilities"].shape == (max(len(v) for v in inputs.values()), 1)
+    # Both input paths are warmed up: serialized tf.Examples and raw values by column.
+    assert signatures == {SERVING_SIGNATURE, RAW_SIGNATURE}
 
 
 def test_warmup_requests_are_real_eval_examples_in_live_batch_sizes(
     exported: dict[str, Any], trainer_data: Path
 ):
     requests = read_warmup_requests(exported["result"].export_dir / "assets.extra" / WARMUP_FILE)
+    requests = [r for r in requests if r.model_spec.signature_name == SERVING_SIGNATURE]
     sizes = [len(tf.make_ndarray(r.inputs["examples"])) for r in requests]
     assert CONFIG.validation.num_candidates in sizes and CONFIG.serving.batch_size in sizes
     assert sizes.count(1) == len(sizes) - len({CONFIG.validation.num_candidates,
@@ -1106,7 +1122,7 @@ def test_unknown_ids_score_like_the_learned_unknown(trainer_data: Path, tmp_path
     # The same rows with the out-of-vocabulary id given directly to the trained model.
     tft_output = tft.TFTransformOutput(str(trainer_data))
     parsed = tf.io.parse_example(
-        tf.constant(unknown_a), raw_feature_spec(config, with_label=False, with_defaults=True)
+        tf.constant(unknown_a), serving_feature_spec(config, recorded_raw_spec(trainer_data))
     )
     parsed[config.label] = tf.zeros([len(raw)], tf.int64)
     features = tft_output.transform_features_layer()(parsed)

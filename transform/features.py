@@ -1,7 +1,12 @@
 """What the features are and how they are transformed, derived from one :class:`Config`.
 
 - :func:`raw_feature_spec` is how a raw impression is parsed (in data generation and, without
-  the label, in the serving signature);
+  the label, in the serving signatures). A column is typed as the config says, except a column
+  the log holds as integers (``int_columns``): a numeric column of whole numbers, or string ids
+  stored as integers. Those are parsed as int64, as the log typed them, and converted to the
+  config's type inside the transform graph, so examples built from the log's own rows parse;
+  :func:`serving_feature_spec` reads which columns those are from the raw schema data
+  generation recorded;
 - :func:`preprocessing_fn` is the tf.Transform function: vocabularies of categorical features
   seen at least ``min_count`` times, quantile normalisation of numeric features to
   (i - 1) / (n_q - 1) (paper section 4.1), and the hashed cross-product transformations of the
@@ -14,8 +19,10 @@ numeric feature its normalised value in [0, 1], and a cross a sparse list of has
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
 
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -29,15 +36,37 @@ QUANTILE_EPSILON = 0.001
 """Error bound of the quantile sketch, as a fraction of the rows (tft.quantiles' epsilon)."""
 
 
-def raw_dtype(feature: Feature) -> tf.dtypes.DType:
-    """The TF dtype of a feature's raw values."""
+def raw_dtype(feature: Feature, *, as_int: bool = False) -> tf.dtypes.DType:
+    """The TF dtype of a feature's raw values (int64 when the log holds them as integers)."""
+    if as_int:
+        return tf.int64
     if feature.kind is Kind.NUMERIC:
         return tf.float32
     return tf.string if feature.dtype is DType.STRING else tf.int64
 
 
+def can_be_int(feature: Feature) -> bool:
+    """Whether a log may hold the feature's column as integers that the model converts.
+
+    A numeric column of whole numbers (its default, if any, whole too), and a scalar string id
+    column without a default (ids stored as integers are read as their decimal text). An int
+    categorical column is int64 anyway; a list column keeps the config's type.
+    """
+    if feature.kind is Kind.NUMERIC:
+        return feature.default is None or float(feature.default).is_integer()
+    return (
+        feature.kind is Kind.CATEGORICAL
+        and feature.dtype is DType.STRING
+        and feature.default is None
+    )
+
+
 def raw_feature_spec(
-    config: Config, *, with_label: bool = True, with_defaults: bool = False
+    config: Config,
+    *,
+    with_label: bool = True,
+    with_defaults: bool = False,
+    int_columns: Collection[str] = (),
 ) -> dict[str, tf.io.FixedLenFeature | tf.io.VarLenFeature]:
     """Parsing spec of a raw impression, keyed by raw column name.
 
@@ -46,6 +75,7 @@ def raw_feature_spec(
       with_label: Include the label (data generation); serving requests carry no label.
       with_defaults: Give columns that have a configured ``default`` that default value, so a
         request that omits them still parses (the serving signature).
+      int_columns: Columns the log holds as integers (see :func:`can_be_int`): parsed as int64.
     """
     spec: dict[str, tf.io.FixedLenFeature | tf.io.VarLenFeature] = {}
     if with_label:
@@ -53,12 +83,105 @@ def raw_feature_spec(
     for f in config.features:
         if f.column in spec:
             continue  # two features may read one column
+        as_int = f.column in int_columns and can_be_int(f)
         if f.kind is Kind.CATEGORICAL_LIST:
-            spec[f.column] = tf.io.VarLenFeature(raw_dtype(f))
+            spec[f.column] = tf.io.VarLenFeature(raw_dtype(f, as_int=as_int))
         else:
             default = f.default if with_defaults else None
-            spec[f.column] = tf.io.FixedLenFeature([], raw_dtype(f), default_value=default)
+            if as_int and default is not None:
+                default = int(default)
+            spec[f.column] = tf.io.FixedLenFeature(
+                [], raw_dtype(f, as_int=as_int), default_value=default
+            )
     return spec
+
+
+def int_columns_of(config: Config, recorded: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The columns a recorded raw spec (the datagen's raw schema) types int64 where the config
+    would not: the columns the log held as integers."""
+    if not recorded:
+        return ()
+    out = []
+    for f in config.features:
+        entry = recorded.get(f.column)
+        if (
+            f.column not in out
+            and entry is not None
+            and entry.dtype == tf.int64
+            and raw_dtype(f) != tf.int64
+            and can_be_int(f)
+        ):
+            out.append(f.column)
+    return tuple(out)
+
+
+def serving_feature_spec(
+    config: Config, recorded: Mapping[str, Any] | None = None
+) -> dict[str, tf.io.FixedLenFeature | tf.io.VarLenFeature]:
+    """How the serving signatures parse a raw tf.Example: no label, defaults filled in, and
+    every column typed as the log typed it (``recorded``: ``TFTransformOutput.raw_feature_spec()``
+    of the data the model was trained on; None types every column as the config says)."""
+    return raw_feature_spec(
+        config, with_label=False, with_defaults=True, int_columns=int_columns_of(config, recorded)
+    )
+
+
+def recorded_raw_spec(data_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The raw feature spec data generation recorded in ``data_dir`` (None when it has none)."""
+    try:
+        return dict(tft.TFTransformOutput(str(data_dir)).raw_feature_spec())
+    except (OSError, tf.errors.NotFoundError):
+        return None
+
+
+def retype_example(
+    serialized: bytes, spec: Mapping[str, Any], *, round_floats: bool = False
+) -> bytes:
+    """A serialized raw tf.Example with each feature stored as ``spec`` parses it.
+
+    Numbers move between int64_list and float_list (a float becomes an int only when it is a
+    whole number, or rounded with ``round_floats``) and integers become their decimal text in a
+    bytes_list; anything else is left as it is, for the parser to refuse with its own message.
+    Used where examples typed one way meet a model that parses another (warmup examples, a
+    model trained on another log).
+    """
+    example = tf.train.Example.FromString(serialized)
+    changed = False
+    for name, feature in example.features.feature.items():
+        entry = spec.get(name)
+        if entry is None:
+            continue
+        kind = feature.WhichOneof("kind")
+        want = {tf.int64: "int64_list", tf.float32: "float_list", tf.string: "bytes_list"}[
+            entry.dtype
+        ]
+        if kind is None or kind == want:
+            continue
+        values = list(getattr(feature, kind).value)
+        if want == "int64_list" and kind == "float_list":
+            if not all(math.isfinite(v) for v in values):
+                continue
+            if not round_floats and not all(float(v).is_integer() for v in values):
+                continue
+            feature.CopyFrom(
+                tf.train.Feature(int64_list=tf.train.Int64List(value=[round(v) for v in values]))
+            )
+        elif want == "float_list" and kind == "int64_list":
+            feature.CopyFrom(tf.train.Feature(float_list=tf.train.FloatList(value=values)))
+        elif want == "bytes_list" and kind == "int64_list":
+            text = [str(v).encode() for v in values]
+            feature.CopyFrom(tf.train.Feature(bytes_list=tf.train.BytesList(value=text)))
+        else:
+            continue
+        changed = True
+    return example.SerializeToString() if changed else serialized
+
+
+def retype_examples(
+    examples: Sequence[bytes], spec: Mapping[str, Any], *, round_floats: bool = False
+) -> list[bytes]:
+    """:func:`retype_example` of each example."""
+    return [retype_example(e, spec, round_floats=round_floats) for e in examples]
 
 
 def make_preprocessing_fn(config: Config) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
@@ -70,6 +193,7 @@ def make_preprocessing_fn(config: Config) -> Callable[[dict[str, tf.Tensor]], di
     """
 
     def preprocessing_fn(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        inputs = as_config_types(config, inputs)
         outputs: dict[str, tf.Tensor] = {config.label: tf.cast(inputs[config.label], tf.int64)}
         # A vocabulary shared by several features is computed over all their values at once.
         vocab_paths = {}
@@ -103,6 +227,29 @@ def make_preprocessing_fn(config: Config) -> Callable[[dict[str, tf.Tensor]], di
         return outputs
 
     return preprocessing_fn
+
+
+def as_config_types(config: Config, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Raw tensors converted to the types the config gives their columns.
+
+    A column the log held as integers arrives as int64: a numeric one becomes float32 and a
+    string id its decimal text (what data generation made of such columns before it kept the
+    log's types, so vocabularies and hashed crosses stay the same).
+    """
+    out = dict(inputs)
+    for f in config.features:
+        x = out.get(f.column)
+        if x is None or x.dtype == raw_dtype(f):
+            continue
+        if f.kind is Kind.NUMERIC:
+            out[f.column] = tf.cast(x, tf.float32)
+        elif isinstance(x, tf.SparseTensor):
+            out[f.column] = tf.SparseTensor(
+                x.indices, tf.strings.as_string(x.values), x.dense_shape
+            )
+        else:
+            out[f.column] = tf.strings.as_string(x)
+    return out
 
 
 def quantile_normalize(x: tf.Tensor, num_quantiles: int, name: str) -> tf.Tensor:
