@@ -22,7 +22,7 @@ def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "verb", ["simulate", "datagen", "train", "validate", "deploy", "query", "run"]
+    "verb", ["simulate", "datagen", "train", "validate", "deploy", "serve", "query", "run"]
 )
 def test_each_verb_has_help_with_examples(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):

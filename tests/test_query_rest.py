@@ -30,9 +30,9 @@ from serving.client import (
     ScoringError,
     saved_model_input_types,
 )
-from serving.deploy import export_dir
+from serving.release.validate import score_in_process
 from serving.server import ModelServer, ServerSettings
-from serving.validate import score_in_process
+from transform.artifacts import export_dir
 
 QUERY = {"user_id": 3, "occupation": "writer", "user_age": 31, "recent_movies": ["m1", "m2"]}
 CANDIDATES = [

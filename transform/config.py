@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from transform.errors import UsageError
+
 PRESETS = ("app_store", "movies")
 """Configs shipped with the package, usable by name wherever a config path is expected."""
 
@@ -43,7 +45,7 @@ MAX_HIDDEN_UNITS = 65_536
 MAX_QUANTILES = 10_000
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config that cannot be used; the message names the offending key."""
 
 
