@@ -1066,14 +1066,18 @@ def _wait_for_workers(resolver: Any, timeout: float) -> None:
         if (job, index) != (resolver.task_type, resolver.task_id)
     ]
 
-    # The handler only takes note: an exception raised from it could land anywhere (in the
-    # middle of writing a log line, which would swallow it).
+    # The handler only takes note, for SIGINT too: an exception raised from it could land
+    # anywhere (in the middle of writing a log line, which would swallow it, or in TensorFlow's
+    # coordination set-up, which then keeps the process from ending).
     stopped: list[int] = []
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = (
-        signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
+        {
+            signum: signal.signal(signum, lambda signum, frame: stopped.append(signum))
+            for signum in (signal.SIGTERM, signal.SIGINT)
+        }
         if in_main_thread
-        else None
+        else {}
     )
     try:
         deadline = time.monotonic() + timeout
@@ -1085,6 +1089,8 @@ def _wait_for_workers(resolver: Any, timeout: float) -> None:
                 ", ".join(f"{name} ({address})" for name, address in waiting),
             )
         while waiting:
+            if stopped and stopped[0] == signal.SIGINT:
+                raise KeyboardInterrupt
             if stopped:
                 raise TrainError(
                     f"distribute=multi_worker: stopped by {signal.Signals(stopped[0]).name} "
@@ -1100,8 +1106,8 @@ def _wait_for_workers(resolver: Any, timeout: float) -> None:
             time.sleep(0.5)
             waiting = [peer for peer in waiting if not _listening(peer[1])]
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _listening(address: str) -> bool:
