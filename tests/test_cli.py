@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from pipeline import cli
 from pipeline.cli import main
 
 
@@ -29,6 +32,39 @@ def test_each_verb_has_help_with_examples(verb: str, capsys: pytest.CaptureFixtu
         main([verb, "--help"])
     out = capsys.readouterr().out
     assert "examples:" in out and f"widedeep {verb}" in out
+
+
+def test_serve_help_lists_every_server_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from serving.server import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    server_flags = [
+        option
+        for action in build_parser()._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    ]
+    assert len(server_flags) > 40  # each flag with dashes and as TF Serving spells it
+    for flag in server_flags:
+        assert flag in out, flag
+
+
+def test_an_internal_error_shows_its_traceback_and_asks_for_a_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(args, extra) -> int:
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setitem(
+        cli.VERBS, "simulate", dataclasses.replace(cli.VERBS["simulate"], run=broken)
+    )
+    assert main(["simulate", "--out", str(tmp_path)]) == cli.EXIT_BUG
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert "ValueError: an internal invariant broke" in err
+    assert "this is a bug in widedeep" in err and "report it" in err
 
 
 def test_bad_config_is_one_line_and_exit_2(
@@ -57,11 +93,14 @@ def test_simulate_then_datagen_through_the_console_script(tmp_path: Path) -> Non
     """The installed entry point, as a user runs it, on a tiny simulated day."""
     exe = Path(sys.executable).with_name("widedeep")
     logs, data = tmp_path / "logs", tmp_path / "data"
+    # As a user's shell has it: TensorFlow's log level is the CLI's to choose.
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     sim = subprocess.run(
         [str(exe), "simulate", "--out", str(logs), "--rows-per-day", "3000", "--seed", "1"],
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     )
     assert "simulate finished" in sim.stdout
     run = subprocess.run(
@@ -87,8 +126,10 @@ def test_simulate_then_datagen_through_the_console_script(tmp_path: Path) -> Non
         ],
         capture_output=True,
         text=True,
+        env=env,
     )
     assert run.returncode == 0, run.stderr
+    assert "cuInit" not in run.stderr, run.stderr
     assert "eval        AUC" in run.stdout and (model / "export" / "saved_model.pb").exists()
     run = subprocess.run(
         [str(exe), "validate", "--model", str(model), "--data", str(data), "--skip-dry-run"],
