@@ -358,7 +358,7 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     arguments=_serve_arguments,
 )
 def _serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from serving.tfserving import serve
+    from serving.command import serve
 
     # The arguments as given: the real binary gets them, not the parsed values.
     return serve(args.verb_argv)

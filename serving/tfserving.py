@@ -1,8 +1,8 @@
 """Running the real ``tensorflow_model_server`` when it is installed, and its config files.
 
-``widedeep serve`` (:func:`serve`, also ``python -m serving.tfserving``, which the release
-gate's server process runs) prefers the real binary (production, the ``tensorflow/serving``
-image in ``docker/``) and falls back to the built-in server, which speaks the same API. Both read the
+``widedeep serve`` (:mod:`serving.command`) prefers the real binary (production, the
+``tensorflow/serving`` image in ``docker/``) and falls back to the built-in server, which
+speaks the same API. Both read the
 same model config file, written here with TF Serving's own protos, and the same monitoring
 config and batching parameters files (text protos whose messages the pip package does not
 ship: they are declared here with TF Serving's field names and numbers, so a file either
@@ -12,9 +12,7 @@ server accepts parses here, and a misspelt field is refused as TF Serving refuse
 from __future__ import annotations
 
 import functools
-import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -210,28 +208,3 @@ def _drop_flags(args: Sequence[str], names: tuple[str, ...]) -> list[str]:
         elif "=" not in arg and rest and not rest[0].startswith("--"):
             rest.pop(0)  # the flag's value
     return out
-
-
-def serve(argv: Sequence[str]) -> int:
-    """``widedeep serve``: the real server when it is on PATH (and ``--builtin`` is not given),
-    else the built-in one; returns the exit status (the real binary replaces this process)."""
-    binary = None if BUILTIN_FLAG in argv else find_binary()
-    if binary:
-        ignored = builtin_only_flags(argv)
-        if ignored:
-            print(
-                "widedeep serve: tensorflow_model_server has no "
-                + ", ".join(a.split("=", 1)[0] for a in ignored)
-                + "; they apply to the built-in server only (--builtin)",
-                file=sys.stderr,
-            )
-        args = binary_argv(binary, argv)
-        print("widedeep serve: running " + " ".join(args), flush=True)
-        os.execv(binary, args)
-    from serving.server import main as server_main
-
-    return server_main([a for a in argv if a != BUILTIN_FLAG])
-
-
-if __name__ == "__main__":
-    sys.exit(serve(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """The one thing that starts a model server: ``widedeep serve`` in a child process.
 
-The child is ``python -m serving.tfserving`` (what ``widedeep serve`` runs): the real
+The child is ``python -m serving.command`` (what ``widedeep serve`` runs): the real
 ``tensorflow_model_server`` when it is on PATH, else the built-in server. Either way the parent
 speaks to it only through TF Serving's gRPC API (:class:`ModelServerClient`), as any client
 would. Asked for port 0, the server binds a free port itself and prints which one (the line
@@ -92,7 +92,7 @@ class ServerProcess:
         argv = [
             sys.executable,
             "-m",
-            "serving.tfserving",
+            "serving.command",
             f"--port={self._port or 0}",
             f"--model_name={self.model_name}",
             f"--model_base_path={self.model_base_path}",
