@@ -936,12 +936,12 @@ def _check_out_dir(out: Path, run: dict[str, Any], overwrite: bool) -> bool:
             return False
         raise TrainError(
             f"out_dir {out}: holds files but no model of this trainer ({RUN_FILE}); give an "
-            "empty or new folder, or pass overwrite to train there anyway"
+            "empty or new folder, or pass --overwrite to train there anyway"
         )
     try:
         previous = json.loads(run_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise TrainError(f"{run_path}: unreadable ({e}); pass overwrite to start over") from None
+        raise TrainError(f"{run_path}: unreadable ({e}); pass --overwrite to start over") from None
     if overwrite:
         return False
     if previous.get("status") == STATUS_COMPLETE:
@@ -953,7 +953,7 @@ def _check_out_dir(out: Path, run: dict[str, Any], overwrite: bool) -> bool:
     if differs:
         raise TrainError(
             f"out_dir {out}: holds an unfinished run with other arguments ({', '.join(differs)} "
-            "differ); rerun it with the same arguments to resume, or pass overwrite to start over"
+            "differ); rerun it with the same arguments to resume, or pass --overwrite to start over"
         )
     return tf.train.latest_checkpoint(str(out / CHECKPOINTS_DIR)) is not None
 
