@@ -14,6 +14,8 @@ import pytest
 from pipeline import cli
 from pipeline.cli import main
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
@@ -146,3 +148,19 @@ def test_simulate_then_datagen_through_the_console_script(tmp_path: Path) -> Non
     )
     assert again.returncode == 2 and "--overwrite" in again.stderr
     assert json.loads((data / "summary.json").read_text())["rows"] == 3000
+
+
+def test_the_sample_query_fits_the_app_store_config() -> None:
+    """The query file the README ranks: every feature a column of the config, and every
+    column the model reads given, for the query or each candidate."""
+    from transform.config import load_config
+    from transform.examples import ExampleEncoder
+
+    config = load_config("app_store")
+    payload = json.loads((REPO / "examples" / "app_store_query.json").read_text())
+    columns = {f.column for f in config.features}
+    assert len(payload["candidates"]) > 1
+    for candidate in payload["candidates"]:
+        assert set(payload["query"]) | set(candidate) == columns
+    examples = ExampleEncoder(config).encode_query(payload["query"], payload["candidates"])
+    assert len(examples) == len(payload["candidates"])

@@ -79,6 +79,18 @@ def quantile_boundaries(summary: dict[str, Any]) -> dict[str, list[float] | None
     return {name: q.get("boundaries") for name, q in summary.get("quantiles", {}).items()}
 
 
+def transformed_batches(
+    data_dir: str | Path, split: str, feature_spec: dict[str, Any], batch_size: int = 8192
+) -> Any:
+    """A ``tf.data.Dataset`` of one split's transformed examples, parsed with
+    ``feature_spec`` (a part of ``TFTransformOutput.transformed_feature_spec()``), in batches
+    in file order."""
+    import tensorflow as tf
+
+    records = tf.data.TFRecordDataset(shards(data_dir, split), compression_type="GZIP")
+    return records.batch(batch_size).map(lambda batch: tf.io.parse_example(batch, feature_spec))
+
+
 def read_raw_eval_examples(
     data_dir: str | Path, limit: int | None = None, drop: str | None = None
 ) -> list[bytes]:

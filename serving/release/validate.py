@@ -261,8 +261,6 @@ def item_popularity(
     """
     import tensorflow_transform as tft
 
-    from trainer import data as data_lib
-
     item = config.item_feature
     if item is None:
         return None
@@ -270,14 +268,14 @@ def item_popularity(
     tft_output = tft.TFTransformOutput(str(data_dir))
     spec = tft_output.transformed_feature_spec()
     wanted = {item.name: spec[item.name], config.label: spec[config.label]}
-    files = artifacts.shards(data_dir, artifacts.TRAIN_DIR)
     size = int(tft_output.vocabulary_size_by_name(item.vocabulary)) + 1  # + the OOV id
     shown = np.zeros(size)
     liked = np.zeros(size)
-    for features, labels in data_lib.eval_dataset(files, wanted, config.label, 8192):
-        ids = features[item.name].numpy().ravel()
+    for batch in artifacts.transformed_batches(data_dir, artifacts.TRAIN_DIR, wanted):
+        ids = batch[item.name].numpy().ravel()
+        labels = batch[config.label].numpy().ravel().astype(np.float64)
         shown += np.bincount(ids, minlength=size)
-        liked += np.bincount(ids, weights=labels.numpy().ravel(), minlength=size)
+        liked += np.bincount(ids, weights=labels, minlength=size)
     rate = liked.sum() / max(shown.sum(), 1.0)
     scores = (liked + POPULARITY_PRIOR * rate) / (shown + POPULARITY_PRIOR)
     tokens = tft_output.vocabulary_by_name(item.vocabulary)
