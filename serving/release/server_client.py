@@ -11,19 +11,17 @@ once a version is AVAILABLE, UNAVAILABLE when loading failed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
 import grpc
-import numpy as np
 from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_service_pb2_grpc,
     prediction_service_pb2_grpc,
 )
 
-from transform.artifacts import PROBABILITIES_OUTPUT, predict_request
 from transform.errors import WidedeepError
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
@@ -158,13 +156,6 @@ class ModelServerClient:
         """Sends a ``PredictRequest`` for this model (its name is set here); the response."""
         request.model_spec.name = self.model_name
         return self._predictions.Predict(request, timeout=timeout_s)
-
-    def probabilities(self, examples: Sequence[bytes], timeout_s: float = 30.0) -> np.ndarray:
-        """The model's probabilities for serialized raw tf.Examples, through Predict."""
-        import tensorflow as tf
-
-        response = self.predict(predict_request(self.model_name, examples), timeout_s)
-        return tf.make_ndarray(response.outputs[PROBABILITIES_OUTPUT]).reshape(-1)
 
 
 def _state_names(states: dict[int, int]) -> dict[int, str]:
