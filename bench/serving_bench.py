@@ -119,9 +119,9 @@ def build_query(data: Path, config: Any) -> tuple[dict[str, Any], list[dict[str,
     """One eval user's query features and 200 distinct candidate apps of the eval split."""
     import tensorflow as tf
 
-    files = sorted(str(p) for p in (data / "eval_raw").glob("*.tfrecord.gz"))
-    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").take(50_000)
-    examples = [tf.train.Example.FromString(r.numpy()) for r in dataset]
+    from transform.artifacts import read_raw_eval_examples
+
+    examples = [tf.train.Example.FromString(r) for r in read_raw_eval_examples(data, 50_000)]
 
     def values(example: Any, name: str) -> list[Any]:
         feature = example.features.feature[name]
