@@ -164,3 +164,51 @@ def test_the_sample_query_fits_the_app_store_config() -> None:
         assert set(payload["query"]) | set(candidate) == columns
     examples = ExampleEncoder(config).encode_query(payload["query"], payload["candidates"])
     assert len(examples) == len(payload["candidates"])
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every `widedeep ...` command of the README's shell blocks, as argument lists."""
+    lines, block = [], False
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            block = line.strip() in ("```sh", "```bash")
+        elif block:
+            lines.append(line)
+    return _commands(lines)
+
+
+def _commands(lines: list[str]) -> list[list[str]]:
+    """The `widedeep ...` commands of shell lines (continued lines joined), as argument lists."""
+    import shlex
+
+    commands, pending = [], ""
+    for line in lines:
+        pending += line.rstrip("\\").strip() + " "
+        if line.endswith("\\"):
+            continue
+        try:
+            words, pending = shlex.split(pending, comments=True), ""
+        except ValueError:  # a quoted argument goes on on the next line (curl -d '{...')
+            continue
+        if "widedeep" in words:
+            words = words[words.index("widedeep") + 1 :]
+            for end in ("|", "&", "&&", ";"):
+                words = words[: words.index(end)] if end in words else words
+            commands.append([w for w in words if w != "&"])
+    return commands
+
+
+def test_every_documented_command_parses_as_written() -> None:
+    """The README's commands, and each verb's own examples, are accepted by the command line
+    they document."""
+    commands = _readme_commands()
+    assert len(commands) > 15
+    for v in cli.VERBS.values():
+        examples = _commands(v.examples.splitlines())
+        assert examples and all(argv[0] == v.name for argv in examples), v.name
+        commands += examples
+    parser = cli.build_parser()
+    for argv in commands:
+        args, extra = parser.parse_known_args(argv)
+        assert args.verb in cli.VERBS, argv
+        assert not extra or cli.VERBS[args.verb].passes_on_unknown, (argv, extra)
