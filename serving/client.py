@@ -59,7 +59,6 @@ from transform.config import Config, DataConfig, Kind
 from transform.errors import UsageError, WidedeepError
 from transform.examples import ExampleEncoder, as_int, json_text
 
-__all__ = ["ClientSettings", "ExampleEncoder", "Ranked", "RankingClient", "ScoringError"]
 REQUEST_KINDS = ("examples", "classify", "raw")
 """What a request carries: merged tf.Examples, a context example and the candidates' own
 examples (Classify), or raw values by column (the ``raw_features`` signature)."""
