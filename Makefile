@@ -25,11 +25,11 @@ demo: $(STAMP)
 	$(BIN)/widedeep run --config app_store --out $(DEMO_DIR) --days $(DEMO_DAYS) --rows-per-day $(DEMO_ROWS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline transform trainer serving tests bench
-	$(BIN)/ruff format --check pipeline transform trainer serving tests bench
+	$(BIN)/ruff check pipeline transform trainer serving tools tests bench
+	$(BIN)/ruff format --check pipeline transform trainer serving tools tests bench
 
 test: $(STAMP)
-	$(BIN)/ruff check pipeline transform trainer serving tests bench
+	$(BIN)/ruff check pipeline transform trainer serving tools tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The benchmarks' own packages (the public data set, the reference models): the bench extra.

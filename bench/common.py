@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,17 @@ from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 WORK = Path(__file__).parent / "out"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now, for a benchmark's reference server or REST port.
+
+    A benchmark may race another process for it; tests do not use this (their servers bind
+    port 0 and report the port they got).
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def machine() -> dict[str, Any]:

@@ -76,10 +76,12 @@ def bad_requests(model_name: str) -> list[tuple[str, str, Any]]:
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
 
+    from transform.artifacts import EXAMPLES_INPUT
+
     def predict(values: list[bytes], dims: list[int] | None = None) -> bytes:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model_name
-        tensor = request.inputs["examples"]
+        tensor = request.inputs[EXAMPLES_INPUT]
         tensor.dtype = tf.string.as_datatype_enum
         for size in dims if dims is not None else [len(values)]:
             tensor.tensor_shape.dim.add(size=size)

@@ -413,7 +413,7 @@ def log_examples(df: pd.DataFrame, columns: Sequence[str], config: Any = None) -
 
 def score_model(model_dir: Path, examples: Sequence[bytes]) -> np.ndarray:
     """Probabilities of raw examples from the exported SavedModel's serving signature."""
-    from serving.validate import score_in_process
+    from serving.release.validate import score_in_process
 
     return score_in_process(model_dir, examples)
 
@@ -566,7 +566,7 @@ def defaults_movielens(history: int) -> list[dict[str, Any]]:
 
 def gate_movielens() -> list[dict[str, Any]]:
     """``widedeep validate``'s quality check of each tower on its datagen eval split."""
-    from serving.validate import validate
+    from serving.release.validate import validate
     from transform.config import load_config
 
     rows = []
@@ -624,7 +624,7 @@ def seeds_movielens() -> list[dict[str, Any]]:
 
 def defaults_simulator(rows_per_day: int) -> list[dict[str, Any]]:
     """The same on the simulator: train on day 1, score day 2's impressions (a later day)."""
-    from pipeline.simulator import simulate
+    from tools.simulator import simulate
     from transform.config import load_config, preset_path
 
     sim = OUT / "sim"

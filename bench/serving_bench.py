@@ -37,8 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import WORK, machine, python_cmd, run_child, write_results
-from serving.process import ServerProcess, free_port
+from bench.common import WORK, free_port, machine, python_cmd, run_child, write_results
+from serving.release.server_process import ServerProcess
 
 MODEL_NAME = "app_ranker"
 CANDIDATES = 200
@@ -119,9 +119,9 @@ def build_query(data: Path, config: Any) -> tuple[dict[str, Any], list[dict[str,
     """One eval user's query features and 200 distinct candidate apps of the eval split."""
     import tensorflow as tf
 
-    files = sorted(str(p) for p in (data / "eval_raw").glob("*.tfrecord.gz"))
-    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").take(50_000)
-    examples = [tf.train.Example.FromString(r.numpy()) for r in dataset]
+    from transform.artifacts import read_raw_eval_examples
+
+    examples = [tf.train.Example.FromString(r) for r in read_raw_eval_examples(data, 50_000)]
 
     def values(example: Any, name: str) -> list[Any]:
         feature = example.features.feature[name]
@@ -169,8 +169,8 @@ def minimal_server(port: int, model_dir: str) -> None:
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
 
-    from serving.client import EXAMPLES_INPUT, PROBABILITIES_OUTPUT
     from serving.servable import tensor_proto_from_array
+    from transform.artifacts import EXAMPLES_INPUT, PROBABILITIES_OUTPUT
 
     function = tf.saved_model.load(model_dir).signatures["serving_default"]
 
@@ -238,7 +238,7 @@ def in_process_scorer(
     """Scores the examples with the SavedModel's signature in this process, batches at once."""
     import tensorflow as tf
 
-    from serving.client import EXAMPLES_INPUT, PROBABILITIES_OUTPUT
+    from transform.artifacts import EXAMPLES_INPUT, PROBABILITIES_OUTPUT
 
     batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
 

@@ -77,10 +77,12 @@ def stage_copy(export: Path, base: Path, version: int, broken: bool = False) -> 
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(export, staging)
     if broken:
+        import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-        path = staging / "assets.extra" / "tf_serving_warmup_requests"
-        import tensorflow as tf
+        from transform.artifacts import warmup_path
+
+        path = warmup_path(staging)
 
         records = [r.numpy() for r in tf.data.TFRecordDataset(str(path))]
         request = predict_pb2.PredictRequest()
@@ -297,29 +299,17 @@ def main() -> None:
         write_results("swap", data, markdown(data))
         return
 
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2
-
     from bench.serving_bench import prepare_model, start_server
+    from transform.artifacts import predict_request, read_raw_eval_examples
 
     load_before = load_average()
     say(f"load average {load_before}")
     data_dir, model, _ = prepare_model(args.rows, WORK, args.reuse)
     export = model / "export"
-    files = sorted(str(p) for p in (data_dir / "eval_raw").glob("*.tfrecord.gz"))
-    examples = []
-    for record in tf.data.TFRecordDataset(files, compression_type="GZIP").take(BATCH * 20):
-        example = tf.train.Example.FromString(record.numpy())
-        del example.features.feature["installed"]  # the label
-        examples.append(example.SerializeToString())
-    requests = []
-    for i in range(0, len(examples), BATCH):
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = MODEL_NAME
-        request.inputs["examples"].CopyFrom(
-            tf.make_tensor_proto(examples[i : i + BATCH], dtype=tf.string)
-        )
-        requests.append(request)
+    examples = read_raw_eval_examples(data_dir, BATCH * 20, drop="installed")  # the label
+    requests = [
+        predict_request(MODEL_NAME, examples[i : i + BATCH]) for i in range(0, len(examples), BATCH)
+    ]
 
     modes = {m: MODES[m] for m in args.modes.split(",")}
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}

@@ -2,7 +2,7 @@
 
 Simulates a few days of the app store, runs datagen on all but the last, trains wide, deep and
 wide & deep from the same config, scores the last day's logged rows offline and runs an A/B
-test on the day after (see :mod:`pipeline.experiment`). Results go to
+test on the day after (see :mod:`tools.experiment`). Results go to
 ``bench/results/table1.{json,md,png}``.
 
     python bench/table1.py [--days 4] [--rows-per-day 350000] [--queries 40000] [--k 3 1]
@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common
-from pipeline.experiment import (
+from tools.experiment import (
     CONTROL,
     ORACLE,
     RANDOM,

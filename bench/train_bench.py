@@ -63,7 +63,7 @@ BENCH_DIR = WORK / "train"
 
 
 def _child_simulate(args: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.simulator import simulate
+    from tools.simulator import simulate
 
     started = time.monotonic()
     simulate(args["out"], days=2, rows_per_day=args["rows_per_day"], seed=args["seed"])

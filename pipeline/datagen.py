@@ -5,12 +5,7 @@ Impression logs in, training data out: vocabularies of every categorical feature
 cross-product transformations, a deterministic train/eval split, the transform graph, the raw
 schema, gzipped transformed TFRecords and a summary.
 
-Output layout (``out_dir``)::
-
-    transform_fn/  transformed_metadata/  metadata/   the tf.Transform output (graph, schemas)
-    train/part-*.tfrecord.gz  eval/part-*.tfrecord.gz transformed tf.Examples
-    eval_raw/part-*.tfrecord.gz                       the eval split's raw tf.Examples
-    config.yaml  summary.json  summary.txt            the config used and what the run saw
+Its output layout is the datagen-output contract of :mod:`transform.artifacts`.
 
 The job is built by :func:`build_pipeline`, a pure factory; :func:`run_datagen` adds the
 checks, the runner and the output folder handling. Any Beam runner works: the pipeline has no
@@ -38,23 +33,24 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline import sources
 from pipeline.sources import InputFiles, InputFormat
 from pipeline.tfrecords import WriteFramedTFRecords, frame_records
+from transform.artifacts import (
+    CONFIG_YAML,
+    EVAL_DIR,
+    EVAL_RAW_DIR,
+    RAW_METADATA_DIR,
+    SHARD_PREFIX,
+    SHARD_SUFFIX,
+    SUMMARY_JSON,
+    SUMMARY_TXT,
+    TRAIN_DIR,
+)
 from transform.config import Config
+from transform.errors import OutputExistsError
 from transform.paths import locked, remove_leftovers
 
 log = logging.getLogger(__name__)
 
-SUMMARY_JSON = "summary.json"
-SUMMARY_TXT = "summary.txt"
-CONFIG_YAML = "config.yaml"
-TRAIN_DIR = "train"
-EVAL_DIR = "eval"
-EVAL_RAW_DIR = "eval_raw"
-SHARD_SUFFIX = ".tfrecord.gz"
 _STATS_NAME = "_stats"
-
-
-class OutputExistsError(FileExistsError):
-    """The output folder already holds results and ``overwrite`` was not given."""
 
 
 @dataclass(frozen=True)
@@ -238,7 +234,7 @@ def build_pipeline(
             data
             | f"Encode{step}Examples" >> beam.Map(_encode)
             | f"Write{step}TFRecords"
-            >> WriteFramedTFRecords(os.path.join(out_dir, name, "part"), SHARD_SUFFIX)
+            >> WriteFramedTFRecords(os.path.join(out_dir, name, SHARD_PREFIX), SHARD_SUFFIX)
         )
     _ = (
         split[_STATS_NAME]
@@ -369,7 +365,7 @@ def _run_locked(
         shutil.rmtree(temp_dir, ignore_errors=True)
         metadata_io.write_metadata(
             dataset_metadata.DatasetMetadata(raw_schema(config, int_columns=files.int_columns)),
-            str(partial / "metadata"),
+            str(partial / RAW_METADATA_DIR),
         )
         (partial / CONFIG_YAML).write_text(config.to_yaml())
         summary = summarize(config, files, partial, time.monotonic() - started)

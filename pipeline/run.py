@@ -36,13 +36,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transform import artifacts
 from transform.config import Config
+from transform.errors import UsageError
 from transform.paths import remove_paths
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "run.json"
-CONFIG_FILE = "config.yaml"
+"""The run's own state (another file than a model folder's ``run.json``, see
+:data:`transform.artifacts.TRAINING_STATE_FILE`)."""
+CONFIG_FILE = artifacts.CONFIG_YAML
 LOGS_DIR = "logs"
 DATA_DIR = "data"
 MODELS_DIR = "models"
@@ -59,7 +63,7 @@ SAMPLE_ROWS = 20_000
 SERVER_LOAD_TIMEOUT_S = 300.0
 
 
-class RunError(ValueError):
+class RunError(UsageError):
     """A run that cannot start or continue as asked; the message says why."""
 
 
@@ -409,7 +413,7 @@ class _Run:
         return result
 
     def simulate(self) -> None:
-        from pipeline.simulator import simulate
+        from tools.simulator import simulate
 
         days = self.options.days or 1
         logs = self.out / LOGS_DIR
@@ -454,8 +458,8 @@ class _Run:
 
     def day(self, d: int, previous: dict[str, int] | None) -> DayResult:
         from pipeline.datagen import run_datagen
-        from serving.deploy import deploy, export_dir, fingerprint, versions
-        from serving.validate import format_verdict, validate
+        from serving.release.deploy import deploy, fingerprint
+        from serving.release.validate import format_verdict, validate
         from trainer.train import train
 
         tag = f"day {d}"
@@ -476,8 +480,8 @@ class _Run:
             s = result.summary
             return {
                 "rows": s["rows"],
-                "train_rows": s["splits"]["train"]["rows"],
-                "eval_rows": s["splits"]["eval"]["rows"],
+                "train_rows": s["splits"][artifacts.TRAIN_DIR]["rows"],
+                "eval_rows": s["splits"][artifacts.EVAL_DIR]["rows"],
                 "vocabularies": {k: v["size"] for k, v in s["vocabularies"].items()},
             }
 
@@ -496,13 +500,9 @@ class _Run:
         warm_from = served["model"] if served else None
 
         def train_stage() -> dict[str, Any]:
-            from trainer.train import METRICS_FILE, RUN_FILE
-
-            run_file = model / RUN_FILE
-            finished = (
-                run_file.exists() and json.loads(run_file.read_text()).get("status") == "complete"
-            )
-            if not finished:  # else an earlier attempt finished it just before being stopped
+            if not artifacts.training_complete(
+                model
+            ):  # else an earlier attempt finished it just before being stopped
                 train(
                     self.config,
                     data,
@@ -511,11 +511,10 @@ class _Run:
                     epochs=self.options.epochs,
                     verbose=verbose,
                 )
-            metrics = json.loads((model / METRICS_FILE).read_text())
+            metrics = artifacts.read_metrics(model)
             carried = new = 0
-            warm_file = model / "warm_start.json"
-            if warm_from and warm_file.exists():
-                report = json.loads(warm_file.read_text())
+            report = artifacts.read_json(model / artifacts.WARM_START_FILE)
+            if warm_from and report:
                 for rows in report.get("rows", {}).values():
                     carried += rows["carried"]
                     new += rows["new"]
@@ -546,7 +545,7 @@ class _Run:
         )
 
         def validate_stage() -> dict[str, Any]:
-            verdict = validate(model, data, self.config, model_base_path=self.base)
+            verdict = validate(model, data, self.config, models_dir=self.base)
             if verbose:
                 self.echo(format_verdict(verdict))
             return {
@@ -574,11 +573,11 @@ class _Run:
 
             def deploy_stage() -> dict[str, Any]:
                 name = self.config.model_name
-                existing = versions(self.base, name)
+                existing = artifacts.versions(self.base, name)
                 # Deployed just before an earlier attempt was stopped: do not copy it again.
-                if existing and fingerprint(self.base / name / str(existing[-1])) == fingerprint(
-                    export_dir(model)
-                ):
+                if existing and fingerprint(
+                    artifacts.version_dir(self.base, name, existing[-1])
+                ) == fingerprint(artifacts.export_dir(model)):
                     version = existing[-1]
                 else:
                     server = self.server.target if self.server else None
@@ -624,7 +623,7 @@ class _Run:
 
     def ensure_server(self, version: int | None) -> None:
         """Starts the model server over the base path (once) and waits for ``version``."""
-        from serving.process import ServerProcess
+        from serving.release.server_process import ServerProcess
 
         if self.server is not None:
             return
@@ -755,7 +754,7 @@ def run(
         if r.probe is not None:
             r.probe.stop()
         ranking = _final_query(r, served)
-        metrics = json.loads((Path(served["model"]) / "metrics.json").read_text())
+        metrics = artifacts.read_metrics(served["model"])
         result = RunResult(
             out_dir=out,
             days=days,

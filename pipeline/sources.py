@@ -31,6 +31,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from transform.config import Config, DType, Feature, Kind
+from transform.errors import UsageError
 
 # A split key hashes into this many slots; eval_fraction of them go to eval.
 _SPLIT_SLOTS = 1_000_000
@@ -38,7 +39,7 @@ _SPLIT_SLOTS = 1_000_000
 _TFRECORD_PROBE_RECORDS = 1000
 
 
-class InputError(ValueError):
+class InputError(UsageError):
     """Input that cannot be read as the config describes; the message names file and column."""
 
 

@@ -46,14 +46,19 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from transform.config import Config, DataConfig, DType, Kind
+from transform.artifacts import (
+    CLASSIFY_SIGNATURE,
+    EXAMPLES_INPUT,
+    POSITIVE_CLASS,
+    PROBABILITIES_OUTPUT,
+    RAW_SIGNATURE,
+    SERVING_SIGNATURE,
+    predict_request,
+)
+from transform.config import Config, DataConfig, Kind
+from transform.errors import UsageError, WidedeepError
+from transform.examples import ExampleEncoder, as_int, json_text
 
-EXAMPLES_INPUT = "examples"
-PROBABILITIES_OUTPUT = "probabilities"
-SERVING_SIGNATURE = "serving_default"
-CLASSIFY_SIGNATURE = "classification"
-RAW_SIGNATURE = "raw_features"
-POSITIVE_CLASS = "1"
 REQUEST_KINDS = ("examples", "classify", "raw")
 """What a request carries: merged tf.Examples, a context example and the candidates' own
 examples (Classify), or raw values by column (the ``raw_features`` signature)."""
@@ -61,7 +66,7 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _KIND_OF_DTYPE = {types_pb2.DT_INT64: "int64", types_pb2.DT_FLOAT: "float"}
 
 
-class ScoringError(RuntimeError):
+class ScoringError(WidedeepError, RuntimeError):
     """A request the server refused, that could not reach it or not finish within its deadline."""
 
 
@@ -93,7 +98,7 @@ class ClientSettings:
 
     def __post_init__(self) -> None:
         if self.request not in REQUEST_KINDS:
-            raise ValueError(
+            raise UsageError(
                 f"request: expected one of {', '.join(REQUEST_KINDS)}, got {self.request!r}"
             )
 
@@ -118,134 +123,6 @@ class Ranked:
     candidate: Mapping[str, Any]
 
 
-class ExampleEncoder:
-    """Builds tf.Examples of raw features, typed as the model parses them.
-
-    ``types`` (column -> ``int64``, ``float`` or ``bytes``: the model's types, see
-    :func:`kinds_of_inputs`) win; else the config's types (numbers of numeric features are
-    floats, ids follow the feature's dtype); else the Python values' (str is bytes, int is
-    int64, float is float). A whole float for an int64 column is sent as an int; a fraction is
-    refused, naming the column.
-    """
-
-    def __init__(self, config: Config | None = None, types: Mapping[str, str] | None = None):
-        self._kinds: dict[str, str] = {}
-        if config is not None:
-            for f in config.features:
-                if f.kind is Kind.NUMERIC:
-                    self._kinds[f.column] = "float"
-                else:
-                    self._kinds[f.column] = "bytes" if f.dtype is DType.STRING else "int64"
-        self._kinds.update(types or {})
-
-    def kind(self, name: str, values: list[Any]) -> str:
-        """How a column's values are encoded: ``int64``, ``float`` or ``bytes``."""
-        return self._kinds.get(name) or _kind_of(values)
-
-    def feature(self, name: str, value: Any) -> tf.train.Feature:
-        """One tf.train.Feature of a raw value or list of values."""
-        values = list(value) if isinstance(value, list | tuple) else [value]
-        kind = self.kind(name, values)
-        try:
-            if kind == "float":
-                return tf.train.Feature(
-                    float_list=tf.train.FloatList(value=[float(v) for v in values])
-                )
-            if kind == "int64":
-                return tf.train.Feature(
-                    int64_list=tf.train.Int64List(value=[_as_int(v) for v in values])
-                )
-            return tf.train.Feature(
-                bytes_list=tf.train.BytesList(
-                    value=[v if isinstance(v, bytes) else str(v).encode() for v in values]
-                )
-            )
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"feature {name!r}: cannot encode {value!r} as {kind}: {e}") from None
-
-    def json_value(self, name: str, value: Any) -> Any:
-        """A raw value (or list) as the JSON TF Serving's REST API turns into this feature.
-
-        REST builds a tf.Example from JSON types: an integer is int64, a number with a decimal
-        point float, a string bytes (``{"b64": ...}`` when it is not UTF-8 text).
-        """
-        values = list(value) if isinstance(value, list | tuple) else [value]
-        kind = self.kind(name, values)
-        try:
-            if kind == "float":
-                out: list[Any] = [float(v) for v in values]
-            elif kind == "int64":
-                out = [_as_int(v) for v in values]
-            else:
-                out = [_json_text(v if isinstance(v, bytes) else str(v).encode()) for v in values]
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"feature {name!r}: cannot encode {value!r} as {kind}: {e}") from None
-        return out if isinstance(value, list | tuple) else out[0]
-
-    def json_features(self, features: Mapping[str, Any]) -> dict[str, Any]:
-        """A mapping of raw values as a JSON example of TF Serving's REST classify API."""
-        return {k: self.json_value(k, v) for k, v in features.items() if v is not None}
-
-    def encode(self, features: Mapping[str, Any]) -> bytes:
-        """A serialized tf.Example of a mapping of feature name to value(s)."""
-        feats = {k: self.feature(k, v) for k, v in features.items() if v is not None}
-        return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
-
-    def encode_query(
-        self, query: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]
-    ) -> list[bytes]:
-        """One example per candidate: the query's features merged with the candidate's.
-
-        The query's features are serialized once: a serialized `Features` is a list of map
-        entries, so the query's entries followed by the candidate's, wrapped as the Example's
-        field 1, are the merged Example. A candidate that repeats a query feature is merged
-        feature by feature instead (its own value wins).
-        """
-        base = {k: self.feature(k, v) for k, v in query.items() if v is not None}
-        base_bytes = tf.train.Features(feature=base).SerializeToString()
-        out = []
-        for candidate in candidates:
-            own = {k: self.feature(k, v) for k, v in candidate.items() if v is not None}
-            if own.keys() & base.keys():
-                feats = dict(base)
-                feats.update(own)
-                body = tf.train.Features(feature=feats).SerializeToString()
-            else:
-                body = base_bytes + tf.train.Features(feature=own).SerializeToString()
-            out.append(_EXAMPLE_FEATURES_TAG + _varint(len(body)) + body)
-        return out
-
-
-# Example.features is field 1, length-delimited: tag (1 << 3) | 2.
-_EXAMPLE_FEATURES_TAG = b"\x0a"
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _as_int(value: Any) -> int:
-    if isinstance(value, float | np.floating) and not (
-        np.isfinite(value) and float(value).is_integer()
-    ):
-        raise ValueError(
-            f"the model takes whole numbers (int64, as its log typed them), got {value!r}"
-        )
-    return int(value)
-
-
-def _json_text(value: bytes) -> Any:
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return {"b64": base64.b64encode(value).decode("ascii")}
-
-
 def kinds_of_inputs(inputs: Mapping[str, int]) -> dict[str, str]:
     """The tf.Example types of a model's columns, from its ``raw_features`` signature inputs
     (name -> DataType enum): an int64 input is an int64 feature, a float input a float one.
@@ -264,14 +141,6 @@ def saved_model_input_types(path: str | Path) -> dict[str, str] | None:
     if signature is None:
         return None
     return kinds_of_inputs({name: info.dtype for name, info in signature.inputs.items()})
-
-
-def _kind_of(values: list[Any]) -> str:
-    if values and all(isinstance(v, bool | int | np.integer) for v in values):
-        return "int64"
-    if values and all(isinstance(v, float | int | np.floating | np.integer) for v in values):
-        return "float"
-    return "bytes"
 
 
 REST_SCHEMES = ("http", "https")
@@ -308,9 +177,9 @@ class Endpoint:
             try:
                 port = parts.port
             except ValueError:
-                raise ValueError(f"--server: bad port in {target!r}") from None
+                raise UsageError(f"--server: bad port in {target!r}") from None
             if not parts.hostname or parts.query or parts.fragment:
-                raise ValueError(
+                raise UsageError(
                     f"--server: expected http://HOST:PORT (the REST API), got {target!r}"
                 )
             tls = scheme == "https"
@@ -325,12 +194,12 @@ class Endpoint:
         if scheme == "grpc":
             text = text[len(GRPC_SCHEME_PREFIX) :]
         elif scheme and scheme not in GRPC_RESOLVER_SCHEMES:
-            raise ValueError(
+            raise UsageError(
                 f"--server: unknown scheme {scheme!r} in {target!r}; expected HOST:PORT (gRPC) "
                 "or http://HOST:PORT (REST)"
             )
         if not text:
-            raise ValueError("--server: expected HOST:PORT (gRPC) or http://HOST:PORT (REST)")
+            raise UsageError("--server: expected HOST:PORT (gRPC) or http://HOST:PORT (REST)")
         return cls(api="grpc", target=text)
 
     def __str__(self) -> str:
@@ -395,14 +264,12 @@ class _GrpcTransport:
             request.model_spec.version.value = self._version
 
     def request(self, examples: Sequence[bytes]) -> predict_pb2.PredictRequest:
-        request = predict_pb2.PredictRequest()
-        self._spec(request, self._settings.signature_name)
-        # What tf.make_tensor_proto writes for a list of bytes, without its per-value checks.
-        tensor = request.inputs[EXAMPLES_INPUT]
-        tensor.dtype = types_pb2.DT_STRING
-        tensor.tensor_shape.dim.add(size=len(examples))
-        tensor.string_val.extend(examples)
-        return request
+        return predict_request(
+            self._model_name,
+            examples,
+            signature_name=self._settings.signature_name,
+            version=self._version,
+        )
 
     def examples_payload(self, examples: Sequence[bytes]) -> Any:
         return (self._stub.Predict, self.request(examples), _probabilities)
@@ -555,7 +422,7 @@ class _RestTransport:
 
     def raw_payload(self, columns: Mapping[str, tuple[list[Any], int]], count: int) -> Any:
         inputs = {
-            name: [_json_text(v) if isinstance(v, bytes) else v for v in values]
+            name: [json_text(v) if isinstance(v, bytes) else v for v in values]
             for name, (values, _) in columns.items()
         }
         # NaN (a missing float) is written as the bare NaN TF Serving's JSON parser accepts.
@@ -888,7 +755,7 @@ class RankingClient:
                     texts = [v if isinstance(v, bytes) else str(v).encode() for v in items]
                     delimiter = self._list_delimiter.encode()
                     if any(delimiter in t for t in texts):
-                        raise ValueError(
+                        raise UsageError(
                             f"a value holds the list delimiter {self._list_delimiter!r}"
                         )
                     return delimiter.join(texts)
@@ -899,14 +766,14 @@ class RankingClient:
                 if value is None:
                     value = self._defaults.get(name)
                 if value is None:
-                    raise ValueError(
+                    raise UsageError(
                         "no value, and an integer input has no missing value: give it one, or "
                         "a config whose feature has a default"
                     )
-                return _as_int(value)
+                return as_int(value)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"column {name!r} of {whose}: {e}") from None
-        raise ValueError(
+            raise UsageError(f"column {name!r} of {whose}: {e}") from None
+        raise UsageError(
             f"column {name!r}: the {RAW_SIGNATURE!r} input has type "
             f"{types_pb2.DataType.Name(dtype)}, which this client does not send"
         )

@@ -36,10 +36,10 @@ from serving.errors import (
 )
 from serving.metrics import Metrics
 from serving.servable import Servable, ServableOptions
+from transform.artifacts import TENSORFLOW_PLATFORM
 
 log = logging.getLogger(__name__)
 
-TENSORFLOW_PLATFORM = "tensorflow"
 _VERSION_DIR = re.compile(r"\d+", re.ASCII)
 
 Loader = Callable[[str, int, Path], Servable]
@@ -127,16 +127,6 @@ class _Routes:
     versions: Mapping[int, Servable]
     latest: Servable | None
     labels: Mapping[str, int]
-
-
-def single_model_config(name: str, base_path: str) -> model_server_config_pb2.ModelServerConfig:
-    """The config TF Serving builds from `--model_name` and `--model_base_path`."""
-    config = model_server_config_pb2.ModelServerConfig()
-    model = config.model_config_list.config.add()
-    model.name = name
-    model.base_path = base_path
-    model.model_platform = TENSORFLOW_PLATFORM
-    return config
 
 
 def validate_config(config: model_server_config_pb2.ModelServerConfig) -> None:

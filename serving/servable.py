@@ -40,20 +40,26 @@ from serving.errors import (
     not_found,
 )
 from serving.limits import VALUE_FIELDS, tensor_bytes
+from transform.artifacts import (
+    CLASSES_OUTPUT,
+    CLASSIFY_INPUT,
+    SCORES_OUTPUT,
+    SERVING_SIGNATURE,
+    warmup_path,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIGNATURE = "serving_default"
+# TF Serving's own names, which the exported models follow (see transform.artifacts).
+DEFAULT_SIGNATURE = SERVING_SIGNATURE
+CLASSIFY_INPUTS = CLASSIFY_INPUT
+CLASSIFY_CLASSES = CLASSES_OUTPUT
+CLASSIFY_SCORES = SCORES_OUTPUT
 PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
-CLASSIFY_INPUTS = "inputs"
-CLASSIFY_CLASSES = "classes"
-CLASSIFY_SCORES = "scores"
 REGRESS_INPUTS = "inputs"
 REGRESS_OUTPUTS = "outputs"
-WARMUP_DIR = "assets.extra"
-WARMUP_FILE = "tf_serving_warmup_requests"
 WARMUP_MAX_RECORDS = 1000
 
 
@@ -464,7 +470,7 @@ class Servable:
         Any failing record fails the load, as in TF Serving: a version that cannot answer its
         own warmup requests must not start serving.
         """
-        path = self.path / WARMUP_DIR / WARMUP_FILE
+        path = warmup_path(self.path)
         if not path.is_file():
             return 0
         count = 0

@@ -14,6 +14,7 @@ import gc
 import logging
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,15 +26,16 @@ import grpc
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving import limits, tfserving
+from serving import flags, limits, tfserving
 from serving.api import ServingApi
 from serving.errors import ServingError
 from serving.grpc_api import service_handlers
 from serving.limits import RequestLimits
 from serving.metrics import PROMETHEUS_PATH, Metrics
-from serving.models import ManagerSettings, ModelManager, single_model_config
+from serving.models import ManagerSettings, ModelManager
 from serving.rest import RestApi, RestServer
 from serving.servable import ServableOptions
+from transform.artifacts import model_server_config
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +131,7 @@ def load_model_server_config(settings: ServerSettings) -> model_server_config_pb
             "Both server_options.model_base_path and server_options.model_config_file are empty!"
         )
     base_path = str(Path(settings.model_base_path).absolute())
-    return single_model_config(settings.model_name, base_path)
+    return model_server_config(settings.model_name, base_path)
 
 
 def parse_model_config_file(path: Path) -> model_server_config_pb2.ModelServerConfig:
@@ -395,29 +397,6 @@ class ModelServer:
 # Command line
 
 
-def _flag_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "t"):
-        return True
-    if lowered in ("0", "false", "no", "f"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def parse_channel_arguments(text: str) -> tuple[tuple[str, int | str], ...]:
-    """Parse `--grpc_channel_arguments` ("key=value,key=value"; int values become ints)."""
-    arguments: list[tuple[str, int | str]] = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, separator, value = item.partition("=")
-        if not separator or not key:
-            raise argparse.ArgumentTypeError(f"expected key=value, got {item!r}")
-        try:
-            arguments.append((key.strip(), int(value)))
-        except ValueError:
-            arguments.append((key.strip(), value.strip()))
-    return tuple(arguments)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `tensorflow_model_server`, for the flags this server implements."""
     parser = argparse.ArgumentParser(
@@ -426,84 +405,29 @@ def build_parser() -> argparse.ArgumentParser:
             "Serve SavedModels over TensorFlow Serving's gRPC and REST APIs, with "
             "tensorflow_model_server's flags."
         ),
-        epilog=(
-            "examples:\n"
-            "  widedeep serve --port=8500 --rest_api_port=8501 --model_name=ranker "
-            "--model_base_path=/models/ranker\n"
-            "  widedeep serve --port=8500 --model_config_file=/models/models.config "
-            "--model_config_file_poll_wait_seconds=30\n"
-            "  widedeep serve --port=8500 --model_base_path=/models/ranker "
-            "--allow_reload_config --model_base_path_roots=/models\n"
-            "\n"
-            "Requests are at most 64 MiB (grpc.max_receive_message_length in "
-            "--grpc_channel_arguments sets it for both APIs); what they take in memory is "
-            "bounded by --max_request_tensor_bytes and --max_in_flight_bytes. "
-            "HandleReloadConfigRequest is refused unless --allow_reload_config."
-        ),
+        epilog="examples:\n" + textwrap.indent(flags.SERVE_EXAMPLES, "  "),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    flag = parser.add_argument
-    flag("--port", type=int, default=8500, help="gRPC port (0 picks a free one)")
-    flag("--rest_api_port", type=int, default=0, help="REST port; 0 (default) serves no REST")
-    flag("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    flag("--model_name", default="default", help="name of the model served from the base path")
-    flag("--model_base_path", default="", help="folder of numbered SavedModel versions")
-    flag("--model_config_file", default="", help="text ModelServerConfig naming the models")
-    flag("--model_config_file_poll_wait_seconds", type=int, default=0,
-         help="re-read the model config file this often (0: never)")  # fmt: skip
-    flag("--file_system_poll_wait_seconds", type=int, default=1,
-         help="look for new versions this often")  # fmt: skip
-    flag("--max_num_load_retries", type=int, default=5)
-    flag("--load_retry_interval_micros", type=int, default=60_000_000)
-    flag("--num_load_threads", type=int, default=2)
-    flag("--grpc_max_threads", type=int, default=8)
-    flag("--grpc_channel_arguments", type=parse_channel_arguments, default=(),
-         help='e.g. "grpc.max_receive_message_length=4194304"')  # fmt: skip
-    flag("--saved_model_tags", default="serve")
-    flag("--tensorflow_intra_op_parallelism", type=int, default=0,
-         help="threads one TensorFlow op may use (0: TensorFlow's choice)")  # fmt: skip
-    flag("--tensorflow_inter_op_parallelism", type=int, default=0,
-         help="TensorFlow ops run at once (0: TensorFlow's choice)")  # fmt: skip
-    flag("--rest_api_num_threads", type=int, default=limits.default_rest_api_num_threads(),
-         help="REST requests answered at once (default: 4 per CPU)")  # fmt: skip
-    flag("--rest_api_timeout_in_ms", type=int, default=30_000,
-         help="how long a REST connection may stall (default 30000)")  # fmt: skip
-    flag("--max_request_tensor_bytes", type=int, default=limits.DEFAULT_MAX_REQUEST_TENSOR_BYTES,
-         help="bytes one request's tensors may take once expanded to their declared shapes "
-         f"(default {limits.DEFAULT_MAX_REQUEST_TENSOR_BYTES})")  # fmt: skip
-    flag("--max_in_flight_bytes", type=int, default=limits.DEFAULT_MAX_IN_FLIGHT_BYTES,
-         help="bytes of all requests being answered at once; more wait, then get "
-         f"RESOURCE_EXHAUSTED (default {limits.DEFAULT_MAX_IN_FLIGHT_BYTES})")  # fmt: skip
-    flag("--in_flight_wait_in_ms", type=int,
-         default=int(limits.DEFAULT_IN_FLIGHT_WAIT_SECONDS * 1000),
-         help="how long a request waits for room among those in flight")  # fmt: skip
-    flag("--model_base_path_roots", default="",
-         help="comma-separated folders every model base path must be under")  # fmt: skip
-    flag("--monitoring_config_file", default="",
-         help="MonitoringConfig text proto: whether and where (on the REST port) Prometheus "
-         f"metrics are exposed (default: at {PROMETHEUS_PATH})")  # fmt: skip
-    flag("--batching_parameters_file", default="",
-         help="BatchingParameters text proto; checked, and applied by "
-         "tensorflow_model_server only (see --enable_batching)")  # fmt: skip
-    for name, default, text in (
-        ("enable_model_warmup", True, None),
-        ("allow_version_labels_for_unavailable_models", False, None),
-        ("enable_signature_method_name_check", False, None),
-        ("allow_reload_config", False,
-         "let clients change the served models with HandleReloadConfigRequest"),
-        ("enable_batching", False,
-         "TF Serving's server-side batching: accepted so one command line serves with either "
-         "server; the built-in server runs each request as it arrives"),
-        ("background_model_load", True,
-         "load and warm up new versions at a lower priority than requests (true by default)"),
-    ):  # fmt: skip
-        flag(f"--{name}", type=_flag_bool, nargs="?", const=True, default=default, help=text)
+    flags.add_server_arguments(parser)
     return parser
 
 
 def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
     """ServerSettings from `tensorflow_model_server`-style arguments."""
-    args = build_parser().parse_args(argv)
+    return settings_from_namespace(build_parser().parse_args(argv))
+
+
+def settings_from_namespace(args: argparse.Namespace) -> ServerSettings:
+    """ServerSettings from parsed :func:`serving.flags.add_server_arguments` flags."""
+    defaults = ServerSettings()
+    for name, default in (
+        ("rest_api_num_threads", defaults.rest_api_num_threads),
+        ("max_request_tensor_bytes", defaults.max_request_tensor_bytes),
+        ("max_in_flight_bytes", defaults.max_in_flight_bytes),
+        ("in_flight_wait_in_ms", int(defaults.in_flight_wait_seconds * 1000)),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if not args.model_config_file and not args.model_base_path:
         raise ValueError(
             "Both server_options.model_base_path and server_options.model_config_file are empty!"

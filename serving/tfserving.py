@@ -1,7 +1,8 @@
 """Running the real ``tensorflow_model_server`` when it is installed, and its config files.
 
-``widedeep serve`` prefers the real binary (production, the ``tensorflow/serving`` image in
-``docker/``) and falls back to the built-in server, which speaks the same API. Both read the
+``widedeep serve`` (:mod:`serving.command`) prefers the real binary (production, the
+``tensorflow/serving`` image in ``docker/``) and falls back to the built-in server, which
+speaks the same API. Both read the
 same model config file, written here with TF Serving's own protos, and the same monitoring
 config and batching parameters files (text protos whose messages the pip package does not
 ship: they are declared here with TF Serving's field names and numbers, so a file either
@@ -26,25 +27,15 @@ from google.protobuf import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
+from serving.flags import BUILTIN_FLAG, tf_serving_spelling
+from transform.artifacts import model_server_config
+
 BINARY = "tensorflow_model_server"
 
 
 def find_binary() -> str | None:
     """Path of ``tensorflow_model_server`` on PATH, if any."""
     return shutil.which(BINARY)
-
-
-def model_server_config(
-    model_name: str, base_path: str, num_versions: int = 1
-) -> model_server_config_pb2.ModelServerConfig:
-    """The ModelServerConfig serving the latest ``num_versions`` of one model."""
-    config = model_server_config_pb2.ModelServerConfig()
-    model = config.model_config_list.config.add()
-    model.name = model_name
-    model.base_path = base_path
-    model.model_platform = "tensorflow"
-    model.model_version_policy.latest.num_versions = num_versions
-    return config
 
 
 def write_model_config_file(
@@ -164,11 +155,11 @@ def binary_argv(binary: str, argv: Sequence[str]) -> list[str]:
     server knows are left out (the real binary would refuse to start); see
     :func:`builtin_only_flags`.
     """
-    args = _drop_flags(argv, BUILTIN_ONLY_FLAGS)
+    args = _drop_flags(tf_serving_spelling(argv), (*BUILTIN_ONLY_FLAGS, BUILTIN_FLAG))
     name = _flag(args, "--model_name")
     base = _flag(args, "--model_base_path")
     if base is not None and _flag(args, "--model_config_file") is None:
-        config = model_server_config(name or "default", str(Path(base).absolute()))
+        config = model_server_config(name or "default", str(Path(base).absolute()), num_versions=1)
         folder = Path(tempfile.mkdtemp(prefix="widedeep-serve-"))
         path = write_model_config_file(folder / "models.config", config)
         args = _drop_values(args, ("--model_name", "--model_base_path"))
@@ -203,7 +194,7 @@ def _drop_values(args: Sequence[str], names: tuple[str, ...]) -> list[str]:
 
 def builtin_only_flags(argv: Sequence[str]) -> list[str]:
     """The arguments in ``argv`` that only the built-in server understands."""
-    return [a for a in argv if a.split("=", 1)[0] in BUILTIN_ONLY_FLAGS]
+    return [a for a in tf_serving_spelling(argv) if a.split("=", 1)[0] in BUILTIN_ONLY_FLAGS]
 
 
 def _drop_flags(args: Sequence[str], names: tuple[str, ...]) -> list[str]:

@@ -129,6 +129,15 @@ def test_duplicate_keys_are_refused() -> None:
         parse_config(text)
 
 
+def test_a_removed_setting_still_loads_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A config written when data.shard_rows existed (a model's saved config.yaml too) loads."""
+    with caplog.at_level("WARNING", logger="transform.config"):
+        config = parse_config(BASE + "data: {shard_rows: 200000, eval_fraction: 0.2}\n")
+    assert config.data.eval_fraction == 0.2 and not hasattr(config.data, "shard_rows")
+    assert "data.shard_rows is no longer a setting" in caplog.text
+    assert "shard_rows" not in config.to_yaml()
+
+
 def test_sections_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"model.hidden_units"):
         parse_config(BASE + "model: {hidden_units: []}\n")

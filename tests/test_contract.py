@@ -39,11 +39,11 @@ from serving.client import (
     ScoringError,
     saved_model_input_types,
 )
-from serving.deploy import export_dir
+from serving.release.validate import score_in_process
 from serving.server import ModelServer, ServerSettings
-from serving.validate import score_in_process
 from tests import logs
 from tests.conftest import small_model
+from transform.artifacts import export_dir
 from transform.config import Config, Kind
 
 ROWS = 40
@@ -404,7 +404,7 @@ def app_store(
 ) -> Iterator[tuple[Config, Path, pa.Table, ModelServer]]:
     import pyarrow.parquet as pq
 
-    from pipeline.simulator import SimulatorSettings, simulate
+    from tools.simulator import SimulatorSettings, simulate
     from transform.config import load_config
 
     out = tmp_path_factory.mktemp("app_store")

@@ -148,7 +148,7 @@ def test_every_format_gives_the_same_result(
 
 
 def test_app_store_simulated_logs(tmp_path: Path) -> None:
-    from pipeline.simulator import SimulatorSettings, simulate
+    from tools.simulator import SimulatorSettings, simulate
 
     settings = SimulatorSettings(num_users=2000, num_apps=300)
     simulate(tmp_path / "logs", days=1, rows_per_day=4000, seed=3, settings=settings)

@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from serving import tfserving
-from serving.deploy import export_dir
 from serving.metrics import PROMETHEUS_PATH
 from serving.server import ModelServer, build_parser, settings_from_args
+from transform.artifacts import export_dir
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 _VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -70,7 +70,7 @@ def _local_argv(service: dict[str, Any], models: Path) -> list[str]:
 @pytest.mark.parametrize(
     "env, name, base",
     [
-        ({}, "app_ranker", "../serving"),
+        ({}, "app_ranker", "../serving_models"),
         (
             {"WIDEDEEP_MODEL_NAME": "movie_ranker", "WIDEDEEP_MODEL_BASE_PATH": "/srv/models"},
             "movie_ranker",

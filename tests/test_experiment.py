@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.experiment import (
+from tools.experiment import (
     ARMS,
     CONTROL,
     ORACLE,
@@ -21,14 +21,13 @@ from pipeline.experiment import (
     draw_queries,
     installs_per_query,
     online_outcome,
-    query_auc,
     ratio_interval,
     run_experiment,
     top_k_mask,
 )
-from pipeline.simulator import AppStoreWorld, SimulatorSettings
-from trainer.metrics import auc
+from tools.simulator import AppStoreWorld, SimulatorSettings
 from transform.config import OptimizerConfig, load_config
+from transform.metrics import auc, query_auc
 
 TINY_WORLD = SimulatorSettings(num_users=2000, num_apps=300, num_categories=12)
 

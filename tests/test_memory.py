@@ -90,7 +90,7 @@ def test_a_trillion_hash_buckets_is_one_line_at_config_load(tmp_path: Path) -> N
 def test_overwrite_keeps_the_finished_model_until_the_new_export_is_complete(
     movies_model: Path, movies_data: Path, movies_small_config, tmp_path: Path, capsys
 ) -> None:
-    from serving.deploy import fingerprint
+    from serving.release.deploy import fingerprint
 
     out = tmp_path / "model"
     shutil.copytree(movies_model, out)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
-import tensorflow as tf
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from pipeline.cli import main
 from pipeline.run import RunOptions, build_query, run
 from tests import logs
+from transform.artifacts import predict_request
 from transform.config import load_config
 
 DAY_ROWS = 2500
@@ -33,9 +34,7 @@ class _Client(threading.Thread):
         with RankingClient(target, config.model_name) as client:
             types = kinds_of_inputs(client.model_inputs(required=True) or {})
         examples = ExampleEncoder(config, types).encode_query(query["query"], query["candidates"])
-        self.request = predict_pb2.PredictRequest()
-        self.request.model_spec.name = config.model_name
-        self.request.inputs["examples"].CopyFrom(tf.make_tensor_proto(examples))
+        self.request = predict_request(config.model_name, examples)
         self.channel = grpc.insecure_channel(target)
         self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.stop = threading.Event()
@@ -51,6 +50,12 @@ class _Client(threading.Thread):
                 self.versions.append(response.model_spec.version.value)
             except grpc.RpcError as e:
                 self.errors.append(f"{e.code().name}: {e.details()}")
+            self.stop.wait(0.05)
+
+    def wait_for_version(self, version: int, timeout_s: float) -> None:
+        """Waits, with a deadline, until an answer from ``version`` has come back."""
+        deadline = time.monotonic() + timeout_s
+        while version not in self.versions and time.monotonic() < deadline:
             self.stop.wait(0.05)
 
     def finish(self) -> None:
@@ -103,6 +108,9 @@ def two_days(movies_config: Path, movie_days: Path, tmp_path_factory: pytest.Tem
         clients.append(client)
 
     def keep_serving(target: str) -> None:
+        # The run ends once version 2 serves; the querying thread may not have had an answer
+        # from it yet (on a busy machine): wait for one before stopping it.
+        clients[0].wait_for_version(2, timeout_s=60)
         clients[0].finish()
         seen_at_end["target"] = target
 

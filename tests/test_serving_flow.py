@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import threading
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,15 @@ import pytest
 
 from serving import tfserving
 from serving.client import ClientSettings, RankingClient, ScoringError
-from serving.deploy import LOCK_FILE, DeployError, deploy, rollback, serving_version, versions
+from serving.release.deploy import LOCK_FILE, DeployError, deploy, rollback
+from serving.release.server_client import ModelServerClient
+from serving.release.validate import read_raw_eval_examples, score_in_process, validate
 from serving.server import ModelServer, ServerSettings
-from serving.validate import read_raw_eval_examples, score_in_process, validate
+from transform.artifacts import model_server_config, versions
 from transform.paths import InUseError
 
-DOCKER = Path(__file__).resolve().parent.parent / "docker"
+REPO = Path(__file__).resolve().parent.parent
+DOCKER = REPO / "docker"
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +110,7 @@ def test_deploy_serve_query_and_rollback(
         target = f"127.0.0.1:{server.grpc_port}"
         server.wait_until_available(config.model_name, 1, timeout=60)
         # Scores through gRPC equal the in-process ones, however the candidates are split.
-        examples, _, _ = read_raw_eval_examples(movies_data, limit=120)
+        examples, _ = read_raw_eval_examples(movies_data, config.label, limit=120)
         expected = score_in_process(validated, examples)
         for batch_size, parallelism in ((120, 1), (25, 4), (7, 3)):
             client_settings = ClientSettings(batch_size=batch_size, parallelism=parallelism)
@@ -140,13 +144,14 @@ def test_deploy_serve_query_and_rollback(
         # rolled back.
         model = tmp_path / "next"
         shutil.copytree(validated, model)
-        verdict = validate(model, movies_data, config, model_base_path=base, skip_dry_run=True)
+        verdict = validate(model, movies_data, config, models_dir=base, skip_dry_run=True)
         assert verdict.passed and verdict.baseline == str(base / config.model_name / "1")
         second = deploy(model, base, config.model_name, server=target, timeout_s=60)
         assert second.version == 2 and second.confirmed and second.previous == 1
         back = rollback(base, config.model_name, server=target, timeout_s=60)
         assert back.version == 1 and back.confirmed
-        assert serving_version(target, config.model_name) == 1
+        with ModelServerClient(target, config.model_name) as status:
+            assert status.serving_version() == 1
         assert versions(base, config.model_name) == [1]
         # The rolled-back model comes back only on a verdict made after the rollback; a
         # third deploy never reuses the retired version's number.
@@ -181,14 +186,22 @@ def test_serve_generates_a_config_file_for_the_real_binary(tmp_path: Path) -> No
     assert argv[:2] == ["/usr/bin/tensorflow_model_server", "--port=8500"]
     config_flag = next(a for a in argv if a.startswith("--model_config_file="))
     parsed = tfserving.read_model_config_file(config_flag.split("=", 1)[1])
-    assert parsed == tfserving.model_server_config("m", str(tmp_path))
+    assert parsed == model_server_config("m", str(tmp_path), num_versions=1)
 
 
-def test_dockerfile_installs_the_project() -> None:
-    text = (DOCKER / "Dockerfile").read_text()
-    for package in ("pipeline", "transform", "trainer", "serving"):
-        assert f"COPY {package} ./{package}" in text
-    assert 'ENTRYPOINT ["widedeep"]' in text
+def test_the_image_copies_every_package_the_distribution_installs() -> None:
+    """What `pip install .` installs in the image is what pyproject.toml packages: a package
+    added to the distribution and not copied into the image would be missing from it."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packaged = {p.rstrip("*") for p in patterns}
+    assert packaged == {p.parent.name for p in REPO.glob("*/__init__.py")} - {"tests", "bench"}
+    copied = {
+        line.split()[1]
+        for line in (DOCKER / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ") and "--from" not in line
+    }
+    assert packaged <= copied
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +222,7 @@ def _validated_copy(
     shutil.copytree(validated, folder)
     # A model of its own: the same weights, another fingerprint.
     (folder / "export" / "assets.extra" / "note.txt").write_text(folder.name)
-    verdict = validate(folder, movies_data, config, model_base_path=base, skip_dry_run=True)
+    verdict = validate(folder, movies_data, config, models_dir=base, skip_dry_run=True)
     assert verdict.passed, verdict.reasons
     return folder
 
@@ -256,7 +269,7 @@ def test_two_deploys_at_once_get_one_version_each_or_a_clear_error(
         # The next round compares with the version now served.
         for model in models:
             verdict = validate(
-                model, movies_data, config, model_base_path=served_base, skip_dry_run=True
+                model, movies_data, config, models_dir=served_base, skip_dry_run=True
             )
             assert verdict.passed
     assert versions(served_base, config.model_name) == [1, 2, 3]
@@ -313,7 +326,7 @@ def test_the_gate_fails_a_model_that_ranks_worse_than_popularity(
     assert any("does not beat item popularity" in r for r in verdict.reasons), verdict.reasons
     assert verdict.quality["auc"] <= pop["auc"]
     # The popularity AUC is that of each eval row's movie like rate in the train split.
-    examples, labels, _ = read_raw_eval_examples(movies_data)
+    examples, labels = read_raw_eval_examples(movies_data, config.label)
     movie = [_raw_value(e, "movie_id") for e in examples]
     train_movies, train_labels = _train_rows(movies_data)
     rate = train_labels.mean()
@@ -329,7 +342,7 @@ def test_the_gate_fails_a_model_that_ranks_worse_than_popularity(
             for m in movie
         ]
     )
-    from trainer.metrics import auc
+    from transform.metrics import auc
 
     assert pop["auc"] == pytest.approx(auc(labels, scores), abs=1e-9)
     # A model that learned something beats it: the gate does not fail every model.

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.simulator import (
+from tools.simulator import (
     METADATA_FILE,
     AppStoreWorld,
     SimulationSummary,

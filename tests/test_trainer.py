@@ -24,13 +24,6 @@ from tests import logs
 from trainer import export as export_lib
 from trainer import train as train_lib
 from trainer.errors import TrainError
-from trainer.export import (
-    CLASSIFY_SIGNATURE,
-    RAW_SIGNATURE,
-    SERVING_SIGNATURE,
-    WARMUP_FILE,
-    read_warmup_requests,
-)
 from trainer.model import (
     build_model,
     check_variable_groups,
@@ -39,6 +32,14 @@ from trainer.model import (
 )
 from trainer.spec import ModelSpec, build_model_spec, incompatibilities, resolve_compute_dtype
 from trainer.train import HEARTBEAT_TIMEOUT_S, TrainResult, train
+from transform.artifacts import (
+    CLASSIFY_SIGNATURE,
+    RAW_SIGNATURE,
+    SERVING_SIGNATURE,
+    read_raw_eval_examples,
+    read_warmup_requests,
+    warmup_path,
+)
 from transform.config import Config, OptimizerConfig, load_config
 from transform.features import recorded_raw_spec, serving_feature_spec
 
@@ -709,7 +710,7 @@ def exported(trainer_data: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 def _raw_examples(result: TrainResult) -> list[bytes]:
     """The warmup requests' examples plus two hand-made ones: an unseen token, missing defaults."""
-    requests = read_warmup_requests(result.export_dir / "assets.extra" / WARMUP_FILE)
+    requests = read_warmup_requests(warmup_path(result.export_dir))
     examples = [
         tf.make_ndarray(r.inputs["examples"])[0]
         for r in requests
@@ -795,7 +796,7 @@ def test_signatures_names_and_outputs(exported: dict[str, Any]):
 
 def test_warmup_requests_parse_and_score(exported: dict[str, Any]):
     result = exported["result"]
-    path = result.export_dir / "assets.extra" / WARMUP_FILE
+    path = warmup_path(result.export_dir)
     requests = read_warmup_requests(path)
     assert 1 <= len(requests) <= 1000
     loaded = tf.saved_model.load(str(result.export_dir))
@@ -814,7 +815,7 @@ def test_warmup_requests_parse_and_score(exported: dict[str, Any]):
 def test_warmup_requests_are_real_eval_examples_in_live_batch_sizes(
     exported: dict[str, Any], trainer_data: Path
 ):
-    requests = read_warmup_requests(exported["result"].export_dir / "assets.extra" / WARMUP_FILE)
+    requests = read_warmup_requests(warmup_path(exported["result"].export_dir))
     requests = [r for r in requests if r.model_spec.signature_name == SERVING_SIGNATURE]
     sizes = [len(tf.make_ndarray(r.inputs["examples"])) for r in requests]
     assert CONFIG.validation.num_candidates in sizes and CONFIG.serving.batch_size in sizes
@@ -826,7 +827,9 @@ def test_warmup_requests_are_real_eval_examples_in_live_batch_sizes(
     # The eval split's first examples (the model was trained on a copy of this data).
     singles = [tf.make_ndarray(r.inputs["examples"])[0] for r in requests if len(r.inputs[
         "examples"].string_val) == 1]  # fmt: skip
-    assert singles == export_lib.eval_examples(trainer_data, CONFIG.label)
+    assert singles == read_raw_eval_examples(
+        trainer_data, export_lib.WARMUP_RECORDS, drop=CONFIG.label
+    )
 
 
 def test_model_folder_holds_config_metrics_and_vocabularies(exported: dict[str, Any]):
@@ -1038,7 +1041,7 @@ def test_early_stopping_stops_and_exports_the_best_evaluation(early_stopped: Tra
     raw = _raw_eval_examples(Path(saved["data_dir"]))
     scores = loaded.signatures[SERVING_SIGNATURE](examples=tf.constant(raw))["probabilities"]
     labels = _eval_labels(Path(saved["data_dir"]), raw)
-    from trainer.metrics import auc
+    from transform.metrics import auc
 
     assert auc(labels, scores.numpy().ravel()) == pytest.approx(best["auc"], abs=1e-4)
     assert (result.out_dir / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -1046,8 +1049,7 @@ def test_early_stopping_stops_and_exports_the_best_evaluation(early_stopped: Tra
 
 
 def _raw_eval_examples(data_dir: Path) -> list[bytes]:
-    files = sorted(str(p) for p in (data_dir / "eval_raw").glob("*.tfrecord.gz"))
-    return [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+    return read_raw_eval_examples(data_dir)
 
 
 def _eval_labels(data_dir: Path, raw: list[bytes]) -> np.ndarray:

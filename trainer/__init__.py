@@ -6,5 +6,6 @@
 - :mod:`trainer.train`: :func:`trainer.train.train`, checkpoints, resume, evaluation, export;
 - :mod:`trainer.warmstart`: starting a model from the previous one across vocabulary versions;
 - :mod:`trainer.export`: the SavedModel, its signatures and warmup requests;
-- :mod:`trainer.metrics`: AUC, log loss and the ROC curve.
+- :mod:`trainer.metrics`: plots of the ROC and learning curves (the metrics themselves are
+  :mod:`transform.metrics`).
 """

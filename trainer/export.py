@@ -16,14 +16,16 @@ The tf.Examples are parsed with :func:`transform.features.serving_feature_spec`:
 typed as the log typed it (the raw schema data generation recorded), defaults filled in.
 
 ``assets.extra/tf_serving_warmup_requests`` holds a few PredictRequests that TF Serving replays
-at load: raw eval examples of the datagen output (or, without them, examples synthesised from
-the model's own vocabularies and the quantile boundaries of the datagen summary), sent to the
+at load: raw eval examples of the datagen output (its ``eval_raw/`` split), or, for an output
+that has none (one written before datagen kept them), examples synthesised from the model's own
+vocabularies and the quantile boundaries of the datagen summary. They are sent to the
 tf.Example signature and to the raw-features one, so every table and both input paths are warm.
+The names of the signatures, inputs, outputs and the warmup file are
+:mod:`transform.artifacts`'s.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,16 +34,24 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from transform.artifacts import (
+    CLASS_LABELS,
+    CLASSES_OUTPUT,
+    CLASSIFY_INPUT,
+    CLASSIFY_SIGNATURE,
+    EXAMPLES_INPUT,
+    PROBABILITIES_OUTPUT,
+    RAW_SIGNATURE,
+    SCORES_OUTPUT,
+    SERVING_SIGNATURE,
+    predict_request,
+    warmup_path,
+)
 from transform.config import Config, DType, Feature, Kind
+from transform.examples import ExampleEncoder
 from transform.features import retype_examples, serving_feature_spec
 
-SERVING_SIGNATURE = "serving_default"
-CLASSIFY_SIGNATURE = "classification"
-RAW_SIGNATURE = "raw_features"
-PROBABILITIES_OUTPUT = "probabilities"
-WARMUP_FILE = "tf_serving_warmup_requests"
 WARMUP_RECORDS = 10
-CLASS_LABELS = ("0", "1")
 
 
 def raw_input_signature(config: Config, spec: Mapping[str, Any]) -> dict[str, tf.TensorSpec]:
@@ -139,18 +149,18 @@ class ServingModule(tf.Module):
                 return tf.identity(x)
         return x
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
     def serve(self, examples: tf.Tensor) -> dict[str, tf.Tensor]:
         """P(Y = 1 | x) of each serialized raw tf.Example."""
         return {PROBABILITIES_OUTPUT: self._probabilities(examples)}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUT)])
     def classify(self, inputs: tf.Tensor) -> dict[str, tf.Tensor]:
         """Classify API output: both classes and their scores for each example."""
         p = self._probabilities(inputs)
         scores = tf.concat([1.0 - p, p], axis=1)
         classes = tf.tile(tf.constant([list(CLASS_LABELS)]), [tf.shape(p)[0], 1])
-        return {"classes": classes, "scores": scores}
+        return {CLASSES_OUTPUT: classes, SCORES_OUTPUT: scores}
 
 
 class _Unsaved:
@@ -224,12 +234,13 @@ def export_saved_model(
         RAW_SIGNATURE: module.raw_features.get_concrete_function(),
     }
     tf.saved_model.save(module, str(partial), signatures=signatures)
-    extra = partial / "assets.extra"
+    warmup = warmup_path(partial)
+    extra = warmup.parent
     extra.mkdir(exist_ok=True)
     # One request of the candidates a query scores, and one of the client's batch size.
     sizes = sorted({config.validation.num_candidates, config.serving.batch_size})
     raw = raw_inputs_of(warmup_examples, spec, config.data.list_delimiter)
-    write_warmup_requests(extra / WARMUP_FILE, config.model_name, warmup_examples, sizes, raw)
+    write_warmup_requests(warmup, config.model_name, warmup_examples, sizes, raw)
     for name, path in (extra_files or {}).items():
         shutil.copyfile(path, extra / name)
     # The previous export is moved aside, not deleted, until the new one is in place.
@@ -263,12 +274,7 @@ def write_warmup_requests(
     batches = [[e] for e in examples]
     sizes = [len(examples), *batch_sizes] if examples else []
     batches += [[examples[i % len(examples)] for i in range(n)] for n in sizes[1:]]
-    requests = []
-    for batch in batches:
-        request = predict_pb2.PredictRequest()
-        request.model_spec.signature_name = SERVING_SIGNATURE
-        request.inputs["examples"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
-        requests.append(request)
+    requests = [predict_request(model_name, batch) for batch in batches]
     if raw:
         for n in sizes:
             for shared in (False, True):
@@ -317,80 +323,46 @@ def _recorded_spec(tft_output: Any) -> dict[str, Any] | None:
         return None
 
 
-def read_warmup_requests(path: Path) -> list[Any]:
-    """The PredictRequests of a warmup file."""
-    from tensorflow_serving.apis import prediction_log_pb2
-
-    requests = []
-    for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
-        log = prediction_log_pb2.PredictionLog.FromString(record)
-        requests.append(log.predict_log.request)
-    return requests
-
-
-def eval_examples(data_dir: Path, label: str, count: int = WARMUP_RECORDS) -> list[bytes]:
-    """Up to ``count`` raw tf.Examples of a datagen output's eval split, label removed.
-
-    Real traffic warms every table the way live requests will; an empty list when the output
-    has no raw eval examples.
-    """
-    files = sorted(str(p) for p in (Path(data_dir) / "eval_raw").glob("*.tfrecord.gz"))
-    if not files:
-        return []
-    examples = []
-    for record in tf.data.TFRecordDataset(files, compression_type="GZIP").take(count):
-        example = tf.train.Example.FromString(record.numpy())
-        if label in example.features.feature:
-            del example.features.feature[label]
-        examples.append(example.SerializeToString())
-    return examples
-
-
 def synthetic_examples(
     config: Config,
-    vocabularies: Mapping[str, Path],
+    tft_output: Any,
     quantile_boundaries: Mapping[str, Sequence[float] | None],
     count: int = WARMUP_RECORDS,
     seed: int = 0,
 ) -> list[bytes]:
     """Serialized raw tf.Examples built from vocabulary tokens and quantile boundaries.
 
-    Each categorical column takes a token of its vocabulary (lists take zero to three), each
-    numeric column a value between two of its quantile boundaries, so the examples look like
-    real traffic to every table of the model.
+    Each categorical column takes a token of its vocabulary (read from ``tft_output``; lists
+    take zero to three), each numeric column a value between two of its quantile boundaries,
+    so the examples look like real traffic to every table of the model.
     """
     rng = np.random.default_rng(seed)
-    tokens = {name: _read_tokens(path) for name, path in vocabularies.items()}
+    encoder = ExampleEncoder(config)
+    tokens = {
+        name: [t.decode("utf-8", "replace") for t in tft_output.vocabulary_by_name(name)]
+        for name in config.vocabularies
+    }
     examples = []
     for _ in range(count):
-        feature: dict[str, tf.train.Feature] = {}
+        values: dict[str, Any] = {}
         for f in config.features:
-            if f.column in feature:
+            if f.column in values:
                 continue
             if f.kind is Kind.NUMERIC:
                 bounds = list(quantile_boundaries.get(f.name) or [0.0])
                 lo, hi = sorted(rng.choice(bounds, size=2))
-                value = float(rng.uniform(lo, hi)) if hi > lo else float(lo)
-                feature[f.column] = tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
+                values[f.column] = float(rng.uniform(lo, hi)) if hi > lo else float(lo)
                 continue
             vocab = tokens.get(f.vocabulary) or ["0" if f.dtype is DType.INT else "unknown"]
             n = int(rng.integers(0, 4)) if f.kind is Kind.CATEGORICAL_LIST else 1
             picked = [vocab[int(i)] for i in rng.integers(0, len(vocab), n)]
             if f.dtype is DType.INT:
-                ints = [int(t) for t in picked if _is_int(t)]
-                if f.kind is Kind.CATEGORICAL and not ints:
-                    ints = [0]  # a scalar column needs a value; 0 is then out of vocabulary
-                feature[f.column] = tf.train.Feature(int64_list=tf.train.Int64List(value=ints))
-            else:
-                values = [t.encode() for t in picked]
-                feature[f.column] = tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
-        example = tf.train.Example(features=tf.train.Features(feature=feature))
-        examples.append(example.SerializeToString())
+                picked = [int(t) for t in picked if _is_int(t)]
+                if f.kind is Kind.CATEGORICAL and not picked:
+                    picked = [0]  # a scalar column needs a value; 0 is then out of vocabulary
+            values[f.column] = picked
+        examples.append(encoder.encode(values))
     return examples
-
-
-def _read_tokens(path: Path) -> list[str]:
-    return [t for t in Path(path).read_text().split("\n") if t]
 
 
 def _is_int(text: str) -> bool:
@@ -399,9 +371,3 @@ def _is_int(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def load_quantile_boundaries(summary_path: Path) -> dict[str, list[float] | None]:
-    """Each numeric feature's quantile boundaries from a datagen ``summary.json``."""
-    summary = json.loads(summary_path.read_text())
-    return {name: q.get("boundaries") for name, q in summary.get("quantiles", {}).items()}

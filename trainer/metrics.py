@@ -1,4 +1,9 @@
-"""Offline metrics on the eval split: AUC (paper Table 1), log loss, and the ROC curve."""
+"""The trainer's plots of its offline metrics: the ROC curve and the learning curve.
+
+The metrics themselves (AUC, log loss, the ROC curve's points) are computed in
+:mod:`transform.metrics`, the one place the trainer and the release gate share; they are
+re-exported here for the trainer's callers.
+"""
 
 from __future__ import annotations
 
@@ -7,62 +12,9 @@ from typing import Any
 
 import numpy as np
 
-LOG_LOSS_EPSILON = 1e-7
+from transform.metrics import auc, log_loss, offline_metrics, roc_curve
 
-
-def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """False and true positive rates at every distinct score threshold, from (0, 0) to (1, 1).
-
-    Raises:
-      ValueError: ``labels`` holds only one class (the curve is undefined).
-    """
-    labels = np.asarray(labels, dtype=np.float64).ravel()
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    positives = labels.sum()
-    negatives = labels.size - positives
-    if positives == 0 or negatives == 0:
-        raise ValueError("the ROC curve needs both positive and negative labels")
-    order = np.argsort(-scores, kind="mergesort")
-    scores, labels = scores[order], labels[order]
-    # One point per distinct score: tied examples move the curve together.
-    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
-    tp = np.cumsum(labels)[last_of_tie]
-    fp = (last_of_tie + 1) - tp
-    return np.r_[0.0, fp / negatives], np.r_[0.0, tp / positives]
-
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (ties count one half)."""
-    fpr, tpr = roc_curve(labels, scores)
-    return float(np.trapezoid(tpr, fpr))
-
-
-def log_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """Mean logistic loss of predicted probabilities."""
-    y = np.asarray(labels, dtype=np.float64).ravel()
-    p = np.clip(
-        np.asarray(probabilities, dtype=np.float64).ravel(), LOG_LOSS_EPSILON, 1 - LOG_LOSS_EPSILON
-    )
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
-def offline_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
-    """AUC, log loss, label rate, mean prediction and example count of one split."""
-    y = np.asarray(labels).ravel()
-    p = np.asarray(probabilities).ravel()
-    if y.size == 0:
-        raise ValueError("no examples to compute metrics on")
-    try:
-        area: float | None = auc(y, p)
-    except ValueError:
-        area = None
-    return {
-        "auc": area,
-        "log_loss": log_loss(y, p),
-        "label_rate": float(y.mean()),
-        "mean_prediction": float(p.mean()),
-        "examples": int(y.size),
-    }
+__all__ = ["auc", "log_loss", "offline_metrics", "plot_learning_curve", "plot_roc", "roc_curve"]
 
 
 def plot_roc(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> None:

@@ -61,28 +61,36 @@ from trainer import warmstart
 from trainer.errors import TrainError
 from trainer.model import WideDeepModel, build_model, checkpoint_objects
 from trainer.spec import ModelSpec, Towers, build_model_spec, parse_towers
+from transform import artifacts
+from transform.artifacts import (
+    CHECKPOINTS_DIR,
+    CONFIG_YAML,
+    EXPORT_DIR,
+    METRICS_FILE,
+    MODEL_SPEC_FILE,
+    STATUS_COMPLETE,
+    STATUS_STOPPED,
+    STATUS_TRAINING,
+    SUMMARY_JSON,
+    TRANSFORM_DIRS,
+    VOCABULARIES_DIR,
+    WARM_START_FILE,
+)
+from transform.artifacts import TRAINING_STATE_FILE as RUN_FILE
 from transform.config import Config
 from transform.paths import remove_paths
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-CONFIG_FILE = warmstart.CONFIG_FILE
-MODEL_SPEC_FILE = warmstart.MODEL_SPEC_FILE
-VOCABULARIES_DIR = warmstart.VOCABULARIES_DIR
-CHECKPOINTS_DIR = warmstart.CHECKPOINTS_DIR
 LOGS_DIR = "logs"
-EXPORT_DIR = "export"
-METRICS_FILE = "metrics.json"
 ROC_FILE = "roc.png"
 EVAL_CURVE_FILE = "eval_curve.json"
 LEARNING_CURVE_FILE = "learning_curve.png"
 BEST_DIR = "best"
 """Sub-folder of ``checkpoints/`` holding the weights of the best evaluation so far."""
-WARM_START_FILE = "warm_start.json"
 OUTPUTS = (
     RUN_FILE,
-    CONFIG_FILE,
+    CONFIG_YAML,
     MODEL_SPEC_FILE,
     VOCABULARIES_DIR,
     CHECKPOINTS_DIR,
@@ -97,10 +105,6 @@ OUTPUTS = (
     EXPORT_DIR + ".previous",
 )
 """Everything :func:`train` writes in ``out_dir``; ``overwrite`` removes these and nothing else."""
-
-STATUS_TRAINING = "training"
-STATUS_STOPPED = "stopped"
-STATUS_COMPLETE = "complete"
 
 MAX_STEPS_PER_CALL = 100
 """Training steps run inside one compiled call between two progress updates (the default of
@@ -378,13 +382,15 @@ def _evaluate(
 def _export(model: WideDeepModel, data: _Data, config: Config, out: Path) -> Path:
     """Exports the SavedModel with its warmup requests, config, metrics and model spec."""
     # Real eval examples when datagen kept them; else examples built from the vocabularies.
-    warmup = export_lib.eval_examples(data.path, config.label) or export_lib.synthetic_examples(
+    warmup = artifacts.read_raw_eval_examples(
+        data.path, export_lib.WARMUP_RECORDS, drop=config.label
+    ) or export_lib.synthetic_examples(
         config,
-        _vocabulary_files(out, config),
-        export_lib.load_quantile_boundaries(data.path / "summary.json"),
+        data.tft_output,
+        artifacts.quantile_boundaries(data.summary),
         seed=config.training.seed,
     )
-    extra = {name: out / name for name in (CONFIG_FILE, METRICS_FILE, MODEL_SPEC_FILE)}
+    extra = {name: out / name for name in (CONFIG_YAML, METRICS_FILE, MODEL_SPEC_FILE)}
     return export_lib.export_saved_model(
         model, data.tft_output, config, out / EXPORT_DIR, warmup, extra_files=extra
     )
@@ -842,8 +848,8 @@ def _open_data(config: Config, path: Path) -> _Data:
 
     if not path.is_dir():
         raise TrainError(f"data_dir {path}: no such directory; run datagen first")
-    summary_path = path / "summary.json"
-    for needed in ("summary.json", "transform_fn", "transformed_metadata"):
+    summary_path = path / SUMMARY_JSON
+    for needed in (SUMMARY_JSON, *TRANSFORM_DIRS):
         if not (path / needed).exists():
             raise TrainError(f"data_dir {path}: not a datagen output (no {needed})")
     text = summary_path.read_text()
@@ -855,15 +861,15 @@ def _open_data(config: Config, path: Path) -> _Data:
     if made_with != config.fingerprint():
         raise TrainError(
             f"data_dir {path}: made with another config (fingerprint {made_with}, this config's "
-            f"is {config.fingerprint()}){_config_difference(config, path / 'config.yaml')}; "
+            f"is {config.fingerprint()}){_config_difference(config, path / CONFIG_YAML)}; "
             "rerun datagen with this config or train with the config it was made with"
         )
     splits = summary.get("splits", {})
     rows = {}
     files = {}
-    for split in ("train", "eval"):
+    for split in (artifacts.TRAIN_DIR, artifacts.EVAL_DIR):
         rows[split] = int(splits.get(split, {}).get("rows") or 0)
-        files[split] = sorted(str(p) for p in (path / split).glob("part-*"))
+        files[split] = artifacts.shards(path, split)
         if rows[split] == 0:
             raise TrainError(
                 f"data_dir {path}: the {split} split is empty (summary.json "
@@ -930,12 +936,12 @@ def _check_out_dir(out: Path, run: dict[str, Any], overwrite: bool) -> bool:
             return False
         raise TrainError(
             f"out_dir {out}: holds files but no model of this trainer ({RUN_FILE}); give an "
-            "empty or new folder, or pass overwrite to train there anyway"
+            "empty or new folder, or pass --overwrite to train there anyway"
         )
     try:
         previous = json.loads(run_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise TrainError(f"{run_path}: unreadable ({e}); pass overwrite to start over") from None
+        raise TrainError(f"{run_path}: unreadable ({e}); pass --overwrite to start over") from None
     if overwrite:
         return False
     if previous.get("status") == STATUS_COMPLETE:
@@ -947,7 +953,7 @@ def _check_out_dir(out: Path, run: dict[str, Any], overwrite: bool) -> bool:
     if differs:
         raise TrainError(
             f"out_dir {out}: holds an unfinished run with other arguments ({', '.join(differs)} "
-            "differ); rerun it with the same arguments to resume, or pass overwrite to start over"
+            "differ); rerun it with the same arguments to resume, or pass --overwrite to start over"
         )
     return tf.train.latest_checkpoint(str(out / CHECKPOINTS_DIR)) is not None
 
@@ -963,7 +969,7 @@ def _prepare_out_dir(
         remove_paths(out / name for name in OUTPUTS if name != EXPORT_DIR)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / RUN_FILE, {**run, "status": STATUS_TRAINING})
-    (out / CONFIG_FILE).write_text(config.to_yaml())
+    (out / CONFIG_YAML).write_text(config.to_yaml())
     spec.save(out / MODEL_SPEC_FILE)
     vocab_dir = out / VOCABULARIES_DIR
     vocab_dir.mkdir(exist_ok=True)
@@ -1060,14 +1066,18 @@ def _wait_for_workers(resolver: Any, timeout: float) -> None:
         if (job, index) != (resolver.task_type, resolver.task_id)
     ]
 
-    # The handler only takes note: an exception raised from it could land anywhere (in the
-    # middle of writing a log line, which would swallow it).
+    # The handler only takes note, for SIGINT too: an exception raised from it could land
+    # anywhere (in the middle of writing a log line, which would swallow it, or in TensorFlow's
+    # coordination set-up, which then keeps the process from ending).
     stopped: list[int] = []
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = (
-        signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
+        {
+            signum: signal.signal(signum, lambda signum, frame: stopped.append(signum))
+            for signum in (signal.SIGTERM, signal.SIGINT)
+        }
         if in_main_thread
-        else None
+        else {}
     )
     try:
         deadline = time.monotonic() + timeout
@@ -1079,6 +1089,8 @@ def _wait_for_workers(resolver: Any, timeout: float) -> None:
                 ", ".join(f"{name} ({address})" for name, address in waiting),
             )
         while waiting:
+            if stopped and stopped[0] == signal.SIGINT:
+                raise KeyboardInterrupt
             if stopped:
                 raise TrainError(
                     f"distribute=multi_worker: stopped by {signal.Signals(stopped[0]).name} "
@@ -1094,8 +1106,8 @@ def _wait_for_workers(resolver: Any, timeout: float) -> None:
             time.sleep(0.5)
             waiting = [peer for peer in waiting if not _listening(peer[1])]
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _listening(address: str) -> bool:

@@ -25,13 +25,15 @@ import tensorflow as tf
 from trainer.errors import TrainError
 from trainer.model import WideDeepModel, build_model, checkpoint_objects, optimizer_slots
 from trainer.spec import ModelSpec, incompatibilities
+from transform.artifacts import (
+    CHECKPOINTS_DIR,
+    CONFIG_YAML,
+    MODEL_SPEC_FILE,
+    VOCABULARIES_DIR,
+    read_vocabulary,
+)
 from transform.config import ConfigError, load_config
 from transform.features import NUM_OOV_BUCKETS
-
-MODEL_SPEC_FILE = "model_spec.json"
-CONFIG_FILE = "config.yaml"
-VOCABULARIES_DIR = "vocabularies"
-CHECKPOINTS_DIR = "checkpoints"
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def check_source(model_dir: str | Path, spec: ModelSpec) -> WarmStartSource:
     where = f"warm_start_from {model_dir}"
     if not model_dir.is_dir():
         raise TrainError(f"{where}: no such directory")
-    for name in (MODEL_SPEC_FILE, CONFIG_FILE, VOCABULARIES_DIR):
+    for name in (MODEL_SPEC_FILE, CONFIG_YAML, VOCABULARIES_DIR):
         if not (model_dir / name).exists():
             raise TrainError(f"{where}: not a model directory of this trainer (no {name})")
     checkpoint = tf.train.latest_checkpoint(str(model_dir / CHECKPOINTS_DIR))
@@ -112,7 +114,7 @@ def check_source(model_dir: str | Path, spec: ModelSpec) -> WarmStartSource:
             f"{where}: the previous model is incompatible with this config: " + "; ".join(problems)
         )
     try:
-        config = load_config(model_dir / CONFIG_FILE)
+        config = load_config(model_dir / CONFIG_YAML)
     except ConfigError as e:
         raise TrainError(f"{where}: {e}") from None
     optimizers = {"wide": config.model.wide_optimizer, "deep": config.model.deep_optimizer}
@@ -143,8 +145,8 @@ def warm_start(
     tables = _vocabulary_tables(model.spec)
     row_maps: dict[str, tuple[np.ndarray, np.ndarray, CarriedRows]] = {}
     for vocab in sorted(set(tables.values())):
-        old = _read_tokens(source.model_dir / VOCABULARIES_DIR / vocab)
-        new = _read_tokens(vocabularies[vocab])
+        old = read_vocabulary(source.model_dir / VOCABULARIES_DIR / vocab)
+        new = read_vocabulary(vocabularies[vocab])
         row_maps[vocab] = _row_map(vocab, old, new)
 
     table_of = _table_names(model)
@@ -224,12 +226,7 @@ def _table_names(model: WideDeepModel) -> dict[int, str]:
     return out
 
 
-def _read_tokens(path: Path) -> list[str]:
-    text = Path(path).read_text()
-    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n") if text else []
-
-
-def _row_map(vocab: str, old: list[str], new: list[str]) -> tuple[np.ndarray, np.ndarray, Any]:
+def _row_map(vocab: str, old: list[bytes], new: list[bytes]) -> tuple[np.ndarray, np.ndarray, Any]:
     """Rows of the new table and the previous rows they take, plus counts."""
     old_index = {t: i for i, t in enumerate(old)}
     new_rows, old_rows = [], []

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import logging
 import re
 import types
 import typing
@@ -27,6 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from transform.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 PRESETS = ("app_store", "movies")
 """Configs shipped with the package, usable by name wherever a config path is expected."""
@@ -43,7 +48,7 @@ MAX_HIDDEN_UNITS = 65_536
 MAX_QUANTILES = 10_000
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config that cannot be used; the message names the offending key."""
 
 
@@ -246,14 +251,12 @@ class DataConfig:
         rows land on one side); empty to split by the whole row.
       csv_delimiter: Field delimiter of CSV input.
       list_delimiter: Delimiter of list values inside one CSV field.
-      shard_rows: Target rows per output shard.
     """
 
     eval_fraction: float = 0.1
     split_by: str = ""
     csv_delimiter: str = ","
     list_delimiter: str = "|"
-    shard_rows: int = 200_000
 
 
 @dataclass(frozen=True)
@@ -458,6 +461,14 @@ def _resolve(f: Feature) -> Feature:
     return dataclasses.replace(f, column=f.column or f.name, vocabulary=f.vocabulary or f.name)
 
 
+REMOVED_KEYS: dict[str, str] = {
+    "data.shard_rows": "it never had an effect (datagen's shards are sized by the Beam "
+    "runner); remove it from the config",
+}
+"""Keys older configs may hold, with why they are gone: such a config still loads (a model's
+saved config.yaml included), with a warning, instead of failing on an unknown key."""
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     """Builds dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
     if isinstance(data, cls):
@@ -466,7 +477,15 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
+    data = dict(data)
+    for key in list(data):
+        removed = REMOVED_KEYS.get(_join(where, key))
+        if removed is not None:
+            log.warning(
+                "config: %s is no longer a setting and is ignored: %s", _join(where, key), removed
+            )
+            del data[key]
+            continue
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = (
@@ -722,7 +741,6 @@ def _validate_sections(config: Config) -> None:
         raise ConfigError(f"data.csv_delimiter: expected one character, got {d.csv_delimiter!r}")
     if not d.list_delimiter or d.list_delimiter == d.csv_delimiter:
         raise ConfigError("data.list_delimiter: must be non-empty and differ from csv_delimiter")
-    _positive("data.shard_rows", d.shard_rows)
     v = config.validation
     for attr in ("auc_tolerance", "log_loss_tolerance", "popularity_margin"):
         if getattr(v, attr) < 0:

@@ -7,10 +7,10 @@
   config's type inside the transform graph, so examples built from the log's own rows parse;
   :func:`serving_feature_spec` reads which columns those are from the raw schema data
   generation recorded;
-- :func:`preprocessing_fn` is the tf.Transform function: vocabularies of categorical features
-  seen at least ``min_count`` times, quantile normalisation of numeric features to
-  (i - 1) / (n_q - 1) (paper section 4.1), and the hashed cross-product transformations of the
-  wide tower (section 3.1).
+- :func:`make_preprocessing_fn` builds the tf.Transform function: vocabularies of
+  categorical features seen at least ``min_count`` times, quantile normalisation of numeric
+  features to (i - 1) / (n_q - 1) (paper section 4.1), and the hashed cross-product
+  transformations of the wide tower (section 3.1).
 
 Transformed features keep their config names: a categorical feature becomes its vocabulary id
 (``vocabulary_size`` is the out-of-vocabulary id), a list feature a sparse list of ids, a

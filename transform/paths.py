@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from transform.errors import WidedeepError
+
 
 def remove_paths(paths: Iterable[Path]) -> None:
     """Removes each path, folder or file; a path that does not exist is skipped."""
@@ -25,7 +27,7 @@ def remove_paths(paths: Iterable[Path]) -> None:
             path.unlink()
 
 
-class InUseError(RuntimeError):
+class InUseError(WidedeepError, RuntimeError):
     """Another process holds the lock of a folder this one wants to write; names its PID."""
 
 

@@ -20,26 +20,23 @@ import json
 import logging
 import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
-
+from serving.release.server_client import ModelServerClient, ModelServerError
+from transform.artifacts import VERDICT_FILE, export_dir, version_dir, versions
+from transform.errors import WidedeepError
 from transform.paths import locked, remove_leftovers
 
 log = logging.getLogger(__name__)
 
-VERDICT_FILE = "verdict.json"
 RETIRED_DIR = ".retired"
 LOCK_FILE = ".lock"
 STAGING_PREFIX = ".staging-"
-_AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 
 
-class DeployError(RuntimeError):
+class DeployError(WidedeepError, RuntimeError):
     """A model that may not be deployed, or a deployment the server did not confirm."""
 
 
@@ -54,16 +51,6 @@ class Deployment:
     previous: int | None
 
 
-def export_dir(model_dir: str | Path) -> Path:
-    """The SavedModel of a training output folder (``<dir>/export``) or the folder itself."""
-    path = Path(model_dir)
-    if (path / "saved_model.pb").exists():
-        return path
-    if (path / "export" / "saved_model.pb").exists():
-        return path / "export"
-    raise DeployError(f"{path}: no SavedModel (saved_model.pb) in it or in its export/ folder")
-
-
 def fingerprint(model_dir: str | Path) -> str:
     """A hash of every file of a SavedModel: a verdict holds only for the model it judged."""
     root = export_dir(model_dir)
@@ -74,14 +61,6 @@ def fingerprint(model_dir: str | Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()[:32]
-
-
-def versions(base_path: str | Path, model_name: str) -> list[int]:
-    """The version numbers under ``<base>/<model_name>/``, ascending."""
-    folder = Path(base_path) / model_name
-    if not folder.is_dir():
-        return []
-    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def check_verdict(model_dir: str | Path) -> dict:
@@ -124,7 +103,7 @@ def stale_verdict(verdict: dict, base_path: str | Path, model_name: str) -> str 
             )
     if not existing:
         return None
-    served = folder / str(existing[-1])
+    served = version_dir(base_path, model_name, existing[-1])
     if verdict.get("baseline") is None:
         return (
             f"{model}: its verdict was made when no model was served, but version "
@@ -192,7 +171,7 @@ def deploy(
         problem = stale_verdict(verdict, base_path, model_name)
         if problem and revalidate is not None:
             existing = versions(base_path, model_name)
-            revalidate(folder / str(existing[-1]) if existing else None)
+            revalidate(version_dir(base_path, model_name, existing[-1]) if existing else None)
             verdict = check_verdict(model_dir)
             problem = stale_verdict(verdict, base_path, model_name)
         if problem:
@@ -208,7 +187,7 @@ def deploy(
         try:
             shutil.copytree(source, staging)
             # A rename within one folder is atomic: the version appears whole or not at all.
-            os.rename(staging, folder / str(version))
+            os.rename(staging, version_dir(base_path, model_name, version))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -217,7 +196,11 @@ def deploy(
         wait_for_version(server, model_name, version, timeout_s)
         confirmed = True
     return Deployment(
-        model_name, version, folder / str(version), confirmed, existing[-1] if existing else None
+        model_name,
+        version,
+        version_dir(base_path, model_name, version),
+        confirmed,
+        existing[-1] if existing else None,
     )
 
 
@@ -260,16 +243,18 @@ def rollback(
         # Noted first: a deploy of this model must then bring a verdict made after it.
         note = {
             "version": newest,
-            "fingerprint": fingerprint(folder / str(newest)),
+            "fingerprint": fingerprint(version_dir(base_path, model_name, newest)),
             "retired": dt.datetime.now(dt.UTC).isoformat(),
         }
         (retired / f"{newest}.json").write_text(json.dumps(note, indent=2) + "\n")
-        os.rename(folder / str(newest), retired / str(newest))
+        os.rename(version_dir(base_path, model_name, newest), retired / str(newest))
     confirmed = False
     if server:
         wait_for_version(server, model_name, previous, timeout_s)
         confirmed = True
-    return Deployment(model_name, previous, folder / str(previous), confirmed, newest)
+    return Deployment(
+        model_name, previous, version_dir(base_path, model_name, previous), confirmed, newest
+    )
 
 
 def _retired_versions(folder: Path) -> list[int]:
@@ -305,49 +290,15 @@ def _parse_time(text: object) -> dt.datetime | None:
         return None
 
 
-def version_states(server: str, model_name: str, timeout_s: float = 5.0) -> dict[int, int]:
-    """Each version's state (``ModelVersionStatus.State``) as the server reports it."""
-    with grpc.insecure_channel(server) as channel:
-        stub = model_service_pb2_grpc.ModelServiceStub(channel)
-        request = get_model_status_pb2.GetModelStatusRequest()
-        request.model_spec.name = model_name
-        response = stub.GetModelStatus(request, timeout=timeout_s)
-    return {s.version: s.state for s in response.model_version_status}
-
-
-def serving_version(server: str, model_name: str) -> int | None:
-    """The highest AVAILABLE version on the server, or None."""
-    try:
-        states = version_states(server, model_name)
-    except grpc.RpcError:
-        return None
-    available = [v for v, s in states.items() if s == _AVAILABLE]
-    return max(available) if available else None
-
-
-def wait_for_version(
-    server: str, model_name: str, version: int, timeout_s: float, poll_s: float = 0.2
-) -> None:
+def wait_for_version(server: str, model_name: str, version: int, timeout_s: float) -> None:
     """Waits until ``version`` is the server's newest AVAILABLE version.
 
     Raises:
-      DeployError: not so within ``timeout_s``; the message gives the last states seen.
+      DeployError: not so within ``timeout_s``, or the version failed to load; the message
+        gives the last states seen.
     """
-    deadline = time.monotonic() + timeout_s
-    last: object = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            states = version_states(server, model_name)
-            last = {
-                v: get_model_status_pb2.ModelVersionStatus.State.Name(s) for v, s in states.items()
-            }
-            available = [v for v, s in states.items() if s == _AVAILABLE]
-            if available and max(available) == version:
-                return
-        except grpc.RpcError as e:
-            last = f"{e.code().name}: {e.details()}"
-        time.sleep(poll_s)
-    raise DeployError(
-        f"{server}: version {version} of {model_name!r} was not AVAILABLE within "
-        f"{timeout_s:.0f} s (last seen: {last})"
-    )
+    try:
+        with ModelServerClient(server, model_name) as client:
+            client.wait_for_version(version, timeout_s, newest=True)
+    except ModelServerError as e:
+        raise DeployError(f"{server}: {e}") from None

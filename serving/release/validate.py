@@ -22,48 +22,43 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import (
-    get_model_status_pb2,
-    predict_pb2,
-    prediction_log_pb2,
-    prediction_service_pb2_grpc,
+
+from serving.release.deploy import fingerprint
+from serving.release.server_client import ModelServerClient, ModelServerError, ServerState
+from serving.release.server_process import ServerProcess, ServerProcessError
+from transform import artifacts
+from transform.artifacts import (
+    EXAMPLES_INPUT,
+    PROBABILITIES_OUTPUT,
+    SERVING_SIGNATURE,
+    VERDICT_FILE,
+    export_dir,
+    predict_request,
+    read_warmup_requests,
+    versions,
+    warmup_path,
 )
-
-from serving.client import EXAMPLES_INPUT, PROBABILITIES_OUTPUT
-from serving.deploy import VERDICT_FILE, export_dir, fingerprint, versions
-from serving.process import ServerProcess
-from trainer.metrics import auc, log_loss
 from transform.config import Config
+from transform.errors import WidedeepError
 from transform.features import recorded_raw_spec, serving_feature_spec
+from transform.metrics import auc, log_loss
 
-EVAL_RAW_DIR = "eval_raw"
 MAX_QUALITY_EXAMPLES = 200_000
 POPULARITY_PRIOR = 10.0
 """Impressions of pseudo-evidence at the overall label rate added to each item's own, so an
 item seen twice is not scored 0 or 1."""
-_AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-_END = get_model_status_pb2.ModelVersionStatus.END
 SCORE_TOLERANCE = 1e-4
 """How far a served score may differ from the in-process one (float32 arithmetic)."""
 
 
-class ValidationError(RuntimeError):
+class ValidationError(WidedeepError, RuntimeError):
     """Validation could not run (as opposed to a model that failed it)."""
-
-
-class ServerState(StrEnum):
-    """What the dry run's model server is doing, as InfraValidator names it."""
-
-    NOT_READY = "NOT_READY"
-    READY = "READY"
-    UNAVAILABLE = "UNAVAILABLE"
 
 
 @dataclass
@@ -93,32 +88,26 @@ class Verdict:
 
 
 def read_raw_eval_examples(
-    data_dir: str | Path, limit: int = MAX_QUALITY_EXAMPLES
-) -> tuple[list[bytes], np.ndarray, Config | None]:
-    """Raw eval tf.Examples of a datagen output and their labels."""
-    from pipeline.datagen import CONFIG_YAML
-    from transform.config import load_config
+    data_dir: str | Path, label: str, limit: int = MAX_QUALITY_EXAMPLES
+) -> tuple[list[bytes], np.ndarray]:
+    """Raw eval tf.Examples of a datagen output (label included) and their labels.
 
-    folder = Path(data_dir) / EVAL_RAW_DIR
-    files = sorted(str(p) for p in folder.glob("*.tfrecord.gz"))
-    if not files:
-        raise ValidationError(f"{folder}: no raw eval examples; is {data_dir} a datagen output?")
-    config = (
-        load_config(Path(data_dir) / CONFIG_YAML)
-        if (Path(data_dir) / CONFIG_YAML).exists()
-        else None
-    )
-    records = [
-        r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP").take(limit)
-    ]
+    Raises:
+      ValidationError: the folder has no raw eval examples, or they lack the label.
+    """
+    records = artifacts.read_raw_eval_examples(data_dir, limit)
     if not records:
-        raise ValidationError(f"{folder}: the eval split is empty")
+        raise ValidationError(
+            f"{Path(data_dir) / artifacts.EVAL_RAW_DIR}: no raw eval examples; is {data_dir} a "
+            "datagen output with a non-empty eval split?"
+        )
     labels = np.zeros(len(records), dtype=np.float64)
-    if config is not None:
-        for i, r in enumerate(records):
-            feature = tf.train.Example.FromString(r).features.feature[config.label]
-            labels[i] = feature.int64_list.value[0]
-    return records, labels, config
+    for i, r in enumerate(records):
+        feature = tf.train.Example.FromString(r).features.feature
+        if label not in feature:
+            raise ValidationError(f"{data_dir}: a raw eval example has no label {label!r}")
+        labels[i] = feature[label].int64_list.value[0]
+    return records, labels
 
 
 def score_in_process(
@@ -126,7 +115,7 @@ def score_in_process(
 ) -> np.ndarray:
     """Probabilities of raw examples from a SavedModel loaded in this process."""
     loaded = tf.saved_model.load(str(export_dir(model_dir)))
-    fn = loaded.signatures["serving_default"]
+    fn = loaded.signatures[SERVING_SIGNATURE]
     out = []
     for i in range(0, len(examples), batch_size):
         batch = tf.constant(list(examples[i : i + batch_size]), dtype=tf.string)
@@ -145,41 +134,39 @@ class DryRunServer:
         self.model_name = model_name
         self._base = Path(tempfile.mkdtemp(prefix="widedeep-dryrun-"))
         (self._base / model_name).mkdir()
-        os.symlink(export_dir(model_dir).absolute(), self._base / model_name / "1")
+        os.symlink(
+            export_dir(model_dir).absolute(), artifacts.version_dir(self._base, model_name, 1)
+        )
         self._server = ServerProcess(
             self._base / model_name, model_name, log_path=self._base / "server.log"
         )
-        self.port = self._server.port
-        self.target = self._server.target
+
+    @property
+    def target(self) -> str:
+        """``127.0.0.1:PORT`` of the server's gRPC API, once it has reported its port."""
+        return self._server.target
 
     def start(self) -> None:
         """Starts ``widedeep serve`` (the real binary when installed, else built-in)."""
         self._server.start()
 
+    def wait_until_ready(self, timeout_s: float) -> float:
+        """Seconds until READY; raises ValidationError if unavailable or past the deadline."""
+        try:
+            return self._server.wait_for_version(None, timeout_s)
+        except ServerProcessError as e:
+            raise ValidationError(f"the model server could not serve the model: {e}") from None
+
     def state(self) -> ServerState:
         """NOT_READY while loading, READY once version 1 is AVAILABLE, UNAVAILABLE if dead."""
         if not self._server.running:
             return ServerState.UNAVAILABLE
-        states = self._server.version_states()
-        if states is None:
+        try:
+            target = self.target
+        except ServerProcessError:
             return ServerState.NOT_READY
-        if _AVAILABLE in states.values():
-            return ServerState.READY
-        if _END in states.values():
-            return ServerState.UNAVAILABLE
-        return ServerState.NOT_READY
-
-    def wait_until_ready(self, timeout_s: float, poll_s: float = 0.25) -> float:
-        """Seconds until READY; raises ValidationError if unavailable or past the deadline."""
-        started = time.monotonic()
-        while time.monotonic() - started < timeout_s:
-            state = self.state()
-            if state is ServerState.READY:
-                return time.monotonic() - started
-            if state is ServerState.UNAVAILABLE:
-                raise ValidationError(f"the model server could not load the model:\n{self.log()}")
-            time.sleep(poll_s)
-        raise ValidationError(f"the model was not AVAILABLE within {timeout_s:.0f} s")
+        with ModelServerClient(target, self.model_name) as client:
+            return client.state()
 
     def log(self, lines: int = 20) -> str:
         """The last lines the server printed."""
@@ -201,17 +188,16 @@ def dry_run(
     try:
         server.start()
         result["load_seconds"] = round(server.wait_until_ready(v.load_timeout_s), 2)
-        with grpc.insecure_channel(server.target) as channel:
-            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-            result["warmup_requests"] = _replay_warmup(stub, model_dir, config, result)
+        with ModelServerClient(server.target, config.model_name) as client:
+            result["warmup_requests"] = _replay_warmup(client, model_dir, result)
             latencies, worst = [], 0.0
             n = min(v.num_candidates, len(examples))
             for r in range(v.num_requests):
                 start = (r * n) % max(1, len(examples) - n + 1)
                 batch = examples[start : start + n]
-                request = _predict_request(config.model_name, batch)
+                request = predict_request(config.model_name, batch)
                 began = time.perf_counter()
-                response = stub.Predict(request, timeout=30)
+                response = client.predict(request)
                 latencies.append((time.perf_counter() - began) * 1000)
                 served = tf.make_ndarray(response.outputs[PROBABILITIES_OUTPUT]).reshape(-1)
                 if not np.all(np.isfinite(served)) or served.min() < 0 or served.max() > 1:
@@ -235,7 +221,7 @@ def dry_run(
                 f"p99 latency {result['p99_ms']:.1f} ms over the budget of "
                 f"{v.latency_budget_ms:.0f} ms for {n} candidates"
             )
-    except (ValidationError, grpc.RpcError) as e:
+    except (ValidationError, ModelServerError, grpc.RpcError) as e:
         detail = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
         result["problems"].append(f"dry run failed: {detail}")
     finally:
@@ -244,34 +230,19 @@ def dry_run(
     return result
 
 
-def _predict_request(model_name: str, examples: Sequence[bytes]) -> predict_pb2.PredictRequest:
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model_name
-    request.model_spec.signature_name = "serving_default"
-    request.inputs[EXAMPLES_INPUT].CopyFrom(
-        tf.make_tensor_proto(list(examples), dtype=tf.string, shape=[len(examples)])
-    )
-    return request
-
-
-def _replay_warmup(stub: Any, model_dir: str | Path, config: Config, result: dict) -> int:
-    path = export_dir(model_dir) / "assets.extra" / "tf_serving_warmup_requests"
+def _replay_warmup(client: ModelServerClient, model_dir: str | Path, result: dict) -> int:
+    """Sends the model's own warmup requests; each answer must be finite."""
+    path = warmup_path(export_dir(model_dir))
     if not path.exists():
-        result["problems"].append("the model has no assets.extra/tf_serving_warmup_requests")
+        result["problems"].append(f"the model has no {path.relative_to(path.parent.parent)}")
         return 0
-    count = 0
-    for record in tf.data.TFRecordDataset(str(path)):
-        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
-        if log.WhichOneof("log_type") != "predict_log":
-            continue
-        request = log.predict_log.request
-        request.model_spec.name = config.model_name
-        response = stub.Predict(request, timeout=30)
+    requests = read_warmup_requests(path)
+    for count, request in enumerate(requests):
+        response = client.predict(request)
         for name, proto in response.outputs.items():
             if not np.all(np.isfinite(tf.make_ndarray(proto))):
                 result["problems"].append(f"warmup request {count}: output {name} not finite")
-        count += 1
-    return count
+    return len(requests)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,8 +261,6 @@ def item_popularity(
     """
     import tensorflow_transform as tft
 
-    from trainer import data as data_lib
-
     item = config.item_feature
     if item is None:
         return None
@@ -299,14 +268,14 @@ def item_popularity(
     tft_output = tft.TFTransformOutput(str(data_dir))
     spec = tft_output.transformed_feature_spec()
     wanted = {item.name: spec[item.name], config.label: spec[config.label]}
-    files = sorted(str(p) for p in (data_dir / "train").glob("part-*"))
     size = int(tft_output.vocabulary_size_by_name(item.vocabulary)) + 1  # + the OOV id
     shown = np.zeros(size)
     liked = np.zeros(size)
-    for features, labels in data_lib.eval_dataset(files, wanted, config.label, 8192):
-        ids = features[item.name].numpy().ravel()
+    for batch in artifacts.transformed_batches(data_dir, artifacts.TRAIN_DIR, wanted):
+        ids = batch[item.name].numpy().ravel()
+        labels = batch[config.label].numpy().ravel().astype(np.float64)
         shown += np.bincount(ids, minlength=size)
-        liked += np.bincount(ids, weights=labels.numpy().ravel(), minlength=size)
+        liked += np.bincount(ids, weights=labels, minlength=size)
     rate = liked.sum() / max(shown.sum(), 1.0)
     scores = (liked + POPULARITY_PRIOR * rate) / (shown + POPULARITY_PRIOR)
     tokens = tft_output.vocabulary_by_name(item.vocabulary)
@@ -333,15 +302,15 @@ def item_popularity(
 
 
 def resolve_baseline(
-    config: Config, baseline: str | Path | None, model_base_path: str | Path | None
+    config: Config, baseline: str | Path | None, models_dir: str | Path | None
 ) -> Path | None:
     """The baseline model: the one given, or the newest version under the base path."""
     if baseline is not None:
         return Path(baseline)
-    if model_base_path is not None:
-        found = versions(model_base_path, config.model_name)
+    if models_dir is not None:
+        found = versions(models_dir, config.model_name)
         if found:
-            return Path(model_base_path) / config.model_name / str(found[-1])
+            return artifacts.version_dir(models_dir, config.model_name, found[-1])
     return None
 
 
@@ -350,11 +319,11 @@ def validate(
     data_dir: str | Path,
     config: Config,
     baseline: str | Path | None = None,
-    model_base_path: str | Path | None = None,
+    models_dir: str | Path | None = None,
     skip_dry_run: bool = False,
 ) -> Verdict:
     """Runs the dry run and the quality check and writes ``<model_dir>/verdict.json``."""
-    examples, labels, _ = read_raw_eval_examples(data_dir)
+    examples, labels = read_raw_eval_examples(data_dir, config.label)
     scores = score_in_process(model_dir, examples)
     verdict = Verdict(
         model=str(Path(model_dir).absolute()),
@@ -388,7 +357,7 @@ def validate(
                 f"({popularity['item']}'s label rate in the training split: AUC {pop_auc:.4f} on "
                 f"the same eval rows" + (f", margin {margin}" if margin else "") + ")"
             )
-    base = resolve_baseline(config, baseline, model_base_path)
+    base = resolve_baseline(config, baseline, models_dir)
     if base is not None:
         verdict.baseline = str(base.absolute())
         verdict.baseline_fingerprint = fingerprint(base)

@@ -1,37 +1,33 @@
-"""A model server in its own process: what ``validate``'s dry run and ``widedeep run`` start.
+"""The one thing that starts a model server: ``widedeep serve`` in a child process.
 
-The process is ``widedeep serve`` (``python -m pipeline.cli serve``): the real
-``tensorflow_model_server`` when it is on PATH, else the built-in server. Either way the
-parent speaks to it only through TF Serving's gRPC API, as any client would.
+The child is ``python -m serving.command`` (what ``widedeep serve`` runs): the real
+``tensorflow_model_server`` when it is on PATH, else the built-in server. Either way the parent
+speaks to it only through TF Serving's gRPC API (:class:`ModelServerClient`), as any client
+would. Asked for port 0, the server binds a free port itself and prints which one (the line
+TF Serving prints, ``Running gRPC ModelServer at HOST:PORT``), which the parent reads: no port
+is picked by the parent, closed and handed to the child, where another process could take it
+first.
 """
 
 from __future__ import annotations
 
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
 
-import grpc
-from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+from serving.release.server_client import ModelServerClient, ModelServerError
+from transform.errors import WidedeepError
 
-_AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-_END = get_model_status_pb2.ModelVersionStatus.END
+_GRPC_LINE = re.compile(r"Running gRPC ModelServer at (?:\S*):(\d+)")
+_POLL_SECONDS = 0.1
 
 
-class ServerProcessError(RuntimeError):
+class ServerProcessError(WidedeepError, RuntimeError):
     """The server process died, or did not serve what was expected in time."""
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
@@ -41,7 +37,7 @@ class ServerProcess:
       model_base_path: Folder holding the model's numbered versions.
       model_name: The model's name on the server.
       log_path: Where the server's output goes (kept, to explain a failure).
-      port: gRPC port; 0 picks a free one.
+      port: gRPC port; 0: the server binds a free one and reports it (see :attr:`port`).
       rest_api_port: REST port; None serves no REST.
       poll_seconds: How often the server looks for new versions.
       flags: More ``widedeep serve`` flags (e.g. ``--builtin``, thread pool sizes).
@@ -60,13 +56,31 @@ class ServerProcess:
         self.model_base_path = Path(model_base_path).absolute()
         self.model_name = model_name
         self.log_path = Path(log_path)
-        self.port = port or free_port()
+        self._port = port or None
         self.rest_api_port = rest_api_port
-        self.target = f"127.0.0.1:{self.port}"
         self._poll_seconds = poll_seconds
         self._flags = list(flags)
-        self._log: IO[str] | None = None
         self._process: subprocess.Popen | None = None
+
+    @property
+    def port(self) -> int:
+        """The gRPC port the server listens on.
+
+        Raises:
+          ServerProcessError: the server has not reported it yet (see
+            :meth:`wait_for_version`).
+        """
+        if self._port is None:
+            found = _GRPC_LINE.search(self._output())
+            if found is None:
+                raise ServerProcessError("the model server has not reported its port yet")
+            self._port = int(found.group(1))
+        return self._port
+
+    @property
+    def target(self) -> str:
+        """``127.0.0.1:PORT`` of the gRPC API."""
+        return f"127.0.0.1:{self.port}"
 
     @property
     def rest_url(self) -> str | None:
@@ -78,9 +92,8 @@ class ServerProcess:
         argv = [
             sys.executable,
             "-m",
-            "pipeline.cli",
-            "serve",
-            f"--port={self.port}",
+            "serving.command",
+            f"--port={self._port or 0}",
             f"--model_name={self.model_name}",
             f"--model_base_path={self.model_base_path}",
             f"--file_system_poll_wait_seconds={self._poll_seconds}",
@@ -89,13 +102,17 @@ class ServerProcess:
             argv.append(f"--rest_api_port={self.rest_api_port}")
         argv += self._flags
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("w+")
-        self._process = subprocess.Popen(
-            argv,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-        )
+        # The child writes through its own descriptor; the parent reads the file by name, so
+        # the two never share (and move) one file offset.
+        with self.log_path.open("w") as log:
+            self._process = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # TensorFlow's C++ notices (cuInit on machines without a GPU) are not the
+                # server's.
+                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+            )
 
     @property
     def pid(self) -> int | None:
@@ -107,18 +124,6 @@ class ServerProcess:
         """Whether the process is alive."""
         return self._process is not None and self._process.poll() is None
 
-    def version_states(self, timeout_s: float = 2.0) -> dict[int, int] | None:
-        """Each version's ``ModelVersionStatus.State``; None while the server does not answer."""
-        try:
-            with grpc.insecure_channel(self.target) as channel:
-                stub = model_service_pb2_grpc.ModelServiceStub(channel)
-                request = get_model_status_pb2.GetModelStatusRequest()
-                request.model_spec.name = self.model_name
-                response = stub.GetModelStatus(request, timeout=timeout_s)
-        except grpc.RpcError:
-            return None
-        return {s.version: s.state for s in response.model_version_status}
-
     def wait_for_version(self, version: int | None, timeout_s: float, poll_s: float = 0.2) -> float:
         """Waits until ``version`` (None: any version) is AVAILABLE; returns the seconds waited.
 
@@ -127,36 +132,41 @@ class ServerProcess:
             passed; the message ends with the server's last lines.
         """
         started = time.monotonic()
-        while time.monotonic() - started < timeout_s:
+        deadline = started + timeout_s
+        while self._port is None:
             if not self.running:
                 raise ServerProcessError(f"the model server stopped:\n{self.log()}")
-            states = self.version_states()
-            if states:
-                if version is None and _AVAILABLE in states.values():
-                    return time.monotonic() - started
-                if version is not None and states.get(version) == _AVAILABLE:
-                    return time.monotonic() - started
-                if version is not None and states.get(version) == _END:
-                    raise ServerProcessError(
-                        f"version {version} of {self.model_name!r} failed to load:\n{self.log()}"
-                    )
-                if version is None and states and all(s == _END for s in states.values()):
-                    raise ServerProcessError(
-                        f"the model server could not load {self.model_name!r}:\n{self.log()}"
-                    )
-            time.sleep(poll_s)
-        raise ServerProcessError(
-            f"{self.model_name!r} version {version if version is not None else 'any'} was not "
-            f"AVAILABLE within {timeout_s:.0f} s:\n{self.log()}"
-        )
+            if _GRPC_LINE.search(self._output()):
+                break
+            if time.monotonic() >= deadline:
+                raise ServerProcessError(
+                    f"the model server did not open its gRPC port within {timeout_s:.0f} s:\n"
+                    f"{self.log()}"
+                )
+            time.sleep(_POLL_SECONDS)
+        try:
+            with ModelServerClient(self.target, self.model_name) as client:
+                client.wait_for_version(
+                    version,
+                    max(0.0, deadline - time.monotonic()),
+                    end_is_failure=True,
+                    alive=lambda: self.running,
+                    poll_s=poll_s,
+                )
+        except ModelServerError as e:
+            raise ServerProcessError(f"{e}:\n{self.log()}") from None
+        return time.monotonic() - started
+
+    def _output(self) -> str:
+        """Everything the server printed so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def log(self, lines: int = 20) -> str:
         """The last lines the server printed."""
-        if self._log is None:
-            return ""
-        self._log.flush()
-        self._log.seek(0)
-        return "\n".join(self._log.read().splitlines()[-lines:])
+        return "\n".join(self._output().splitlines()[-lines:])
 
     def stop(self, grace_s: float = 15.0) -> None:
         """Stops the server gracefully (SIGTERM: requests in flight finish), then kills it."""
@@ -167,9 +177,6 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
     def __enter__(self) -> ServerProcess:
         self.start()

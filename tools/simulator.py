@@ -75,6 +75,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from transform.errors import ArtifactError, OutputExistsError, UsageError
+
 __all__ = [
     "CATEGORY_NAMES",
     "COUNTRIES",
@@ -288,7 +290,7 @@ class SimulatorSettings:
         _require_int("max_candidates", self.max_candidates, minimum=self.min_candidates)
         _require_int("start_day_of_week", self.start_day_of_week, minimum=0, maximum=6)
         if self.num_apps < self.num_categories:
-            raise ValueError(
+            raise UsageError(
                 f"num_apps ({self.num_apps}) must be at least num_categories "
                 f"({self.num_categories}) so that every category has an app"
             )
@@ -301,10 +303,10 @@ class SimulatorSettings:
         ):
             _require_fraction(name, getattr(self, name))
         if not 0.0 < self.base_rate < 1.0:
-            raise ValueError(f"base_rate must be strictly between 0 and 1, got {self.base_rate}")
+            raise UsageError(f"base_rate must be strictly between 0 and 1, got {self.base_rate}")
         for name in ("mean_installed", "freshness_days"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
         for name in (
             "companion_effect",
             "taste_weight",
@@ -315,12 +317,12 @@ class SimulatorSettings:
             "country_zipf",
         ):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be finite and >= 0, got {getattr(self, name)}")
         if not math.isfinite(self.already_installed_effect):
-            raise ValueError("already_installed_effect must be finite")
+            raise UsageError("already_installed_effect must be finite")
         mix = self.retrieval_mix
         if len(mix) != 3 or any(not math.isfinite(x) or x < 0 for x in mix) or sum(mix) <= 0:
-            raise ValueError(
+            raise UsageError(
                 "retrieval_mix must be three non-negative shares (popular, category, random) "
                 f"with a positive sum, got {mix}"
             )
@@ -337,7 +339,7 @@ class SimulatorSettings:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown simulator settings: {', '.join(unknown)}")
+            raise UsageError(f"unknown simulator settings: {', '.join(unknown)}")
         return cls(**data)
 
 
@@ -644,10 +646,10 @@ class AppStoreWorld:
         out = Path(out_dir)
         meta_path = out / METADATA_FILE
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path} not found: not a finished simulation folder")
+            raise ArtifactError(f"{meta_path} not found: not a finished simulation folder")
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(
+            raise UsageError(
                 f"{meta_path} has format_version {meta.get('format_version')!r}, "
                 f"this simulator reads {_FORMAT_VERSION}"
             )
@@ -700,11 +702,11 @@ class AppStoreWorld:
     def end_day(self, day: int, users: np.ndarray, apps: np.ndarray) -> None:
         """Close ``day``: apps installed on it join the users' installed sets from the next day."""
         if day != self.last_day + 1:
-            raise ValueError(f"day must be {self.last_day + 1} (the next day), got {day}")
+            raise UsageError(f"day must be {self.last_day + 1} (the next day), got {day}")
         users = np.asarray(users, np.int64)
         apps = np.asarray(apps, np.int64)
         if users.shape != apps.shape:
-            raise ValueError("users and apps must have the same length")
+            raise UsageError("users and apps must have the same length")
         _check_range("users", users, self.settings.num_users)
         _check_range("apps", apps, self.num_apps_on(day))
         new = (users << _KEY_SHIFT) | apps
@@ -734,12 +736,12 @@ class AppStoreWorld:
         offsets = np.asarray(installed_offsets, np.int64)
         flat = np.asarray(installed_apps, np.int64)
         if not (len(user) == len(hour) == len(device) == n and len(offsets) == n + 1):
-            raise ValueError(
+            raise UsageError(
                 "user, app, hour and device must have one entry per impression and "
                 "installed_offsets one more"
             )
         if n and (offsets[0] != 0 or offsets[-1] != len(flat) or np.any(np.diff(offsets) < 0)):
-            raise ValueError("installed_offsets must rise from 0 to len(installed_apps)")
+            raise UsageError("installed_offsets must rise from 0 to len(installed_apps)")
         n_apps = self.num_apps_on(day)
         _check_range("user", user, self.settings.num_users)
         _check_range("app", app, n_apps)
@@ -762,12 +764,12 @@ class AppStoreWorld:
             if c not in rows.column_names
         ]
         if missing:
-            raise ValueError(f"rows lack columns: {', '.join(missing)}")
+            raise UsageError(f"rows lack columns: {', '.join(missing)}")
         user = _parse_ids(rows.column("user_id"), "user_id")
         app = _parse_ids(rows.column("impression_app"), "impression_app")
         device_col = pc.index_in(rows.column("device"), value_set=self._device_names)
         if device_col.null_count:
-            raise ValueError(f"device holds values other than {', '.join(DEVICES)}")
+            raise UsageError(f"device holds values other than {', '.join(DEVICES)}")
         installed = rows.column("installed_apps")
         lengths = pc.list_value_length(installed).to_numpy(zero_copy_only=False)
         offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
@@ -1040,16 +1042,16 @@ def simulate(
         settings = replace(settings, seed=seed)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
+        raise OutputExistsError(f"{out} exists and is not a folder")
     existing = (
         sorted(p for p in out.iterdir() if p.is_dir() and _DAY_DIR.match(p.name))
         if out.is_dir()
         else []
     )
     if existing and not overwrite:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{out} already holds simulated days ({existing[0].name}"
-            f"{', ...' if len(existing) > 1 else ''}); pass overwrite=True to replace them"
+            f"{', ...' if len(existing) > 1 else ''}); pass --overwrite to replace them"
         )
     # Build the world before removing anything, so bad settings never cost existing data.
     world = AppStoreWorld(settings)
@@ -1185,20 +1187,20 @@ class _ShardWriter:
 
 def _require_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise UsageError(f"{name} must be an integer, got {value!r}")
     if value < minimum or (maximum is not None and value > maximum):
         bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
+        raise UsageError(f"{name} must be {bound}, got {value}")
 
 
 def _require_fraction(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
+        raise UsageError(f"{name} must be in [0, 1], got {value}")
 
 
 def _check_range(name: str, values: np.ndarray, upper: int) -> None:
     if len(values) and (values.min() < 0 or values.max() >= upper):
-        raise ValueError(f"{name} holds values outside [0, {upper})")
+        raise UsageError(f"{name} holds values outside [0, {upper})")
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -1253,7 +1255,7 @@ def _parse_ids(column: pa.Array | pa.ChunkedArray, name: str) -> np.ndarray:
     try:
         ints = pc.cast(pc.utf8_slice_codeunits(column, 1), pa.int64())
     except pa.ArrowInvalid as exc:
-        raise ValueError(f"{name} holds ids that are not a letter followed by digits") from exc
+        raise UsageError(f"{name} holds ids that are not a letter followed by digits") from exc
     if ints.null_count:
-        raise ValueError(f"{name} holds nulls")
+        raise UsageError(f"{name} holds nulls")
     return np.asarray(ints.to_numpy(), np.int64)

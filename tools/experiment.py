@@ -10,7 +10,7 @@ simulated logs, where the ground truth is known:
 3. :func:`trainer.train.train` trains each of the three models from the same config and data.
 4. Offline: every exported SavedModel scores the logged rows of the last day, which no model
    was trained on, in this process (raw tf.Examples built by the scoring client's
-   :class:`serving.client.ExampleEncoder`); AUC and log loss against the logged labels. The
+   :class:`transform.examples.ExampleEncoder`); AUC and log loss against the logged labels. The
    simulator's true probability of the same rows gives the ceiling (the oracle AUC).
 5. Online: on the next day, ``online_queries`` users open the store; the simulator's retrieval
    gives each query its candidate apps (5-20 by default). Each arm ranks the candidates, shows
@@ -41,14 +41,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.simulator import (
+from tools.simulator import (
     METADATA_FILE,
     AppStoreWorld,
     SimulatorSettings,
     ragged_gather,
     simulate,
 )
+from transform import artifacts
 from transform.config import Config
+from transform.errors import UsageError
+from transform.metrics import auc, log_loss, query_auc
 from transform.paths import remove_paths
 
 __all__ = [
@@ -67,7 +70,6 @@ __all__ = [
     "encode_rows",
     "installs_per_query",
     "online_outcome",
-    "query_auc",
     "ratio_interval",
     "run_experiment",
     "top_k_mask",
@@ -123,16 +125,16 @@ class ExperimentSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "top_k", tuple(int(k) for k in self.top_k))
         if self.days < 2:
-            raise ValueError(f"days must be >= 2 (train days and a held-out day), got {self.days}")
+            raise UsageError(f"days must be >= 2 (train days and a held-out day), got {self.days}")
         for name in ("rows_per_day", "online_queries", "bootstrap_samples"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.top_k or any(k < 1 for k in self.top_k):
-            raise ValueError(f"top_k must be one or more integers >= 1, got {self.top_k}")
+            raise UsageError(f"top_k must be one or more integers >= 1, got {self.top_k}")
         if not 0.0 < self.confidence < 1.0:
-            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+            raise UsageError(f"confidence must be in (0, 1), got {self.confidence}")
         if self.max_offline_rows is not None and self.max_offline_rows < 1:
-            raise ValueError(f"max_offline_rows must be >= 1, got {self.max_offline_rows}")
+            raise UsageError(f"max_offline_rows must be >= 1, got {self.max_offline_rows}")
 
     @property
     def world(self) -> SimulatorSettings:
@@ -266,12 +268,12 @@ def _plain(outcome: ArmOutcome) -> dict[str, Any]:
 def encode_rows(rows: pa.Table, config: Config) -> list[bytes]:
     """Serialized raw tf.Examples of logged rows: the config's feature columns, no label.
 
-    Built with the scoring client's :class:`~serving.client.ExampleEncoder`, as a client of the
+    Built with the scoring client's :class:`~transform.examples.ExampleEncoder`, as a client of the
     model server would; the encoded features of repeated values are reused.
     """
     import tensorflow as tf
 
-    from serving.client import ExampleEncoder
+    from transform.examples import ExampleEncoder
     from transform.features import can_be_int
 
     columns = list(dict.fromkeys(f.column for f in config.features))
@@ -336,7 +338,7 @@ def draw_queries(
     world's current ones (the start of ``day``); nothing in ``world`` changes.
     """
     if num_queries < 1:
-        raise ValueError(f"num_queries must be >= 1, got {num_queries}")
+        raise UsageError(f"num_queries must be >= 1, got {num_queries}")
     rng = np.random.default_rng([seed, _STREAM_QUERIES, day])
     s = world.settings
     bound = 2 * num_queries * s.max_candidates + chunk_rows
@@ -394,42 +396,6 @@ def draw_queries(
         probability=np.concatenate(probabilities),
         memorisation=np.concatenate(memorisation),
     )
-
-
-def query_auc(query: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
-    """Mean over queries of the AUC among a query's own impressions (ties count one half).
-
-    Only the order of a query's candidates decides what it shows, so this is the offline
-    number closest to the online test; queries without both a positive and a negative are
-    left out.
-    """
-    query = np.asarray(query)
-    y = np.asarray(labels, np.float64)
-    s = np.asarray(scores, np.float64)
-    order = np.lexsort((s, query))
-    q, y, s = query[order], y[order], s[order]
-    n = len(q)
-    if n == 0:
-        return math.nan
-    neg = 1.0 - y
-    before = np.concatenate(([0.0], np.cumsum(neg)))  # negatives before each position
-    new_query = np.r_[True, q[1:] != q[:-1]]
-    new_tie = new_query | np.r_[True, s[1:] != s[:-1]]
-    query_start = np.maximum.accumulate(np.where(new_query, np.arange(n), 0))
-    tie_start = np.maximum.accumulate(np.where(new_tie, np.arange(n), 0))
-    tie_end = np.r_[np.flatnonzero(new_tie)[1:], n]
-    tie_end = tie_end[np.cumsum(new_tie) - 1]
-    below = before[tie_start] - before[query_start]
-    tied = before[tie_end] - before[tie_start]
-    credit = y * (below + 0.5 * tied)
-    ids = np.cumsum(new_query) - 1
-    pos = np.bincount(ids, weights=y)
-    negs = np.bincount(ids, weights=neg)
-    wins = np.bincount(ids, weights=credit)
-    both = (pos > 0) & (negs > 0)
-    if not both.any():
-        return math.nan
-    return float(np.mean(wins[both] / (pos[both] * negs[both])))
 
 
 def top_k_mask(query: np.ndarray, scores: np.ndarray, k: int, tiebreak: np.ndarray) -> np.ndarray:
@@ -614,8 +580,7 @@ def run_experiment(
         progress: called with a line of text per step; None for silence.
     """
     from pipeline.datagen import run_datagen
-    from serving.validate import score_in_process
-    from trainer import metrics as metrics_lib
+    from serving.release.validate import score_in_process
     from trainer.train import train
 
     settings = settings if settings is not None else ExperimentSettings()
@@ -649,7 +614,7 @@ def run_experiment(
     seconds["simulate"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    if (data / "summary.json").is_file():
+    if (data / artifacts.SUMMARY_JSON).is_file():
         say(f"datagen: reusing {data}")
     else:
         say(f"datagen: days 1..{D - 1} with the {config_name} config")
@@ -661,7 +626,7 @@ def run_experiment(
             beam_args=beam_args,
             echo=None,
         )
-    summary = json.loads((data / "summary.json").read_text())
+    summary = artifacts.read_summary(data)
     train_rows, eval_rows = _split_rows(summary)
     seconds["datagen"] = time.perf_counter() - started
     say(f"  train {train_rows:,} rows, eval {eval_rows:,} rows ({seconds['datagen']:.0f} s)")
@@ -670,9 +635,8 @@ def run_experiment(
     for arm in arms:
         started = time.perf_counter()
         model_dir = models / arm
-        metrics_path = model_dir / "metrics.json"
-        if (model_dir / "export").is_dir() and metrics_path.is_file():
-            metrics = json.loads(metrics_path.read_text())
+        metrics = artifacts.read_json(model_dir / artifacts.METRICS_FILE)
+        if (model_dir / artifacts.EXPORT_DIR).is_dir() and metrics is not None:
             trained[arm] = {"reused": True, "eval_split_auc": metrics.get("auc")}
             say(f"train {arm}: reusing {model_dir}")
         else:
@@ -723,9 +687,9 @@ def run_experiment(
     for arm in arms:
         p = score_in_process(models / arm, offline_examples + online_examples)
         offline[arm] = OfflineOutcome(
-            auc=metrics_lib.auc(labels, p[:n_off]),
+            auc=auc(labels, p[:n_off]),
             query_auc=query_auc(held_out_query, labels, p[:n_off]),
-            log_loss=metrics_lib.log_loss(labels, p[:n_off]),
+            log_loss=log_loss(labels, p[:n_off]),
             mean_prediction=float(p[:n_off].mean()),
             eval_split_auc=trained[arm]["eval_split_auc"],
         )
@@ -735,9 +699,9 @@ def run_experiment(
             f"{offline[arm].query_auc:.4f}, log loss {offline[arm].log_loss:.4f}"
         )
     offline[ORACLE] = OfflineOutcome(
-        auc=metrics_lib.auc(labels, truth),
+        auc=auc(labels, truth),
         query_auc=query_auc(held_out_query, labels, truth),
-        log_loss=metrics_lib.log_loss(labels, truth),
+        log_loss=log_loss(labels, truth),
         mean_prediction=float(truth.mean()),
     )
     say(
