@@ -135,7 +135,7 @@ def _eval_curve_class() -> Any:
     import tf_keras
 
     from trainer import data as data_lib
-    from trainer import metrics as metrics_lib
+    from transform import metrics as metrics_lib
 
     class EvalCurve(tf_keras.callbacks.Callback):
         """Scores the eval split at given global steps (and before the first step)."""
@@ -250,9 +250,9 @@ def _child_keras(args: dict[str, Any]) -> dict[str, Any]:
     import tf_keras
 
     from trainer import data as data_lib
-    from trainer import metrics as metrics_lib
     from trainer.model import make_optimizer
     from trainer.spec import Role, build_model_spec
+    from transform import metrics as metrics_lib
     from transform.config import load_config
 
     config = load_config(CONFIG_NAME)
