@@ -3,7 +3,9 @@
 Impression logs in, training data out: vocabularies of every categorical feature seen at least
 ``min_count`` times, quantile boundaries of every numeric feature, the wide tower's
 cross-product transformations, a deterministic train/eval split, the transform graph, the raw
-schema, gzipped transformed TFRecords and a summary.
+schema, gzipped transformed TFRecords and a summary; and, from the same pass over the input, the
+statistics of its raw columns and their anomalies against a reference (data validation:
+:mod:`pipeline.statistics`, :mod:`pipeline.anomalies`).
 
 Its output layout is the datagen-output contract of :mod:`transform.artifacts`.
 
