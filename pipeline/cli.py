@@ -27,6 +27,8 @@ from typing import Any
 from serving.flags import SERVE_EXAMPLES
 
 EXIT_USAGE = 2
+EXIT_ANOMALY = 1
+"""``widedeep datagen --fail-on-anomaly``: the data has a blocking anomaly."""
 EXIT_BUG = 70
 """Exit status of an internal error (sysexits' EX_SOFTWARE), apart from a user error's 2."""
 
@@ -235,6 +237,20 @@ def _datagen_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace an output folder that holds results (kept until the new output is complete)",
     )
+    p.add_argument(
+        "--reference-statistics",
+        "--reference_statistics",
+        dest="reference_statistics",
+        metavar="PATH",
+        help="validate the input against these statistics: an earlier datagen output folder "
+        "or its statistics.json (default: only the checks that need no reference)",
+    )
+    p.add_argument(
+        "--fail-on-anomaly",
+        action="store_true",
+        help="exit with status 1 when data validation finds a blocking anomaly (the output is "
+        "written all the same)",
+    )
     _wait_arg(p, "the output folder")
 
 
@@ -244,6 +260,8 @@ def _datagen_arguments(p: argparse.ArgumentParser) -> None:
     """
     widedeep datagen --config app_store --input 'logs/day=001/*.parquet' --out data/day1
     widedeep datagen --config my.yaml --input logs.csv --out data/ --overwrite
+    widedeep datagen --config app_store --input 'logs/day=002' --out data/day2 \\
+        --reference-statistics data/day1 --fail-on-anomaly
     widedeep datagen --config app_store --input logs/ --out data/ \\
         --runner=PortableRunner --job_endpoint=embed --environment_type=LOOPBACK
 
@@ -254,11 +272,12 @@ def _datagen_arguments(p: argparse.ArgumentParser) -> None:
     passes_on_unknown=True,
 )
 def _datagen(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from pipeline.anomalies import blocking
     from pipeline.datagen import run_datagen
     from pipeline.sources import InputFormat
     from transform.config import load_config
 
-    run_datagen(
+    result = run_datagen(
         load_config(args.config),
         args.input,
         args.out,
@@ -266,7 +285,16 @@ def _datagen(args: argparse.Namespace, extra: Sequence[str]) -> int:
         overwrite=args.overwrite,
         beam_args=_beam_args(extra),
         wait=args.wait,
+        reference=args.reference_statistics,
     )
+    blocks = blocking(result.anomalies)
+    if blocks and args.fail_on_anomaly:
+        print(
+            f"widedeep datagen: {len(blocks)} blocking anomal{'y' if len(blocks) == 1 else 'ies'}"
+            f" (--fail-on-anomaly); see {result.out_dir}",
+            file=sys.stderr,
+        )
+        return EXIT_ANOMALY
     return 0
 
 

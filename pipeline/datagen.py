@@ -3,7 +3,9 @@
 Impression logs in, training data out: vocabularies of every categorical feature seen at least
 ``min_count`` times, quantile boundaries of every numeric feature, the wide tower's
 cross-product transformations, a deterministic train/eval split, the transform graph, the raw
-schema, gzipped transformed TFRecords and a summary.
+schema, gzipped transformed TFRecords and a summary; and, from the same pass over the input, the
+statistics of its raw columns and their anomalies against a reference (data validation:
+:mod:`pipeline.statistics`, :mod:`pipeline.anomalies`).
 
 Its output layout is the datagen-output contract of :mod:`transform.artifacts`.
 
@@ -30,16 +32,23 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline import anomalies as data_validation
 from pipeline import sources
 from pipeline.sources import InputFiles, InputFormat
+from pipeline.statistics import CombineStatistics, batch_statistics, format_statistics
+from pipeline.statistics import merge as merge_statistics
 from pipeline.tfrecords import WriteFramedTFRecords, frame_records
+from transform import artifacts
 from transform.artifacts import (
+    ANOMALIES_JSON,
+    ANOMALIES_PNG,
     CONFIG_YAML,
     EVAL_DIR,
     EVAL_RAW_DIR,
     RAW_METADATA_DIR,
     SHARD_PREFIX,
     SHARD_SUFFIX,
+    STATISTICS_JSON,
     SUMMARY_JSON,
     SUMMARY_TXT,
     TRAIN_DIR,
@@ -51,6 +60,7 @@ from transform.paths import locked, remove_leftovers
 log = logging.getLogger(__name__)
 
 _STATS_NAME = "_stats"
+_COLUMN_STATS = "_column_stats"
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,10 @@ class DatagenResult:
 
     out_dir: Path
     summary: dict[str, Any]
+    statistics: dict[str, Any]
+    """The input's statistics (``statistics.json``)."""
+    anomalies: list[data_validation.Anomaly]
+    """What data validation found (``anomalies.json``)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,13 +104,17 @@ class ReadLogBatches(beam.DoFn):
             raw = sources.iter_parquet(self._config, path, self._batch_rows)
         else:
             raw = sources.iter_csv(self._config, path, self._batch_rows, self._int_columns)
+        stats: dict[str, Any] = {}
         for batch in raw:
             if batch.num_rows == 0:
                 continue
             rows += batch.num_rows
             self._rows.inc(batch.num_rows)
+            # Before missing values are filled in: the statistics see the log as it is.
+            stats = merge_statistics(stats, batch_statistics(self._config, batch))
             batch = sources.to_tfxio_batch(self._config, batch, path, self._int_columns)
             yield from _split(self._config, batch, self._schema)
+        yield beam.pvalue.TaggedOutput(_COLUMN_STATS, stats)
         log.info("read %s: %d rows in %.1f s", path, rows, time.monotonic() - started)
 
 
@@ -109,6 +127,9 @@ class SplitBatches(beam.DoFn):
         self._where = where
 
     def process(self, batch: pa.RecordBatch) -> Iterator[Any]:
+        yield beam.pvalue.TaggedOutput(
+            _COLUMN_STATS, batch_statistics(self._config, batch, decoded=True)
+        )
         batch = sources.fill_missing(self._config, batch, self._where)
         yield from _split(self._config, batch, self._schema)
 
@@ -197,7 +218,7 @@ def build_pipeline(
             | "SplitTrainEval"
             >> beam.ParDo(
                 SplitBatches(config, arrow_schema, where=", ".join(files.paths[:3]))
-            ).with_outputs(TRAIN_DIR, EVAL_DIR, _STATS_NAME)
+            ).with_outputs(TRAIN_DIR, EVAL_DIR, _STATS_NAME, _COLUMN_STATS)
         )
     else:
         split = (
@@ -208,7 +229,7 @@ def build_pipeline(
             | f"Read{files.format.value.capitalize()}AndSplit"
             >> beam.ParDo(
                 ReadLogBatches(config, files.format, batch_rows, arrow_schema, files.int_columns)
-            ).with_outputs(TRAIN_DIR, EVAL_DIR, _STATS_NAME)
+            ).with_outputs(TRAIN_DIR, EVAL_DIR, _STATS_NAME, _COLUMN_STATS)
         )
 
     adapter_config = tfxio.TensorAdapterConfig()
@@ -243,6 +264,13 @@ def build_pipeline(
         >> beam.io.WriteToText(
             os.path.join(out_dir, _STATS_NAME), shard_name_template="", file_name_suffix=".json"
         )
+    )
+    # Statistics of the raw columns, in the same pass over the input (data validation).
+    _ = (
+        split[_COLUMN_STATS]
+        | "ComputeStatistics" >> beam.CombineGlobally(CombineStatistics(config))
+        | "WriteStatistics"
+        >> beam.io.WriteToText(os.path.join(out_dir, STATISTICS_JSON), shard_name_template="")
     )
 
 
@@ -286,6 +314,7 @@ def run_datagen(
     batch_rows: int = 8192,
     echo: Callable[[str], None] | None = print,
     wait: bool = False,
+    reference: str | Path | None = None,
 ) -> DatagenResult:
     """Runs data generation end to end and returns its summary.
 
@@ -307,8 +336,12 @@ def run_datagen(
       batch_rows: Rows per Arrow batch read from the input.
       echo: Where the summary is printed; None to stay quiet.
       wait: When another process is writing ``out_dir``, wait for it instead of failing.
+      reference: The statistics the input is validated against: a datagen output folder or
+        its ``statistics.json``; None runs only the checks that need no reference. The
+        anomalies are printed and written, whatever their severity: the caller decides.
 
     Raises:
+      ArtifactError: ``reference`` is not a readable statistics file.
       OutputExistsError: ``out_dir`` holds results and ``overwrite`` is False.
       InUseError: another process is writing ``out_dir`` (and ``wait`` is False).
       sources.InputError: the input cannot be read as the config describes, the output
@@ -316,6 +349,10 @@ def run_datagen(
     """
     out = Path(out_dir).absolute()
     _check_out_free(out, overwrite)
+    ref = None
+    if reference is not None:
+        ref = artifacts.read_statistics(reference)
+        ref["path"] = str(Path(reference).absolute())
     files = sources.resolve_input(input_patterns, input_format)
     sources.check_output_apart(input_patterns, files, out)
     files = sources.preflight(config, files)
@@ -326,7 +363,7 @@ def run_datagen(
         name = glob.escape(out.name)
         for path in remove_leftovers(out.parent, [f"{name}.partial", f"{name}.old-*"]):
             log.info("datagen: removed %s, left by an interrupted run", path)
-        return _run_locked(config, files, out, beam_args, batch_rows, echo)
+        return _run_locked(config, files, out, beam_args, batch_rows, echo, ref)
 
 
 def lock_file(out: Path) -> Path:
@@ -349,6 +386,7 @@ def _run_locked(
     beam_args: Sequence[str],
     batch_rows: int,
     echo: Callable[[str], None] | None,
+    reference: dict[str, Any] | None = None,
 ) -> DatagenResult:
     import tensorflow_transform.beam as tft_beam
     from tensorflow_transform.tf_metadata import dataset_metadata, metadata_io
@@ -371,8 +409,21 @@ def _run_locked(
         summary = summarize(config, files, partial, time.monotonic() - started)
         if summary["splits"].get(EVAL_DIR, {}).get("rows", 0) == 0:
             log.warning("datagen: the eval split is empty; raise data.eval_fraction or add rows")
+        statistics, anomalies = _validate_data(config, partial, reference)
+        ref_path = reference["path"] if reference else None
+        summary["data_validation"] = {
+            "reference": ref_path,
+            "anomalies": len(anomalies),
+            "blocking": len(data_validation.blocking(anomalies)),
+        }
         (partial / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
-        text = format_summary(summary, out)
+        text = "\n".join(
+            [
+                format_summary(summary, out),
+                *format_statistics(statistics),
+                data_validation.format_anomalies(anomalies, ref_path),
+            ]
+        )
         (partial / SUMMARY_TXT).write_text(text + "\n")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -380,7 +431,24 @@ def _run_locked(
     _replace(partial, out)
     if echo is not None:
         echo(text)
-    return DatagenResult(out_dir=out, summary=summary)
+    return DatagenResult(out_dir=out, summary=summary, statistics=statistics, anomalies=anomalies)
+
+
+def _validate_data(
+    config: Config, out: Path, reference: dict[str, Any] | None
+) -> tuple[dict[str, Any], list[data_validation.Anomaly]]:
+    """The statistics the job wrote, and their anomalies (``anomalies.json``, and a plot of
+    the columns that moved when there is a reference)."""
+    statistics = artifacts.read_statistics(out)
+    anomalies = data_validation.find_anomalies(config, statistics, reference)
+    ref_path = reference["path"] if reference else None
+    report = data_validation.report(anomalies, statistics, ref_path)
+    if reference is not None and data_validation.plot_drift(
+        out / ANOMALIES_PNG, statistics, reference, anomalies
+    ):
+        report["plot"] = ANOMALIES_PNG
+    data_validation.write_report(out / ANOMALIES_JSON, report)
+    return statistics, anomalies
 
 
 def _replace(new: Path, out: Path) -> None:

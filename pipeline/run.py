@@ -4,7 +4,10 @@ One day is datagen -> train -> validate -> deploy. Day 1 trains cold; each later
 warm-starts from the model being served, is validated against it on the new day's eval data,
 and is deployed to the server that is running, which keeps answering queries meanwhile (paper,
 section 4.2: "every time a new set of training data arrives, the model needs to be re-trained").
-A day whose model fails validation is not deployed; the loop says so and goes on. The run ends
+A day whose model fails validation is not deployed; the loop says so and goes on. Before
+training, each day's data is validated against the last day whose data was accepted (its
+``statistics.json``); a day with a blocking anomaly is not trained on: the loop names the
+feature and why, keeps serving the current model and goes on with the next day. The run ends
 with one query ranked through the gRPC endpoint and the offline metrics of the served model.
 
 Layout of the output folder::
@@ -12,7 +15,8 @@ Layout of the output folder::
     run.json                    the run's settings and the result of every finished stage
     config.yaml                 the config the run used
     logs/day=NNN/               simulated impression logs (when no --input is given)
-    data/day=NNN/               datagen output of each day
+    data/day=NNN/               datagen output of each day (with statistics.json,
+                                anomalies.json and, when columns moved, anomalies.png)
     models/day=NNN/             training output of each day (model, verdict.json)
     serving/<model>/<version>/  the TF Serving model base path
     server.log                  what the model server printed
@@ -116,16 +120,26 @@ class DayResult:
     warm_started: bool
     rows_carried: int
     rows_new: int
-    auc: float
-    log_loss: float
+    auc: float | None
+    log_loss: float | None
     served_auc: float | None
     passed: bool
     reasons: list[str]
     version: int | None
     """Version the day's model was deployed as (None: not deployed)."""
+    blocked: list[str] = field(default_factory=list)
+    """The blocking anomalies of the day's data (then nothing was trained): what and why."""
+    warnings: int = 0
+    """Anomalies of the day's data that did not block it."""
 
     def line(self, days: int) -> str:
         """The day as one line."""
+        if self.blocked:
+            return (
+                f"day {self.day}/{days}: {self.rows:,} rows, NOT TRAINED, the data has "
+                f"{len(self.blocked)} blocking anomal{'y' if len(self.blocked) == 1 else 'ies'}: "
+                + "; ".join(self.blocked)
+            )
         grew = ", ".join(f"{k} +{v:,}" for k, v in self.vocabulary_growth.items() if v) or "none"
         vocab = sum(self.vocabularies.values())
         warm = (
@@ -139,9 +153,10 @@ class DayResult:
             if self.passed
             else "FAILED, not deployed: " + "; ".join(self.reasons)
         )
+        warned = f", {self.warnings} data warning(s)" if self.warnings else ""
         return (
-            f"day {self.day}/{days}: {self.rows:,} rows, vocabularies {vocab:,} (growth: {grew}), "
-            f"{warm}, AUC {self.auc:.4f}{served}, {verdict}"
+            f"day {self.day}/{days}: {self.rows:,} rows{warned}, vocabularies {vocab:,} "
+            f"(growth: {grew}), {warm}, AUC {self.auc:.4f}{served}, {verdict}"
         )
 
 
@@ -457,7 +472,7 @@ class _Run:
         self.day_inputs = inputs[:days] if days else inputs
 
     def day(self, d: int, previous: dict[str, int] | None) -> DayResult:
-        from pipeline.datagen import run_datagen
+        from pipeline.anomalies import blocking
         from serving.release.deploy import deploy, fingerprint
         from serving.release.validate import format_verdict, validate
         from trainer.train import train
@@ -466,35 +481,40 @@ class _Run:
         data = self.out / DATA_DIR / f"day={d:03d}"
         model = self.out / MODELS_DIR / f"day={d:03d}"
         verbose = self.options.verbose
-        echo = self.echo if verbose else None
 
-        def datagen() -> dict[str, Any]:
-            result = run_datagen(
-                self.config,
-                self.day_inputs[d - 1],
-                data,
-                overwrite=True,  # not recorded as finished: whatever is there is ours, unused
-                beam_args=list(self.options.beam_args),
-                echo=echo,
-            )
-            s = result.summary
-            return {
-                "rows": s["rows"],
-                "train_rows": s["splits"][artifacts.TRAIN_DIR]["rows"],
-                "eval_rows": s["splits"][artifacts.EVAL_DIR]["rows"],
-                "vocabularies": {k: v["size"] for k, v in s["vocabularies"].items()},
-            }
-
+        accepted = self.state.data.get("accepted")
+        reference = accepted["data"] if accepted else None
         g = self.stage(
             f"{tag} datagen",
-            datagen,
+            lambda: self.datagen(d, data, reference),
             lambda r: (
                 f"{r['rows']:,} rows ({r['train_rows']:,} train, {r['eval_rows']:,} eval), "
                 "vocabularies "
                 + ", ".join(f"{k} {v:,}" for k, v in r["vocabularies"].items())
-                + f" -> {data}"
+                + f", {_anomaly_count(r)} -> {data}"
             ),
         )
+        anomalies = [_read_anomaly(a) for a in g.get("anomalies", [])]
+        blocks = blocking(anomalies)
+        if blocks:
+            served = self.state.served
+            self.echo(
+                f"[{tag}] not trained on: the data has a blocking anomaly ("
+                + "; ".join(f"{a.subject}: {a.kind}" for a in blocks)
+                + "); still serving "
+                + (f"version {served['version']}" if served else "nothing")
+                + (f"; the next day is compared with day {accepted['day']}" if accepted else "")
+            )
+            return DayResult(
+                day=d, rows=g["rows"], vocabularies={}, vocabulary_growth={},
+                warm_started=False, rows_carried=0, rows_new=0, auc=None, log_loss=None,
+                served_auc=None, passed=False, reasons=[], version=None,
+                blocked=[f"{a.subject}: {a.description}" for a in blocks],
+                warnings=len(anomalies) - len(blocks),
+            )  # fmt: skip
+        # The next day's data is compared with this one's.
+        self.state.data["accepted"] = {"day": d, "data": str(data)}
+        self.state.save()
 
         served = self.state.served
         warm_from = served["model"] if served else None
@@ -617,7 +637,53 @@ class _Run:
             passed=v["passed"],
             reasons=v["reasons"],
             version=version,
+            warnings=len(anomalies),
         )
+
+    def datagen(self, d: int, data: Path, reference: str | None) -> dict[str, Any]:
+        """The day's datagen, validated against ``reference`` (a datagen output).
+
+        An input that lacks a column or holds one in an unusable type cannot be read at all:
+        that is the day's blocking anomaly, written alone to its ``anomalies.json``.
+        """
+        from pipeline import anomalies as data_validation
+        from pipeline.datagen import run_datagen
+        from pipeline.sources import ColumnError, MissingColumnError
+
+        try:
+            result = run_datagen(
+                self.config,
+                self.day_inputs[d - 1],
+                data,
+                overwrite=True,  # not recorded as finished: whatever is there is ours, unused
+                beam_args=list(self.options.beam_args),
+                echo=self.echo if self.options.verbose else None,
+                reference=reference,
+            )
+        except ColumnError as e:
+            kind = (
+                data_validation.COLUMN_MISSING
+                if isinstance(e, MissingColumnError)
+                else data_validation.COLUMN_RETYPED
+            )
+            anomaly = data_validation.column_error_anomaly(self.config, kind, e.column, str(e))
+            if not anomaly.blocks:
+                raise  # a warning cannot make an unreadable input readable
+            remove_paths([data])
+            data.mkdir(parents=True)
+            data_validation.write_report(
+                data / artifacts.ANOMALIES_JSON, data_validation.report([anomaly], {}, reference)
+            )
+            return {"rows": 0, "train_rows": 0, "eval_rows": 0, "vocabularies": {},
+                    "anomalies": [anomaly.to_dict()]}  # fmt: skip
+        s = result.summary
+        return {
+            "rows": s["rows"],
+            "train_rows": s["splits"][artifacts.TRAIN_DIR]["rows"],
+            "eval_rows": s["splits"][artifacts.EVAL_DIR]["rows"],
+            "vocabularies": {k: v["size"] for k, v in s["vocabularies"].items()},
+            "anomalies": [a.to_dict() for a in result.anomalies],
+        }
 
     # ---------------------------------------------------------------- the server
 
@@ -743,7 +809,8 @@ def run(
         for d in range(1, len(r.day_inputs) + 1):
             result = r.day(d, previous)
             days.append(result)
-            previous = result.vocabularies
+            if not result.blocked:
+                previous = result.vocabularies
             echo(result.line(len(r.day_inputs)))
         (out / DAYS_FILE).write_text(format_days(days) + "\n")
         served = r.state.served
@@ -799,6 +866,13 @@ def format_days(days: Sequence[DayResult]) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for d in days:
+        if d.blocked:
+            lines.append(
+                f"| {d.day} | {d.rows:,} | - | - | - | - | - | - | not trained: "
+                + "; ".join(x.replace("|", "\\|") for x in d.blocked)
+                + " | - |"
+            )
+            continue
         served = f"{d.served_auc:.4f}" if d.served_auc is not None else "-"
         lines.append(
             f"| {d.day} | {d.rows:,} | {sum(d.vocabularies.values()):,} | "
@@ -807,6 +881,18 @@ def format_days(days: Sequence[DayResult]) -> str:
             f"{'passed' if d.passed else 'failed'} | {d.version or '-'} |"
         )
     return "\n".join(lines)
+
+
+def _anomaly_count(stage: dict[str, Any]) -> str:
+    found = stage.get("anomalies", [])
+    blocks = sum(a["severity"] == "block" for a in found)
+    return f"{len(found)} data anomal{'y' if len(found) == 1 else 'ies'} ({blocks} blocking)"
+
+
+def _read_anomaly(d: dict[str, Any]) -> Any:
+    from pipeline.anomalies import read_anomalies
+
+    return read_anomalies({"anomalies": [d]})[0]
 
 
 def format_run(

@@ -43,6 +43,26 @@ class InputError(UsageError):
     """Input that cannot be read as the config describes; the message names file and column."""
 
 
+class ColumnError(InputError):
+    """A column the config reads is missing from the input (:class:`MissingColumnError`) or
+    holds values of an unusable type (:class:`ColumnTypeError`); names it in ``column``."""
+
+    def __init__(self, message: str, column: str):
+        super().__init__(message)
+        self.column = column
+
+    def __reduce__(self) -> tuple[Any, ...]:  # an error raised on a Beam worker is pickled
+        return type(self), (str(self), self.column)
+
+
+class MissingColumnError(ColumnError):
+    """A column the config reads is not in the input."""
+
+
+class ColumnTypeError(ColumnError):
+    """A column holds values of a type the config cannot read it as."""
+
+
 class InputFormat(StrEnum):
     """The log formats data generation reads."""
 
@@ -284,10 +304,10 @@ def _is_stringlike(t: pa.DataType) -> bool:
 
 def _missing_column_error(
     path: str, column: str, available: Sequence[str], what: str
-) -> InputError:
+) -> MissingColumnError:
     close = difflib.get_close_matches(column, list(available), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return InputError(f"{path}: no column {column!r} ({what}){hint}")
+    return MissingColumnError(f"{path}: no column {column!r} ({what}){hint}", column)
 
 
 def _what(column: str, config: Config) -> str:
@@ -377,9 +397,10 @@ def _preflight_parquet(config: Config, path: str) -> tuple[int, pa.Schema]:
             raise _missing_column_error(path, column, schema.names, _what(column, config))
         feature = plan.get(column)
         if column in plan and not _compatible(schema.field(column).type, feature):
-            raise InputError(
+            raise ColumnTypeError(
                 f"{path}: column {column!r} ({_what(column, config)}) holds "
-                f"{schema.field(column).type}, expected {_describe_expected(feature)}"
+                f"{schema.field(column).type}, expected {_describe_expected(feature)}",
+                column,
             )
     # Null counts are in the footer's statistics: a missing value is found without reading.
     for column, feature in plan.items():
@@ -506,9 +527,10 @@ def _preflight_tfrecord(config: Config, path: str) -> str | None:
                 kind = feats[column].WhichOneof("kind")
                 want = _example_kind(plan[column])
                 if kind is not None and kind not in want:
-                    raise InputError(
+                    raise ColumnTypeError(
                         f"{path} (record {seen}): feature {column!r} "
-                        f"({_what(column, config)}) is a {kind}, expected {' or '.join(want)}"
+                        f"({_what(column, config)}) is a {kind}, expected {' or '.join(want)}",
+                        column,
                     )
     except InputError:
         raise

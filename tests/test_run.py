@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
@@ -87,16 +88,21 @@ def movies_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def movie_days(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two days of movie logs, one sub-folder a day, as a user would lay them out."""
+    """Three days of movie logs, one sub-folder a day, as a user would lay them out; the
+    second day's labels are all 0 (a broken log that must not be trained on)."""
     root = tmp_path_factory.mktemp("movie_days")
-    for day in (1, 2):
-        logs.write_parquet(logs.movies_table(DAY_ROWS, seed=day), root / f"2026-11-0{day}")
+    for day in (1, 2, 3):
+        table = logs.movies_table(DAY_ROWS, seed=day)
+        if day == 2:
+            column = table.schema.get_field_index("liked")
+            table = table.set_column(column, "liked", pa.array([0] * DAY_ROWS, pa.int64()))
+        logs.write_parquet(table, root / f"2026-11-0{day}")
     return root
 
 
 @pytest.fixture(scope="module")
-def two_days(movies_config: Path, movie_days: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A two-day loop while a client keeps querying the server it deploys to."""
+def three_days(movies_config: Path, movie_days: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A three-day loop while a client keeps querying the server it deploys to."""
     config = load_config(movies_config)
     out = tmp_path_factory.mktemp("run") / "out"
     clients: list[_Client] = []
@@ -124,13 +130,14 @@ def two_days(movies_config: Path, movie_days: Path, tmp_path_factory: pytest.Tem
     return result, clients[0], out
 
 
-def test_two_day_loop_deploys_day_two_while_queries_are_answered(two_days) -> None:
-    result, client, _ = two_days
-    day1, day2 = result.days
+def test_daily_loop_deploys_while_queries_are_answered(three_days) -> None:
+    result, client, _ = three_days
+    day1, day2, day3 = result.days
     assert not day1.warm_started and day1.passed and day1.version == 1
-    assert day2.warm_started and day2.rows_carried > 0
-    assert day2.served_auc is not None  # validated against the model being served
-    assert day2.passed and day2.version == 2
+    assert day2.blocked and day2.version is None  # see the test below
+    assert day3.warm_started and day3.rows_carried > 0
+    assert day3.served_auc is not None  # validated against the model being served
+    assert day3.passed and day3.version == 2
     assert result.served_version == 2
     # The client kept getting answers, first from version 1, then from version 2.
     assert not client.errors, client.errors[:3]
@@ -139,14 +146,35 @@ def test_two_day_loop_deploys_day_two_while_queries_are_answered(two_days) -> No
     assert result.probe_queries > 0 and not result.probe_failures
 
 
-def test_run_writes_its_artifacts_and_ranks_through_the_endpoint(two_days) -> None:
-    result, _, out = two_days
+def test_a_day_with_a_blocking_anomaly_is_not_trained_on(three_days) -> None:
+    """Day 2's labels are all 0: not trained on, the server kept answering from version 1,
+    and day 3 is compared with day 1, the last day whose data was accepted."""
+    result, client, out = three_days
+    day2 = result.days[1]
+    assert "label 'liked'" in day2.blocked[0] and "labelled 0" in day2.blocked[0]
+    assert "NOT TRAINED" in day2.line(3) and "label 'liked'" in day2.line(3)
     state = json.loads((out / "run.json").read_text())
-    for day in (1, 2):
+    assert "day 2 datagen" in state["stages"] and "day 2 train" not in state["stages"]
+    assert not (out / "models" / "day=002").exists()
+    blocked = json.loads((out / "data" / "day=002" / "anomalies.json").read_text())
+    assert blocked["blocking"] and blocked["reference"] == str(out / "data" / "day=001")
+    day3 = json.loads((out / "data" / "day=003" / "anomalies.json").read_text())
+    assert day3["reference"] == str(out / "data" / "day=001")
+    assert state["accepted"]["day"] == 3
+    days_md = (out / "days.md").read_text()
+    assert "| 2 | 2,500 |" in days_md and "not trained: label 'liked'" in days_md
+    # The client was answered by version 1 until day 3's model replaced it.
+    assert not client.errors and sorted(set(client.versions)) == [1, 2]
+
+
+def test_run_writes_its_artifacts_and_ranks_through_the_endpoint(three_days) -> None:
+    result, _, out = three_days
+    state = json.loads((out / "run.json").read_text())
+    for day in (1, 3):
         for stage in ("datagen", "train", "validate", "deploy"):
             assert f"day {day} {stage}" in state["stages"]
     assert (out / "serving" / "movie_ranker" / "2" / "saved_model.pb").exists()
-    assert "| 2 |" in (out / "days.md").read_text()
+    assert "| 3 |" in (out / "days.md").read_text()
     ranking = json.loads((out / "ranking.json").read_text())
     scores = [r["score"] for r in ranking["ranking"]]
     assert scores == sorted(scores, reverse=True) and len(scores) > 1
@@ -164,16 +192,17 @@ def test_run_writes_its_artifacts_and_ranks_through_the_endpoint(two_days) -> No
 
 
 def test_a_second_run_continues_from_the_finished_stages(
-    two_days, movies_config: Path, movie_days: Path, capsys: pytest.CaptureFixture[str]
+    three_days, movies_config: Path, movie_days: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _, _, out = two_days
+    _, _, out = three_days
     query = (out / "query.json").read_text()
     argv = ["run", "--config", str(movies_config), "--input", str(movie_days), "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    for day in (1, 2):
+    for day in (1, 3):
         for stage in ("datagen", "train", "validate", "deploy"):
             assert f"[day {day} {stage}] done before" in printed
+    assert "[day 2 datagen] done before" in printed and "[day 2] not trained on" in printed
     assert "ranking of" in printed and "eval AUC" in printed
     # The same query is ranked: kept in query.json, and built the same way from the log.
     assert (out / "query.json").read_text() == query
@@ -184,9 +213,9 @@ def test_a_second_run_continues_from_the_finished_stages(
 
 
 def test_other_settings_are_refused_and_nothing_is_lost(
-    two_days, movies_config: Path, movie_days: Path, capsys: pytest.CaptureFixture[str]
+    three_days, movies_config: Path, movie_days: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _, _, out = two_days
+    _, _, out = three_days
     before = (out / "run.json").read_text()
     code = main(
         [
@@ -206,11 +235,11 @@ def test_more_days_than_the_input_holds_is_refused(
     code = main(
         [
             "run", "--config", str(movies_config), "--input", str(movie_days),
-            "--out", str(tmp_path / "out"), "--days", "3",
+            "--out", str(tmp_path / "out"), "--days", "4",
         ]
     )  # fmt: skip
     assert code == 2
-    assert "holds 2 day(s)" in capsys.readouterr().err
+    assert "holds 3 day(s)" in capsys.readouterr().err
 
 
 def test_simulated_run_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,6 +11,9 @@ them, so the writer of an artifact and each of its readers agree by construction
       train/part-*.tfrecord.gz  eval/part-*.tfrecord.gz transformed tf.Examples
       eval_raw/part-*.tfrecord.gz                       the eval split's raw tf.Examples
       config.yaml  summary.json  summary.txt            the config used and what the run saw
+      statistics.json                                   statistics of the input's raw columns
+      anomalies.json  anomalies.png                     what data validation found, and a
+                                                        plot of the columns that moved
 
 - **Model output** (written by ``trainer.train``; read by the release gate, warm start and the
   run): ``config.yaml``, ``metrics.json``, ``warm_start.json``, ``run.json`` (the training
@@ -45,6 +48,12 @@ SHARD_SUFFIX = ".tfrecord.gz"
 SHARD_PATTERN = f"{SHARD_PREFIX}-*"
 SUMMARY_JSON = "summary.json"
 SUMMARY_TXT = "summary.txt"
+STATISTICS_JSON = "statistics.json"
+"""Statistics of every raw column the config reads, over all rows of the input."""
+ANOMALIES_JSON = "anomalies.json"
+"""What data validation found: each anomaly with its column, kind, severity and measure."""
+ANOMALIES_PNG = "anomalies.png"
+"""The reference's and this input's distributions of the columns that moved."""
 CONFIG_YAML = "config.yaml"
 """The config a stage ran with, saved in its output (datagen output and model output alike)."""
 TRANSFORM_DIRS = ("transform_fn", "transformed_metadata")
@@ -72,6 +81,29 @@ def read_summary(data_dir: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{data_dir}: not a datagen output (no {SUMMARY_JSON})") from None
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_statistics(path: str | Path) -> dict[str, Any]:
+    """The statistics of a datagen input: ``statistics.json`` in a datagen output folder, or
+    the path of such a file.
+
+    Raises:
+      ArtifactError: there is none, or it is not valid JSON.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / STATISTICS_JSON
+    try:
+        stats = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(
+            f"{path}: no such statistics file (a datagen output's {STATISTICS_JSON})"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(stats, dict) or not isinstance(stats.get("columns"), dict):
+        raise ArtifactError(f"{path}: not a {STATISTICS_JSON} (no 'columns')")
+    return stats
 
 
 def quantile_boundaries(summary: dict[str, Any]) -> dict[str, list[float] | None]:

@@ -283,6 +283,97 @@ class ServingConfig:
     retries: int = 3
 
 
+class Severity(StrEnum):
+    """What an anomaly of the data does: ``warn`` is reported; ``block`` also keeps
+    ``widedeep run`` from training on the day (and ``widedeep datagen --fail-on-anomaly``
+    exits non-zero)."""
+
+    WARN = "warn"
+    BLOCK = "block"
+
+
+@dataclass(frozen=True)
+class AnomalySeverity:
+    """The severity of each kind of anomaly data validation finds (see ``pipeline.anomalies``).
+
+    Attributes:
+      column_missing: A column the config reads is not in the input.
+      column_retyped: A column holds another type than in the reference (ids that became
+        strings, numbers that became integers).
+      all_missing: Every value of a column is missing.
+      missing_rate: The share of missing values rose by more than ``missing_rate_increase``.
+      label_rate: The label rate is 0 or 1, or left the band around the reference's.
+      too_few_rows: Fewer rows than ``min_rows``, or than ``min_rows_ratio`` of the reference's.
+      categorical_drift: The top tokens' shares moved (L-infinity distance).
+      numeric_drift: The distribution over the reference's quantile buckets moved
+        (Jensen-Shannon divergence).
+      unknown_tokens: Too many values are tokens the reference never saw.
+    """
+
+    column_missing: Severity = Severity.BLOCK
+    column_retyped: Severity = Severity.BLOCK
+    all_missing: Severity = Severity.BLOCK
+    missing_rate: Severity = Severity.BLOCK
+    label_rate: Severity = Severity.BLOCK
+    too_few_rows: Severity = Severity.BLOCK
+    categorical_drift: Severity = Severity.WARN
+    numeric_drift: Severity = Severity.WARN
+    unknown_tokens: Severity = Severity.WARN
+
+
+@dataclass(frozen=True)
+class DriftThresholds:
+    """One feature's thresholds, overriding those of ``data_validation`` (None: the default)."""
+
+    name: str
+    missing_rate_increase: float | None = None
+    linf_distance: float | None = None
+    js_divergence: float | None = None
+    unknown_token_share: float | None = None
+
+
+THRESHOLD_KEYS = ("missing_rate_increase", "linf_distance", "js_divergence", "unknown_token_share")
+"""The settings a feature may override under ``data_validation.features.NAME``."""
+
+
+@dataclass(frozen=True)
+class DataValidationConfig:
+    """How each datagen input is checked against a reference (the previous day's).
+
+    Attributes:
+      min_rows: Fewer rows than this is an anomaly.
+      min_rows_ratio: Fewer rows than this share of the reference's is an anomaly.
+      label_rate_change: Largest relative change of the label rate from the reference's
+        (0.5: a reference rate of 0.10 allows 0.05 to 0.15). A rate of 0 or 1 always is one.
+      missing_rate_increase: Largest rise of a column's share of missing values.
+      linf_distance: Largest L-infinity distance between the shares of the top tokens of a
+        categorical column (the largest change of one token's share, as TFDV measures it).
+      js_divergence: Largest Jensen-Shannon divergence (base 2, 0 to 1) between a numeric
+        column's distributions over the reference's quantile buckets.
+      unknown_token_share: Largest share of a categorical column's values (by rows, list
+        elements for lists) that are tokens the reference never saw.
+      severity: ``warn`` or ``block``, by kind of anomaly.
+      features: Per feature overrides of the four thresholds above, by feature name.
+    """
+
+    min_rows: int = 1
+    min_rows_ratio: float = 0.1
+    label_rate_change: float = 0.5
+    missing_rate_increase: float = 0.1
+    linf_distance: float = 0.2
+    js_divergence: float = 0.1
+    unknown_token_share: float = 0.3
+    severity: AnomalySeverity = AnomalySeverity()
+    features: tuple[DriftThresholds, ...] = ()
+
+    def threshold(self, key: str, feature: str | None) -> float:
+        """The threshold ``key`` (one of :data:`THRESHOLD_KEYS`) of a feature."""
+        for f in self.features:
+            if f.name == feature and getattr(f, key) is not None:
+                return getattr(f, key)
+        return getattr(self, key)
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole pipeline config. Build it with :func:`load_config` or :func:`parse_config`."""
@@ -299,6 +390,7 @@ class Config:
     data: DataConfig = DataConfig()
     validation: ValidationConfig = ValidationConfig()
     serving: ServingConfig = ServingConfig()
+    data_validation: DataValidationConfig = DataValidationConfig()
 
     def feature(self, name: str) -> Feature:
         """The feature called ``name``."""
@@ -440,6 +532,8 @@ def parse_config(text_or_data: str | Mapping[str, Any]) -> Config:
     )
     data["features"] = parsed_features
     data["crosses"] = parsed_crosses
+    if "data_validation" in data:
+        data["data_validation"] = _data_validation(data["data_validation"])
     config = _build(Config, data, "")
     config = dataclasses.replace(config, features=tuple(_resolve(f) for f in config.features))
     _validate(config)
@@ -454,6 +548,28 @@ def _with_name(spec: Any, name: Any, where: str) -> dict[str, Any]:
     if "name" in spec:
         raise ConfigError(f"{where}.name: the name is the key; remove 'name'")
     return {"name": str(name), **spec}
+
+
+def _data_validation(spec: Any) -> Any:
+    """``data_validation`` with its ``features`` mapping (name -> thresholds) built."""
+    where = "data_validation"
+    if spec is None:
+        return {}
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("features") or {}, Mapping):
+        if isinstance(spec, Mapping):
+            where, spec = f"{where}.features", spec["features"]
+        raise ConfigError(f"{where}: expected a mapping, got {spec!r}")
+    spec = dict(spec)
+    features = spec.pop("features", None) or {}
+    spec["features"] = tuple(
+        _build(
+            DriftThresholds,
+            _with_name(s, name, f"{where}.features.{name}"),
+            f"{where}.features.{name}",
+        )
+        for name, s in features.items()
+    )
+    return spec
 
 
 def _resolve(f: Feature) -> Feature:
@@ -749,11 +865,39 @@ def _validate_sections(config: Config) -> None:
     _positive("validation.num_requests", v.num_requests)
     if v.latency_budget_ms <= 0 or v.load_timeout_s <= 0:
         raise ConfigError("validation: latency_budget_ms and load_timeout_s must be > 0")
+    _validate_data_validation(config)
     s = config.serving
     _positive("serving.batch_size", s.batch_size)
     _positive("serving.parallelism", s.parallelism)
     if s.timeout_s <= 0 or s.retries < 0:
         raise ConfigError("serving: timeout_s must be > 0 and retries >= 0")
+
+
+def _validate_data_validation(config: Config) -> None:
+    dv = config.data_validation
+    where = "data_validation"
+    if dv.min_rows < 0:
+        raise ConfigError(f"{where}.min_rows: must be >= 0, got {dv.min_rows}")
+    if not 0.0 <= dv.min_rows_ratio <= 1.0:
+        raise ConfigError(
+            f"{where}.min_rows_ratio: expected a number in [0, 1], got {dv.min_rows_ratio}"
+        )
+    if dv.label_rate_change < 0:
+        raise ConfigError(f"{where}.label_rate_change: must be >= 0, got {dv.label_rate_change}")
+    names = [f.name for f in config.features]
+    seen = set()
+    for f in dv.features:
+        key = f"{where}.features.{f.name}"
+        if f.name not in names:
+            raise ConfigError(f"{key}: {_unknown(f.name, names)}")
+        if f.name in seen:
+            raise ConfigError(f"{key}: listed twice")
+        seen.add(f.name)
+    for owner, key in [(dv, where), *((f, f"{where}.features.{f.name}") for f in dv.features)]:
+        for attr in THRESHOLD_KEYS:
+            value = getattr(owner, attr)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{key}.{attr}: expected a number in [0, 1], got {value}")
 
 
 def _check_name(key: str, name: str) -> None:
@@ -793,6 +937,12 @@ def _to_plain(obj: Any) -> Any:
                 out["features"] = {x.name: _strip_name(_to_plain(x)) for x in value}
             elif f.name == "crosses":
                 out["crosses"] = {x.name: _strip_name(_to_plain(x)) for x in value}
+            elif f.name == "data_validation":
+                out[f.name] = _to_plain(value)
+                out[f.name]["features"] = {
+                    x.name: {k: v for k, v in _strip_name(_to_plain(x)).items() if v is not None}
+                    for x in value.features
+                }
             else:
                 out[f.name] = _to_plain(value)
         return out

@@ -1,0 +1,368 @@
+"""Statistics of a datagen input: every raw column the config reads, over all rows read.
+
+Computed inside the datagen Beam job, from the raw Arrow batches before missing values are
+filled in: each reader step summarises its batches (:func:`batch_statistics`, vectorised over
+Arrow and numpy) and :class:`CombineStatistics` merges the partial summaries into the
+``statistics.json`` of :mod:`transform.artifacts`. Nothing here knows a column's name: the
+config's columns and kinds drive it, whatever types the log gives them (integer or string ids,
+integer or float numbers).
+
+Per column: rows, missing values and their rate, and the type the log holds. Categorical
+columns: distinct tokens (exact up to :data:`MAX_COUNTED_TOKENS`, then estimated with a
+k-minimum-values sketch), the top tokens with their shares, and the counts of the most frequent
+:data:`TOKENS_KEPT` tokens (what later inputs are compared with). List columns: the same over
+their elements, and their length distribution. Numeric columns: mean, min, max, deciles and
+percentiles (exact up to :data:`SAMPLE_SIZE` values, else from a uniform sample of that size).
+The label: its rate.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from transform.config import Config, Kind
+
+MAX_COUNTED_TOKENS = 200_000
+"""Distinct tokens of a column counted exactly; past it only the most frequent half is kept
+(their counts stay exact lower bounds) and the distinct count becomes an estimate."""
+TOKENS_KEPT = 20_000
+"""Most frequent tokens whose counts ``statistics.json`` keeps for later comparisons."""
+TOP_TOKENS = 20
+"""Top tokens listed with their shares."""
+SAMPLE_SIZE = 10_000
+"""Values of a numeric column its quantiles are computed from (a uniform sample past it)."""
+_KMV_SIZE = 2048
+DECILES = np.linspace(0.0, 1.0, 11)
+PERCENTILES = np.linspace(0.0, 1.0, 101)
+LABEL = "label"
+"""The ``kind`` of the label column in the statistics."""
+
+
+@dataclass
+class ColumnAccumulator:
+    """What is summed up about one column; mergeable in any order."""
+
+    rows: int = 0
+    missing: int = 0
+    types: set[str] = field(default_factory=set)
+    positives: int = 0
+    # Tokens (categorical columns and list elements).
+    counts: dict[str, int] = field(default_factory=dict)
+    values: int = 0
+    truncated: bool = False
+    hashes: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
+    # List lengths: length -> rows.
+    lengths: dict[int, int] = field(default_factory=dict)
+    # Numbers.
+    total: float = 0.0
+    low: float = np.inf
+    high: float = -np.inf
+    sample_keys: np.ndarray = field(default_factory=lambda: np.empty(0))
+    sample: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+    def merge(self, other: ColumnAccumulator) -> None:
+        self.rows += other.rows
+        self.missing += other.missing
+        self.types |= other.types
+        self.positives += other.positives
+        if other.counts:
+            counts = self.counts
+            for token, n in other.counts.items():
+                counts[token] = counts.get(token, 0) + n
+            self.truncated |= other.truncated
+            if len(counts) > MAX_COUNTED_TOKENS:
+                keep = sorted(counts.items(), key=lambda kv: -kv[1])[: MAX_COUNTED_TOKENS // 2]
+                self.counts = dict(keep)
+                self.truncated = True
+        self.values += other.values
+        if other.hashes.size:
+            self.hashes = np.unique(np.concatenate([self.hashes, other.hashes]))[:_KMV_SIZE]
+        for length, n in other.lengths.items():
+            self.lengths[length] = self.lengths.get(length, 0) + n
+        self.total += other.total
+        self.low = min(self.low, other.low)
+        self.high = max(self.high, other.high)
+        if other.sample.size:
+            keys = np.concatenate([self.sample_keys, other.sample_keys])
+            sample = np.concatenate([self.sample, other.sample])
+            if keys.size > SAMPLE_SIZE:
+                keep = np.argpartition(keys, SAMPLE_SIZE)[:SAMPLE_SIZE]
+                keys, sample = keys[keep], sample[keep]
+            self.sample_keys, self.sample = keys, sample
+
+
+Accumulator = dict[str, ColumnAccumulator]
+
+
+def columns(config: Config) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Each raw column the config reads: its kind (a feature kind, or ``label``) and the
+    features that read it."""
+    out: dict[str, tuple[str, tuple[str, ...]]] = {config.label: (LABEL, ())}
+    for f in config.features:
+        kind, names = out.get(f.column, (f.kind.value, ()))
+        out[f.column] = (kind, (*names, f.name))
+    return out
+
+
+def log_type(arrow_type: pa.DataType) -> str:
+    """How the log types a column: ``int``, ``float``, ``string``, ``bool``, or
+    ``list<...>`` of one of them."""
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return f"list<{log_type(arrow_type.value_type)}>"
+    if pa.types.is_integer(arrow_type):
+        return "int"
+    if pa.types.is_floating(arrow_type):
+        return "float"
+    if pa.types.is_boolean(arrow_type):
+        return "bool"
+    if pa.types.is_null(arrow_type):
+        return "null"
+    return "string"
+
+
+def batch_statistics(
+    config: Config, batch: pa.RecordBatch, *, decoded: bool = False
+) -> Accumulator:
+    """The statistics of one raw batch.
+
+    ``decoded``: the batch is decoded tf.Examples in the TFXIO layout (every column a list;
+    an empty list is a missing scalar), else a batch as the log holds it.
+    """
+    out: Accumulator = {}
+    for column, (kind, _) in columns(config).items():
+        index = batch.schema.get_field_index(column)
+        if index < 0:
+            continue
+        arr = batch.column(index)
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.dictionary_decode()
+        acc = ColumnAccumulator(rows=len(arr))
+        if decoded and kind != Kind.CATEGORICAL_LIST.value:
+            # One value per record: an empty list is a missing value.
+            lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
+            present = lengths > 0
+            acc.missing = int((~present).sum())
+            first = pc.list_element(arr.filter(pa.array(present)), 0) if present.any() else None
+            values = first if first is not None else pa.array([], arr.type.value_type)
+            acc.types.add(log_type(arr.type.value_type))
+        else:
+            acc.types.add(log_type(arr.type))
+            acc.missing = arr.null_count
+            values = arr.drop_null() if arr.null_count else arr
+        if kind == LABEL:
+            acc.positives = int(pc.sum(values.cast(pa.int64())).as_py() or 0)
+        elif kind == Kind.NUMERIC.value:
+            _add_numbers(acc, values)
+        elif kind == Kind.CATEGORICAL_LIST.value:
+            if decoded:
+                lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
+                acc.missing = 0  # a tf.Example without the list holds an empty one
+            else:
+                lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
+            uniq, n = np.unique(lengths, return_counts=True)
+            acc.lengths = {int(k): int(v) for k, v in zip(uniq, n, strict=True)}
+            _add_tokens(acc, pc.list_flatten(arr))
+        else:
+            _add_tokens(acc, values)
+        out[column] = acc
+    return out
+
+
+def _add_numbers(acc: ColumnAccumulator, values: pa.Array) -> None:
+    x = values.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    nan = np.isnan(x)
+    if nan.any():  # a NaN is a missing number
+        acc.missing += int(nan.sum())
+        x = x[~nan]
+    if not x.size:
+        return
+    acc.total = float(x.sum())
+    acc.low, acc.high = float(x.min()), float(x.max())
+    # Random keys seeded by the values: the same input gives the same sample on any runner.
+    keys = np.random.default_rng(zlib.crc32(x.tobytes())).random(x.size)
+    if x.size > SAMPLE_SIZE:
+        keep = np.argpartition(keys, SAMPLE_SIZE)[:SAMPLE_SIZE]
+        keys, x = keys[keep], x[keep]
+    acc.sample_keys, acc.sample = keys, x
+
+
+def _add_tokens(acc: ColumnAccumulator, values: pa.Array) -> None:
+    if values.null_count:
+        values = values.drop_null()
+    if not len(values):
+        return
+    counted = pc.value_counts(values)
+    tokens = [_token(t) for t in counted.field("values").to_pylist()]
+    counts = counted.field("counts").to_pylist()
+    acc.counts = dict(zip(tokens, counts, strict=True))
+    acc.values = len(values)
+    hashes = pd.util.hash_array(np.array(tokens, dtype=object)).astype(np.uint64)
+    acc.hashes = np.unique(hashes)[:_KMV_SIZE]
+
+
+def _token(value: Any) -> str:
+    # Tokens are compared as text: an id the log held as 5 one day and "5" the next is one
+    # token (the model reads string ids stored as integers as their decimal text too).
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+class CombineStatistics(beam.CombineFn):
+    """Merges partial statistics into the JSON text of ``statistics.json``."""
+
+    def __init__(self, config: Config):
+        self._config = config
+
+    def create_accumulator(self) -> Accumulator:
+        return {}
+
+    def add_input(self, acc: Accumulator, partial: Accumulator) -> Accumulator:
+        return merge(acc, partial)
+
+    def merge_accumulators(self, accs: Any) -> Accumulator:
+        out: Accumulator = {}
+        for acc in accs:
+            out = merge(out, acc)
+        return out
+
+    def extract_output(self, acc: Accumulator) -> str:
+        return json.dumps(finalize(self._config, acc), indent=1)
+
+
+def merge(acc: Accumulator, partial: Accumulator) -> Accumulator:
+    """Adds ``partial`` into ``acc`` (modified) and returns it."""
+    for column, part in partial.items():
+        if column in acc:
+            acc[column].merge(part)
+        else:
+            acc[column] = part
+    return acc
+
+
+def finalize(config: Config, acc: Accumulator) -> dict[str, Any]:
+    """The statistics as plain data (the layout of ``statistics.json``)."""
+    out: dict[str, Any] = {}
+    rows = 0
+    label_rate = None
+    for column, (kind, features) in columns(config).items():
+        a = acc.get(column, ColumnAccumulator())
+        rows = max(rows, a.rows)
+        present = a.rows - a.missing
+        s: dict[str, Any] = {
+            "kind": kind,
+            "features": list(features),
+            "type": "/".join(sorted(a.types)) or None,
+            "rows": a.rows,
+            "missing": a.missing,
+            "missing_rate": a.missing / a.rows if a.rows else None,
+        }
+        if kind == LABEL:
+            s["positives"] = a.positives
+            label_rate = s["label_rate"] = a.positives / present if present else None
+        elif kind == Kind.NUMERIC.value:
+            s.update(_number_stats(a))
+        else:
+            if kind == Kind.CATEGORICAL_LIST.value:
+                s["length"] = _length_stats(a.lengths)
+            s.update(_token_stats(a))
+        out[column] = s
+    return {"rows": rows, "label": config.label, "label_rate": label_rate, "columns": out}
+
+
+def _number_stats(a: ColumnAccumulator) -> dict[str, Any]:
+    n = a.rows - a.missing
+    if n == 0 or not a.sample.size:
+        return {"mean": None, "min": None, "max": None, "quantiles": None, "percentiles": None}
+    sample = np.sort(a.sample)
+    exact = sample.size == n
+    deciles = np.quantile(sample, DECILES)
+    percentiles = np.quantile(sample, PERCENTILES)
+    # The ends are the true minimum and maximum, also when the quantiles come from a sample.
+    for q in (deciles, percentiles):
+        q[0], q[-1] = a.low, a.high
+    return {
+        "mean": a.total / n,
+        "min": a.low,
+        "max": a.high,
+        "quantiles": [float(v) for v in deciles],
+        "percentiles": [float(v) for v in percentiles],
+        "quantiles_exact": exact,
+    }
+
+
+def _length_stats(lengths: dict[int, int]) -> dict[str, Any]:
+    if not lengths:
+        return {"mean": None, "min": None, "max": None, "quantiles": None}
+    keys = np.array(sorted(lengths))
+    counts = np.array([lengths[k] for k in keys])
+    all_lengths = np.repeat(keys, counts)
+    return {
+        "mean": float(all_lengths.mean()),
+        "min": int(keys[0]),
+        "max": int(keys[-1]),
+        "quantiles": [float(v) for v in np.quantile(all_lengths, DECILES)],
+    }
+
+
+def _token_stats(a: ColumnAccumulator) -> dict[str, Any]:
+    ranked = sorted(a.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    if a.truncated:
+        distinct, exact = _kmv_estimate(a.hashes, len(a.counts)), False
+    else:
+        distinct, exact = len(a.counts), True
+    total = a.values
+    return {
+        "values": total,
+        "distinct": distinct,
+        "distinct_exact": exact,
+        "top_tokens": [[t, n / total] for t, n in ranked[:TOP_TOKENS]],
+        "tokens": dict(ranked[:TOKENS_KEPT]),
+        "tokens_complete": exact and len(ranked) <= TOKENS_KEPT,
+    }
+
+
+def _kmv_estimate(hashes: np.ndarray, at_least: int) -> int:
+    """Distinct values from the k smallest of their 64-bit hashes (k-minimum values)."""
+    if hashes.size < _KMV_SIZE:
+        return max(at_least, int(hashes.size))
+    kth = float(hashes[_KMV_SIZE - 1]) / 2.0**64
+    return max(at_least, round((_KMV_SIZE - 1) / kth))
+
+
+def format_statistics(stats: dict[str, Any], limit: int = 3) -> list[str]:
+    """A few lines of the statistics for the datagen summary."""
+    lines = ["  statistics (statistics.json):"]
+    for column, s in stats["columns"].items():
+        missing = f"{s['missing_rate']:.1%} missing" if s["missing_rate"] else "none missing"
+        if s["kind"] == LABEL:
+            rate = "n/a" if s["label_rate"] is None else f"{s['label_rate']:.4f}"
+            detail = f"label rate {rate}"
+        elif s["kind"] == Kind.NUMERIC.value:
+            detail = (
+                "no values"
+                if s["mean"] is None
+                else f"mean {s['mean']:.4g}, min {s['min']:.4g}, "
+                f"median {s['quantiles'][5]:.4g}, max {s['max']:.4g}"
+            )
+        else:
+            top = ", ".join(f"{t} {share:.0%}" for t, share in s["top_tokens"][:limit])
+            about = "" if s["distinct_exact"] else "~"
+            detail = f"{about}{s['distinct']:,} distinct; top {top or '-'}"
+            if s["kind"] == Kind.CATEGORICAL_LIST.value and s["length"]["mean"] is not None:
+                detail = f"length mean {s['length']['mean']:.2f}, " + detail
+        lines.append(f"    {column:<24} {s['type'] or '-':<12} {missing:<14} {detail}")
+    return lines
