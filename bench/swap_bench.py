@@ -287,7 +287,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="length of a phase")
     parser.add_argument("--swap-at", type=float, default=20.0, help="when the deploy happens")
     parser.add_argument("--rate", type=float, default=10.0, help="requests/s of each thread")
-    parser.add_argument("--rounds", type=int, default=1, help="rounds of the three phases")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three phases")
     parser.add_argument("--modes", default=",".join(MODES), help="server modes to run")
     parser.add_argument("--phases", default=",".join(PHASES), help="phases to run")
     parser.add_argument("--reuse", action="store_true", help="reuse a model trained before")
