@@ -409,7 +409,7 @@ def predict(
         model.spec.label,
         batch_size,
     )
-    step = step or tf.function(model.predict_step)
+    step = step or tf.function(model.predict_step, reduce_retracing=True)
     labels, probabilities = [], []
     for features, y in ds:
         probabilities.append(step(features).numpy().ravel())
@@ -561,7 +561,9 @@ class _Evaluator:
         verbose: int,
     ) -> None:
         self.model = WideDeepModel(spec)
-        self._predict = tf.function(self.model.predict_step)
+        # Eval batches differ in their list features' widths: one relaxed trace serves them all
+        # instead of a new trace (and a retracing warning) per shape.
+        self._predict = tf.function(self.model.predict_step, reduce_retracing=True)
         self._data, self._out, self._state = data, out, state
         self._is_chief, self._verbose = is_chief, verbose
         self._rule = config.training.early_stopping
