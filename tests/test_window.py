@@ -148,3 +148,24 @@ def test_the_cache_survives_a_restart(
     assert done.stdout.strip().splitlines()[-1] == "1"
     assert _movies(tmp_path / "again") == _movies(cached)
     assert not list(cache.glob(".partial-*"))
+
+
+@pytest.mark.timeout(600)
+def test_the_run_analyses_its_window_from_its_cache(days: list[str], tmp_path: Path) -> None:
+    from pipeline.run import ANALYZER_CACHE_DIR, DATA_DIR, RunOptions, _Run
+
+    logs_dir = Path(days[0]).parent
+    options = RunOptions(input=str(logs_dir), window=2, verbose=0)
+    r = _Run(MOVIES, tmp_path / "run", options, False, lambda line: None, None)
+    r.resolve_days()
+    assert len(r.day_inputs) == 3
+    seen = []
+    for d in (1, 2, 3):
+        data = tmp_path / "run" / DATA_DIR / f"day={d:03d}"
+        result = r.datagen(d, data, None)
+        r.state.finish(f"day {d} datagen", result)
+        seen.append((result["window"], ONLY_DAY_1.encode() in _movies(data)))
+    # Day 2's window holds day 1; day 3's (two days) no longer does.
+    assert seen == [([1], True), ([1, 2], True), ([2, 3], False)]
+    cache = tmp_path / "run" / ANALYZER_CACHE_DIR
+    assert all(cached_day(cache, f"day-{d:03d}") for d in (1, 2, 3))
