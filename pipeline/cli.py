@@ -631,6 +631,10 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows-per-day", type=int, default=100_000, help="simulated impressions a day")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated world")
     p.add_argument("--epochs", type=int, help="training epochs a day (default: config)")
+    p.add_argument(
+        "--window", type=int, metavar="N",
+        help="vocabularies and quantiles over the last N days (default: data.window_days)",
+    )  # fmt: skip
     p.add_argument("--port", type=int, default=0, help="gRPC port of the server (default: free)")
     p.add_argument(
         "--rest-api-port", "--rest_api_port", dest="rest_api_port", type=int,
@@ -678,6 +682,7 @@ def _run(args: argparse.Namespace, extra: Sequence[str]) -> int:
         rows_per_day=args.rows_per_day,
         seed=args.seed,
         epochs=args.epochs,
+        window=args.window,
         port=args.port,
         rest_api_port=args.rest_api_port,
         query=args.query,

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,34 @@ log = logging.getLogger(__name__)
 
 _STATS_NAME = "_stats"
 _COLUMN_STATS = "_column_stats"
+
+
+@dataclass(frozen=True)
+class WindowDay:
+    """An earlier day of the analysis window (``data.window_days``).
+
+    Its training rows count in the vocabularies and quantile boundaries of the new day but are
+    not written again: the new day's output holds only the new day's rows.
+    """
+
+    key: str
+    """The day's dataset key in the analyzer cache (letters, digits, ``.``, ``-``, ``_``)."""
+    input: str | Sequence[str]
+    """The day's input (file globs or folders); read only when the cache lacks the day."""
+
+
+@dataclass(frozen=True)
+class _Analysis:
+    """What the analyzers run over: the earlier days of the window and the analyzer cache."""
+
+    earlier: tuple[tuple[str, InputFiles | None], ...] = ()
+    """(dataset key, files) of each earlier day, oldest first; files None: read from cache."""
+    cache_dir: str | None = None
+    """The analyzer cache (None: every day of the window is analysed from its rows)."""
+    key: str | None = None
+    """The new day's dataset key in the cache."""
+    write_dir: str | None = None
+    """Where this run writes the accumulators it computed (moved into the cache on success)."""
 
 
 @dataclass(frozen=True)
@@ -188,10 +216,17 @@ def _encode(batch_and_passthrough: Any) -> bytes:
 
 
 def build_pipeline(
-    p: beam.Pipeline, config: Config, files: InputFiles, out_dir: str, batch_rows: int = 8192
+    p: beam.Pipeline,
+    config: Config,
+    files: InputFiles,
+    out_dir: str,
+    batch_rows: int = 8192,
+    analysis: _Analysis | None = None,
 ) -> None:
     """Adds the data generation job to ``p``; every step is named.
 
+    With ``analysis``, the analyzers also see the training rows of the window's earlier days
+    (read from the analyzer cache where it holds them); only the new day's rows are written.
     Must run inside a ``tft_beam.Context`` (see :func:`run_datagen`).
     """
     import tensorflow_transform.beam as tft_beam
@@ -206,40 +241,25 @@ def build_pipeline(
     )
     arrow_schema = tfxio.ArrowSchema()
 
-    if files.format is InputFormat.TFRECORD:
-        decode_tfxio = tf_example_record.TFExampleRecord(
-            file_pattern=list(files.paths),
-            schema=raw_schema(config, split_column_dtype=files.split_column_dtype),
-            telemetry_descriptors=["widedeep"],
-        )
-        split = (
-            p
-            | "ReadTFRecords" >> decode_tfxio.BeamSource(batch_size=batch_rows)
-            | "SplitTrainEval"
-            >> beam.ParDo(
-                SplitBatches(config, arrow_schema, where=", ".join(files.paths[:3]))
-            ).with_outputs(TRAIN_DIR, EVAL_DIR, _STATS_NAME, _COLUMN_STATS)
-        )
-    else:
-        split = (
-            p
-            | "ListInputFiles" >> beam.Create(list(files.paths))
-            # Spread files over workers: without this, a runner may read them all in one.
-            | "SpreadFiles" >> beam.Reshuffle()
-            | f"Read{files.format.value.capitalize()}AndSplit"
-            >> beam.ParDo(
-                ReadLogBatches(config, files.format, batch_rows, arrow_schema, files.int_columns)
-            ).with_outputs(TRAIN_DIR, EVAL_DIR, _STATS_NAME, _COLUMN_STATS)
-        )
+    split = _read_and_split(p, config, files, arrow_schema, batch_rows, "")
 
     adapter_config = tfxio.TensorAdapterConfig()
     preprocessing_fn = make_preprocessing_fn(config)
-    (train, _), transform_fn = (
-        split[TRAIN_DIR],
-        adapter_config,
-    ) | "AnalyzeAndTransformTrain" >> tft_beam.AnalyzeAndTransformDataset(
-        preprocessing_fn, output_record_batches=True
-    )
+    if analysis is None:
+        (train, _), transform_fn = (
+            split[TRAIN_DIR],
+            adapter_config,
+        ) | "AnalyzeAndTransformTrain" >> tft_beam.AnalyzeAndTransformDataset(
+            preprocessing_fn, output_record_batches=True
+        )
+    else:
+        transform_fn = _analyze_window(
+            p, config, analysis, split[TRAIN_DIR], adapter_config, arrow_schema, batch_rows
+        )
+        train, _ = (
+            (split[TRAIN_DIR], adapter_config),
+            transform_fn,
+        ) | "TransformTrain" >> tft_beam.TransformDataset(output_record_batches=True)
     eval_data, _ = (
         (split[EVAL_DIR], adapter_config),
         transform_fn,
@@ -272,6 +292,100 @@ def build_pipeline(
         | "WriteStatistics"
         >> beam.io.WriteToText(os.path.join(out_dir, STATISTICS_JSON), shard_name_template="")
     )
+
+
+def _read_and_split(
+    p: beam.Pipeline,
+    config: Config,
+    files: InputFiles,
+    arrow_schema: pa.Schema,
+    batch_rows: int,
+    prefix: str,
+) -> Any:
+    """Reads one day's input into train and eval batches (and their counts and statistics)."""
+    from tfx_bsl.tfxio import tf_example_record
+
+    if files.format is InputFormat.TFRECORD:
+        decode_tfxio = tf_example_record.TFExampleRecord(
+            file_pattern=list(files.paths),
+            schema=raw_schema(config, split_column_dtype=files.split_column_dtype),
+            telemetry_descriptors=["widedeep"],
+        )
+        split = (
+            p
+            | f"{prefix}ReadTFRecords" >> decode_tfxio.BeamSource(batch_size=batch_rows)
+            | f"{prefix}SplitTrainEval"
+            >> beam.ParDo(
+                SplitBatches(config, arrow_schema, where=", ".join(files.paths[:3]))
+            ).with_outputs(TRAIN_DIR, EVAL_DIR, _STATS_NAME, _COLUMN_STATS)
+        )
+    else:
+        split = (
+            p
+            | f"{prefix}ListInputFiles" >> beam.Create(list(files.paths))
+            # Spread files over workers: without this, a runner may read them all in one.
+            | f"{prefix}SpreadFiles" >> beam.Reshuffle()
+            | f"{prefix}Read{files.format.value.capitalize()}AndSplit"
+            >> beam.ParDo(
+                ReadLogBatches(config, files.format, batch_rows, arrow_schema, files.int_columns)
+            ).with_outputs(TRAIN_DIR, EVAL_DIR, _STATS_NAME, _COLUMN_STATS)
+        )
+
+    return split
+
+
+def _analyze_window(
+    p: beam.Pipeline,
+    config: Config,
+    analysis: _Analysis,
+    train: Any,
+    adapter_config: Any,
+    arrow_schema: pa.Schema,
+    batch_rows: int,
+) -> Any:
+    """The transform function of the new day's training rows and the window's earlier days'.
+
+    With a cache, the new day's rows are analysed under its own dataset key, the earlier days'
+    accumulators are read from the cache (an earlier day it lacks is read and analysed too), and
+    what was computed is written to ``analysis.write_dir``. Without one, every day's rows are
+    analysed together.
+    """
+    import tensorflow_transform.beam as tft_beam
+    from tensorflow_transform.beam import analyzer_cache
+
+    from transform.features import make_preprocessing_fn
+
+    preprocessing_fn = make_preprocessing_fn(config)
+    earlier = {}
+    for i, (key, files) in enumerate(analysis.earlier):
+        if files is None:
+            earlier[key] = None
+            continue
+        day = _read_and_split(p, config, files, arrow_schema, batch_rows, f"Window[{i}]")
+        earlier[key] = day[TRAIN_DIR]
+    if analysis.cache_dir is None:
+        rows = (train, *earlier.values()) | "FlattenWindow" >> beam.Flatten()
+        return (rows, adapter_config) | "AnalyzeWindow" >> tft_beam.AnalyzeDataset(preprocessing_fn)
+    assert analysis.key is not None and analysis.write_dir is not None
+    keys = {k: analyzer_cache.DatasetKey(k) for k in (*earlier, analysis.key)}
+    cached = [keys[k] for k, files in analysis.earlier if files is None]
+    input_cache = (
+        p
+        | "ReadAnalyzerCache" >> analyzer_cache.ReadAnalysisCacheFromFS(analysis.cache_dir, cached)
+        if cached
+        else {}
+    )
+    data = {keys[k]: v for k, v in earlier.items()}
+    data[keys[analysis.key]] = train
+    transform_fn, output_cache = (
+        data,
+        input_cache,
+        adapter_config,
+    ) | "AnalyzeWindowWithCache" >> tft_beam.AnalyzeDatasetWithCache(preprocessing_fn, p)
+    _ = output_cache | "WriteAnalyzerCache" >> analyzer_cache.WriteAnalysisCacheToFS(
+        p, analysis.write_dir, list(keys.values())
+    )
+    return transform_fn
 
 
 def raw_schema(
@@ -315,6 +429,9 @@ def run_datagen(
     echo: Callable[[str], None] | None = print,
     wait: bool = False,
     reference: str | Path | None = None,
+    window: Sequence[WindowDay] = (),
+    cache_dir: str | Path | None = None,
+    cache_key: str | None = None,
 ) -> DatagenResult:
     """Runs data generation end to end and returns its summary.
 
@@ -339,6 +456,14 @@ def run_datagen(
       reference: The statistics the input is validated against: a datagen output folder or
         its ``statistics.json``; None runs only the checks that need no reference. The
         anomalies are printed and written, whatever their severity: the caller decides.
+      window: The earlier days of the analysis window, oldest first: their training rows
+        count in the vocabularies and quantile boundaries, but only the input's rows are
+        written (``data.window_days`` is the caller's: it passes the days it keeps).
+      cache_dir: tf.Transform's analyzer cache, one dataset key a day: the input's
+        accumulators are written under ``cache_key`` once the job succeeded, and an earlier
+        day whose accumulators are there is not read again. None analyses every day of the
+        window from its rows.
+      cache_key: The input's dataset key in the cache (required with ``cache_dir``).
 
     Raises:
       ArtifactError: ``reference`` is not a readable statistics file.
@@ -356,6 +481,7 @@ def run_datagen(
     files = sources.resolve_input(input_patterns, input_format)
     sources.check_output_apart(input_patterns, files, out)
     files = sources.preflight(config, files)
+    analysis = _plan_analysis(config, window, cache_dir, cache_key)
     say = echo or log.info
     with locked(lock_file(out), f"the datagen output {out}", wait=wait, echo=say):
         _check_out_free(out, overwrite)  # again: another run may have finished meanwhile
@@ -363,7 +489,58 @@ def run_datagen(
         name = glob.escape(out.name)
         for path in remove_leftovers(out.parent, [f"{name}.partial", f"{name}.old-*"]):
             log.info("datagen: removed %s, left by an interrupted run", path)
-        return _run_locked(config, files, out, beam_args, batch_rows, echo, ref)
+        return _run_locked(config, files, out, beam_args, batch_rows, echo, ref, analysis)
+
+
+def _plan_analysis(
+    config: Config,
+    window: Sequence[WindowDay],
+    cache_dir: str | Path | None,
+    cache_key: str | None,
+) -> _Analysis | None:
+    """Which days of the window are read and which come from the analyzer cache."""
+    if not window and cache_dir is None:
+        return None
+    if cache_dir is not None and not cache_key:
+        raise ValueError("run_datagen: cache_dir needs a cache_key (the input's dataset key)")
+    earlier = []
+    for day in window:
+        if cache_dir is not None and cached_day(cache_dir, day.key):
+            earlier.append((day.key, None))
+            continue
+        files = sources.preflight(config, sources.resolve_input(day.input))
+        earlier.append((day.key, files))
+    return _Analysis(
+        earlier=tuple(earlier),
+        cache_dir=None if cache_dir is None else str(Path(cache_dir).absolute()),
+        key=cache_key,
+    )
+
+
+def cached_day(cache_dir: str | Path, key: str) -> bool:
+    """Whether the analyzer cache holds the accumulators of the day with dataset key ``key``.
+
+    A day's folder is moved into the cache whole, once its job succeeded: present is complete.
+    """
+    from tensorflow_transform.beam import analyzer_cache
+
+    return (Path(cache_dir) / analyzer_cache.DatasetKey(key).key).is_dir()
+
+
+def _keep_cache(written: Path, cache_dir: Path) -> None:
+    """Moves each day's accumulators a job wrote into the cache; a day already there (read,
+    not computed) keeps its folder, the job's own day replaces an older one."""
+    for day in sorted(written.iterdir()):
+        if not day.is_dir():
+            continue
+        target = cache_dir / day.name
+        if target.exists():
+            old = target.with_name(f".{day.name}.old-{os.getpid()}")
+            target.rename(old)
+            day.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            day.rename(target)
 
 
 def lock_file(out: Path) -> Path:
@@ -387,6 +564,7 @@ def _run_locked(
     batch_rows: int,
     echo: Callable[[str], None] | None,
     reference: dict[str, Any] | None = None,
+    analysis: _Analysis | None = None,
 ) -> DatagenResult:
     import tensorflow_transform.beam as tft_beam
     from tensorflow_transform.tf_metadata import dataset_metadata, metadata_io
@@ -396,11 +574,21 @@ def _run_locked(
     started = time.monotonic()
     options = PipelineOptions(list(beam_args))
     log.info("datagen: %d %s file(s) -> %s", len(files.paths), files.format.value, out)
+    written = None
     try:
         temp_dir = tempfile.mkdtemp(prefix="tft-", dir=partial)
+        if analysis is not None and analysis.cache_dir is not None:
+            # What the job computes goes beside the cache first: a failed job leaves no half
+            # day in it (tf.Transform writes a day's manifest before its accumulators).
+            cache_dir = Path(analysis.cache_dir)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            written = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache_dir))
+            analysis = replace(analysis, write_dir=str(written))
         with beam.Pipeline(options=options) as p, tft_beam.Context(temp_dir=temp_dir):
-            build_pipeline(p, config, files, str(partial), batch_rows=batch_rows)
+            build_pipeline(p, config, files, str(partial), batch_rows=batch_rows, analysis=analysis)
         shutil.rmtree(temp_dir, ignore_errors=True)
+        if written is not None:
+            _keep_cache(written, written.parent)
         metadata_io.write_metadata(
             dataset_metadata.DatasetMetadata(raw_schema(config, int_columns=files.int_columns)),
             str(partial / RAW_METADATA_DIR),
@@ -428,6 +616,9 @@ def _run_locked(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    finally:
+        if written is not None:
+            shutil.rmtree(written, ignore_errors=True)
     _replace(partial, out)
     if echo is not None:
         echo(text)

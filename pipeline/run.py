@@ -19,9 +19,18 @@ Layout of the output folder::
                                 anomalies.json and, when columns moved, anomalies.png)
     models/day=NNN/             training output of each day (model, verdict.json)
     serving/<model>/<version>/  the TF Serving model base path
+    analyzer_cache/day-NNN/     tf.Transform's analyzer cache, one dataset key a day (only
+                                with a window of more than one day, see below)
     server.log                  what the model server printed
     query.json, ranking.json    the example query and its ranking through the endpoint
     days.md                     one row per day: rows, vocabularies, warm start, AUC, verdict
+
+With a window of N days (``--window N``, else the config's ``data.window_days``), a day's
+vocabularies and quantile boundaries are computed over the training rows of the day and of the
+N-1 days before it (days not trained on for a blocking anomaly left out), so a token stays known
+while it appears anywhere in the window; the model still trains on the new day's rows. Each
+day's analyzer accumulators are kept in ``analyzer_cache/``: a day's datagen reads only its own
+rows, and a restarted run reuses them.
 
 A run that stops midway continues from its last finished stage when started again with the
 same arguments (an interrupted training run resumes from its own checkpoint).
@@ -41,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from transform import artifacts
-from transform.config import Config
+from transform.config import MAX_WINDOW_DAYS, Config
 from transform.errors import UsageError
 from transform.paths import remove_paths
 
@@ -55,12 +64,14 @@ LOGS_DIR = "logs"
 DATA_DIR = "data"
 MODELS_DIR = "models"
 SERVING_DIR = "serving"
+ANALYZER_CACHE_DIR = "analyzer_cache"
+"""tf.Transform's analyzer cache of the run's window: one folder a day (its dataset key)."""
 SERVER_LOG = "server.log"
 QUERY_FILE = "query.json"
 RANKING_FILE = "ranking.json"
 DAYS_FILE = "days.md"
 _OWNED = (STATE_FILE, CONFIG_FILE, LOGS_DIR, DATA_DIR, MODELS_DIR, SERVING_DIR, SERVER_LOG,
-          QUERY_FILE, RANKING_FILE, DAYS_FILE)  # fmt: skip
+          QUERY_FILE, RANKING_FILE, DAYS_FILE, ANALYZER_CACHE_DIR)  # fmt: skip
 
 SAMPLE_ROWS = 20_000
 """Rows read from a day's log to build the example query."""
@@ -93,6 +104,9 @@ class RunOptions:
     """JSON file with the query to rank at the end; default: built from the last day's log."""
     top: int = 10
     """Candidates shown of the final ranking."""
+    window: int | None = None
+    """Days the vocabularies and quantile boundaries are computed over; default: the config's
+    ``data.window_days``."""
     beam_args: tuple[str, ...] = ("--runner=DirectRunner",)
     verbose: int = 1
     """0: one line a stage; 1: stage summaries and Keras progress."""
@@ -106,7 +120,12 @@ class RunOptions:
             "rows_per_day": self.rows_per_day if self.input is None else None,
             "seed": self.seed if self.input is None else None,
             "epochs": self.epochs,
+            "window": self.window_days(config),
         }
+
+    def window_days(self, config: Config) -> int:
+        """The window in days: ``window``, else the config's ``data.window_days``."""
+        return self.window if self.window is not None else config.data.window_days
 
 
 @dataclass
@@ -491,6 +510,7 @@ class _Run:
                 f"{r['rows']:,} rows ({r['train_rows']:,} train, {r['eval_rows']:,} eval), "
                 "vocabularies "
                 + ", ".join(f"{k} {v:,}" for k, v in r["vocabularies"].items())
+                + _window_text(r)
                 + f", {_anomaly_count(r)} -> {data}"
             ),
         )
@@ -640,16 +660,33 @@ class _Run:
             warnings=len(anomalies),
         )
 
+    def window(self, d: int) -> list[int]:
+        """The earlier days of day ``d``'s window, oldest first: the days before it within
+        the window whose data was not refused for a blocking anomaly."""
+        from pipeline.anomalies import blocking
+
+        days = []
+        for e in range(max(1, d - self.options.window_days(self.config) + 1), d):
+            done = self.state.done(f"day {e} datagen")
+            if done is not None and blocking([_read_anomaly(a) for a in done["anomalies"]]):
+                continue
+            days.append(e)
+        return days
+
     def datagen(self, d: int, data: Path, reference: str | None) -> dict[str, Any]:
         """The day's datagen, validated against ``reference`` (a datagen output).
 
+        With a window of more than one day, the analyzers also see the window's earlier days
+        (from the analyzer cache, where the day's own accumulators are kept for the next).
         An input that lacks a column or holds one in an unusable type cannot be read at all:
         that is the day's blocking anomaly, written alone to its ``anomalies.json``.
         """
         from pipeline import anomalies as data_validation
-        from pipeline.datagen import run_datagen
+        from pipeline.datagen import WindowDay, run_datagen
         from pipeline.sources import ColumnError, MissingColumnError
 
+        windowed = self.options.window_days(self.config) > 1
+        earlier = self.window(d)
         try:
             result = run_datagen(
                 self.config,
@@ -659,6 +696,9 @@ class _Run:
                 beam_args=list(self.options.beam_args),
                 echo=self.echo if self.options.verbose else None,
                 reference=reference,
+                window=[WindowDay(_cache_key(e), self.day_inputs[e - 1]) for e in earlier],
+                cache_dir=self.out / ANALYZER_CACHE_DIR if windowed else None,
+                cache_key=_cache_key(d) if windowed else None,
             )
         except ColumnError as e:
             kind = (
@@ -683,6 +723,7 @@ class _Run:
             "eval_rows": s["splits"][artifacts.EVAL_DIR]["rows"],
             "vocabularies": {k: v["size"] for k, v in s["vocabularies"].items()},
             "anomalies": [a.to_dict() for a in result.anomalies],
+            "window": [*earlier, d],
         }
 
     # ---------------------------------------------------------------- the server
@@ -769,6 +810,18 @@ class _Run:
             self.server.stop()
 
 
+def _window_text(datagen: dict[str, Any]) -> str:
+    days = datagen.get("window") or []
+    if len(days) < 2:
+        return ""
+    return " (over days " + ", ".join(str(e) for e in days) + ")"
+
+
+def _cache_key(d: int) -> str:
+    """Day ``d``'s dataset key (and folder) in the run's analyzer cache."""
+    return f"day-{d:03d}"
+
+
 def run(
     config: Config,
     out_dir: str | Path,
@@ -796,6 +849,8 @@ def run(
         asked for, or no model that passed validation.
     """
     options = options or RunOptions()
+    if options.window is not None and not 1 <= options.window <= MAX_WINDOW_DAYS:
+        raise RunError(f"--window {options.window}: expected 1 to {MAX_WINDOW_DAYS} days")
     out = Path(out_dir).absolute()
     r = _Run(config, out, options, overwrite, echo, on_serving)
     started = time.monotonic()

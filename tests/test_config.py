@@ -224,3 +224,11 @@ def test_sizes_that_decide_memory_are_bounded(change: tuple[str, str], key: str)
         parse_config(BASE + "model: {hidden_units: [64, 1000000]}\n")
     with pytest.raises(ConfigError, match=r"^model.embedding_dim: 5,000 is more than"):
         parse_config(BASE + "model: {embedding_dim: 5000}\n")
+
+
+def test_window_days_is_checked_on_load() -> None:
+    assert parse_config(BASE).data.window_days == 1
+    assert parse_config(BASE + "data: {window_days: 7}\n").data.window_days == 7
+    for bad in ("0", "-2", "400", "1.5", "seven"):
+        with pytest.raises(ConfigError, match=r"data.window_days"):
+            parse_config(BASE + f"data: {{window_days: {bad}}}\n")

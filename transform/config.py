@@ -46,6 +46,7 @@ MAX_HASH_BUCKETS = 2**31 - 1
 MAX_EMBEDDING_DIM = 4096
 MAX_HIDDEN_UNITS = 65_536
 MAX_QUANTILES = 10_000
+MAX_WINDOW_DAYS = 366
 
 
 class ConfigError(UsageError):
@@ -251,12 +252,16 @@ class DataConfig:
         rows land on one side); empty to split by the whole row.
       csv_delimiter: Field delimiter of CSV input.
       list_delimiter: Delimiter of list values inside one CSV field.
+      window_days: Days of input the vocabularies and quantile boundaries of a day are
+        computed over in ``widedeep run`` (the new day and the ones before it); the model
+        still trains on the new day's rows. 1: each day alone.
     """
 
     eval_fraction: float = 0.1
     split_by: str = ""
     csv_delimiter: str = ","
     list_delimiter: str = "|"
+    window_days: int = 1
 
 
 @dataclass(frozen=True)
@@ -849,6 +854,12 @@ def _validate_sections(config: Config) -> None:
     _positive("training.steps_per_checkpoint", t.steps_per_checkpoint)
     _positive("training.shuffle_buffer", t.shuffle_buffer)
     d = config.data
+    _positive("data.window_days", d.window_days)
+    if d.window_days > MAX_WINDOW_DAYS:
+        raise ConfigError(
+            f"data.window_days: {d.window_days:,} is more than a year of days "
+            f"({MAX_WINDOW_DAYS}); the analyzer cache keeps one folder a day of the window"
+        )
     if not 0.0 < d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction: expected a number in (0, 1), got {d.eval_fraction}")
     if d.split_by and d.split_by == config.label:
