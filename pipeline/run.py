@@ -66,6 +66,9 @@ MODELS_DIR = "models"
 SERVING_DIR = "serving"
 ANALYZER_CACHE_DIR = "analyzer_cache"
 """tf.Transform's analyzer cache of the run's window: one folder a day (its dataset key)."""
+
+SETTINGS_BEFORE_THEY_EXISTED: dict[str, Any] = {"window": 1}
+"""Settings a stopped run's ``run.json`` may lack: the value it ran with, so it can continue."""
 SERVER_LOG = "server.log"
 QUERY_FILE = "query.json"
 RANKING_FILE = "ranking.json"
@@ -217,7 +220,9 @@ class _State:
                 raise RunError(
                     f"{path}: unreadable ({e}); pass --overwrite to start over"
                 ) from None
-            differs = [k for k in key if data.get("settings", {}).get(k) != key[k]]
+            # A run started before a setting existed ran with that setting's old behaviour.
+            saved = {**SETTINGS_BEFORE_THEY_EXISTED, **data.get("settings", {})}
+            differs = [k for k in key if saved.get(k) != key[k]]
             if differs:
                 raise RunError(
                     f"{out}: holds a run with other settings ({', '.join(differs)} differ); "

@@ -306,3 +306,19 @@ def test_build_query_ranks_distinct_items_for_one_impression() -> None:
     assert set(built["candidates"][0]) == {"impression_app", "app_category"}
     assert build_query(config, list(rows), num_candidates=200) == built
     assert len(build_query(config, rows, num_candidates=2)["candidates"]) == 2
+
+
+def test_a_run_saved_before_the_window_setting_continues(tmp_path: Path) -> None:
+    """A run.json without a ``window`` ran with a one-day window: the same settings continue it
+    and another window is refused."""
+    from pipeline.run import STATE_FILE, RunError, _State
+
+    config = load_config("movies")
+    key = RunOptions(input=None, days=2).key(config)
+    (tmp_path / STATE_FILE).write_text(
+        json.dumps({"settings": {k: v for k, v in key.items() if k != "window"}})
+    )
+    assert _State.open(tmp_path, key, overwrite=False).data["settings"].get("window") is None
+    wider = RunOptions(input=None, days=2, window=3).key(config)
+    with pytest.raises(RunError, match="window differ"):
+        _State.open(tmp_path, wider, overwrite=False)
