@@ -45,6 +45,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/serving_bench.py
 	$(BIN)/python bench/hardening_bench.py
 	$(BIN)/python bench/swap_bench.py
+	$(BIN)/python bench/window_bench.py
 	$(BIN)/python bench/table1.py
 
 clean:
