@@ -853,13 +853,7 @@ def _rest_output_probabilities(data: bytes, expected: int) -> np.ndarray:
         raise ScoringError(
             f"the REST answer has no {PROBABILITIES_OUTPUT!r} outputs: {data[:200]!r}"
         )
-    try:
-        values = np.asarray(outputs, dtype=np.float32).reshape(-1)
-    except (TypeError, ValueError) as e:
-        raise ScoringError(f"the REST answer's outputs are not numbers: {e}") from None
-    if values.size != expected:
-        raise ScoringError(f"{expected} candidates sent, {values.size} scores received")
-    return _finite(values)
+    return _rest_scores(outputs, expected, "outputs")
 
 
 def _json_answer(data: bytes) -> Any:
@@ -888,13 +882,18 @@ def _rest_probabilities(data: bytes, expected: int) -> np.ndarray:
             predictions = [p[key] for p in predictions]
         except (KeyError, TypeError):
             raise ScoringError(f"a prediction lacks the {key!r} output") from None
+    return _rest_scores(predictions, expected, "predictions")
+
+
+def _rest_scores(values: Any, expected: int, what: str) -> np.ndarray:
+    """A REST answer's scores as one float array: numbers, one per candidate sent, finite."""
     try:
-        values = np.asarray(predictions, dtype=np.float32).reshape(-1)
+        scores = np.asarray(values, dtype=np.float32).reshape(-1)
     except (TypeError, ValueError) as e:
-        raise ScoringError(f"the REST answer's predictions are not numbers: {e}") from None
-    if values.size != expected:
-        raise ScoringError(f"{expected} candidates sent, {values.size} scores received")
-    return _finite(values)
+        raise ScoringError(f"the REST answer's {what} are not numbers: {e}") from None
+    if scores.size != expected:
+        raise ScoringError(f"{expected} candidates sent, {scores.size} scores received")
+    return _finite(scores)
 
 
 def format_ranking(
