@@ -400,6 +400,12 @@ def _validate_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--baseline", help="compare with this model")
     _models_dir_arg(group, False, "compare with the newest version served from this folder")
     p.add_argument("--skip-dry-run", action="store_true", help="quality check only")
+    p.add_argument(
+        "--request-log",
+        help="the model server's request log (the folder of widedeep serve --request_log_dir, "
+        "or of a logging_config's filename_prefix): compare the logged requests' features "
+        "with --data's training statistics (training/serving skew)",
+    )
 
 
 @verb(
@@ -408,10 +414,13 @@ def _validate_arguments(p: argparse.ArgumentParser) -> None:
     """
     widedeep validate --model models/day2 --data data/day2 --models-dir serving_models
     widedeep validate --model models/day2 --data data/day2 --baseline models/day1
+    widedeep validate --model models/day2 --data data/day2 --request-log request_logs
 
     --models-dir is the folder deploy writes into (it holds MODEL_NAME/VERSION/); the model
-    compared with is the newest version there. Exit status 0 when the model passed, 1 when it
-    failed; the verdict is in MODEL/verdict.json either way.
+    compared with is the newest version there. --request-log compares the requests the
+    model server logged with the training statistics of --data (skew is a warning unless the
+    config's validation.skew_severity is block). Exit status 0 when the model passed, 1 when
+    it failed; the verdict is in MODEL/verdict.json either way.
     """,
     arguments=_validate_arguments,
 )
@@ -425,6 +434,7 @@ def _validate(args: argparse.Namespace, extra: Sequence[str]) -> int:
         baseline=args.baseline,
         models_dir=args.models_dir,
         skip_dry_run=args.skip_dry_run,
+        request_log=args.request_log,
     )
     print(format_verdict(verdict))
     return 0 if verdict.passed else 1

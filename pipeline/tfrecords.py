@@ -10,41 +10,20 @@ through Beam's ``FileBasedSink``, so temp files, retries and finalisation stay t
 
 from __future__ import annotations
 
-import struct
 import zlib
 from typing import Any
 
 import apache_beam as beam
-import google_crc32c
 from apache_beam.coders import BytesCoder
 from apache_beam.io.filebasedsink import FileBasedSink
 from apache_beam.io.filesystem import CompressionTypes
 
+from transform.records import frame_records, masked_crc32c
+
+__all__ = ["GZIP_LEVEL", "WriteFramedTFRecords", "frame_records", "masked_crc32c"]
+
 GZIP_LEVEL = 1
 """Fast gzip: TFRecords of ids and floats compress well at any level; time is what differs."""
-
-_LENGTH = struct.Struct("<Q")
-_CRC = struct.Struct("<I")
-
-
-def masked_crc32c(data: bytes) -> int:
-    """The masked CRC-32C that frames TFRecords."""
-    crc = google_crc32c.value(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def frame_records(records: list[bytes]) -> bytes:
-    """Frames serialized records as consecutive TFRecords (length, CRCs, data)."""
-    parts: list[bytes] = []
-    for record in records:
-        header = _LENGTH.pack(len(record))
-        parts += [
-            header,
-            _CRC.pack(masked_crc32c(header)),
-            record,
-            _CRC.pack(masked_crc32c(record)),
-        ]
-    return b"".join(parts)
 
 
 class _GzipWriter:

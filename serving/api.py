@@ -28,6 +28,7 @@ from serving.errors import ServingError, invalid_argument
 from serving.limits import InFlightBudget, RequestLimits
 from serving.metrics import Metrics
 from serving.models import ModelManager
+from serving.request_log import CLASSIFY, PREDICT, REGRESS, ServerRequestLogger
 from serving.servable import Servable
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ class ServingApi:
     `limits` bound the memory of each request and of all requests in flight; with
     `allow_reload_config` False (the default), HandleReloadConfigRequest is refused with
     PERMISSION_DENIED: whoever reaches the port could otherwise unload the served models or
-    load any SavedModel the server can read.
+    load any SavedModel the server can read. With a `request_logger`, successful Predict,
+    Classify and Regress requests are sampled for the request log (`serving.request_log`).
     """
 
     def __init__(
@@ -58,8 +60,10 @@ class ServingApi:
         limits: RequestLimits | None = None,
         *,
         allow_reload_config: bool = False,
+        request_logger: ServerRequestLogger | None = None,
     ) -> None:
         self.manager = manager
+        self.request_logger = request_logger
         self.metrics = metrics
         self.limits = limits or RequestLimits()
         self.budget = InFlightBudget(
@@ -89,6 +93,7 @@ class ServingApi:
             lambda s: s.predict(request),
             expanded_bytes=lambda: self.limits.predict_bytes(request.inputs),
             reserved=reserved,
+            logged=PREDICT,
         )
 
     def classify(
@@ -102,6 +107,7 @@ class ServingApi:
             lambda s: s.classify(request.model_spec, wire.serialized_examples(request.input)),
             expanded_bytes=lambda: self.limits.examples_bytes(request.input),
             reserved=reserved,
+            logged=CLASSIFY,
         )
 
     def regress(
@@ -115,6 +121,7 @@ class ServingApi:
             lambda s: s.regress(request.model_spec, wire.serialized_examples(request.input)),
             expanded_bytes=lambda: self.limits.examples_bytes(request.input),
             reserved=reserved,
+            logged=REGRESS,
         )
 
     def get_model_metadata(
@@ -188,6 +195,8 @@ class ServingApi:
                     "Only ModelConfigList is currently supported"
                 )
             self.manager.reload_config(request.config, wait=True, timeout=timeout)
+            if self.request_logger is not None:
+                self.request_logger.update(request.config)
             response = model_management_pb2.ReloadConfigResponse()
             response.status.SetInParent()
             return response
@@ -206,6 +215,7 @@ class ServingApi:
         *,
         expanded_bytes: Callable[[], int] | None = None,
         reserved: bool = True,
+        logged: str | None = None,
     ) -> Response:
         version = [""]
 
@@ -222,9 +232,21 @@ class ServingApi:
                     stack.enter_context(self.budget.reserve(request.ByteSize() + expanded))
                 servable = self.manager.servable(request.model_spec)
                 version[0] = str(servable.version)
-                return run(servable)
+                response = run(servable)
+            if logged is not None and self.request_logger is not None:
+                self._log_request(logged, request, response, servable)
+            return response
 
         return self._observed(api, entrypoint, request.model_spec.name, call, version)
+
+    def _log_request(self, kind: str, request: Any, response: Any, servable: Servable) -> None:
+        """Sample an answered request for the request log; never fails the request."""
+        try:
+            self.request_logger.log(  # type: ignore[union-attr]
+                kind, request, response, servable.name, servable.version
+            )
+        except Exception:
+            log.exception("Request logging failed; the request was answered")
 
     def _observed(
         self,

@@ -28,6 +28,15 @@ def serve(argv: Sequence[str]) -> int:
                 + "; they apply to the built-in server only (--builtin)",
                 file=sys.stderr,
             )
+        logged = tfserving.models_with_logging_config(argv)
+        if logged:
+            print(
+                "widedeep serve: the model config gives " + ", ".join(logged) + " a "
+                "logging_config; tensorflow_model_server writes request logs only when built "
+                "with a log collector (the stock binary refuses to start); the built-in server "
+                "writes them (--builtin)",
+                file=sys.stderr,
+            )
         args = tfserving.binary_argv(binary, argv)
         print("widedeep serve: running " + " ".join(args), flush=True)
         os.execv(binary, args)

@@ -120,6 +120,16 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--batching_parameters_file", default="",
          help="BatchingParameters text proto; checked, and applied by "
          "tensorflow_model_server only (see --enable_batching)")  # fmt: skip
+    flag("--request_log_dir", default="",
+         help="log a sample of each model's requests (those without a logging_config in "
+         "--model_config_file) as TFRecord files of PredictionLog, DIR/MODEL_NAME-*.tfrecord "
+         "(built-in server)")  # fmt: skip
+    flag("--request_log_sampling_rate", type=float,
+         help="share of requests --request_log_dir logs, 0 to 1 (default 0.1)")  # fmt: skip
+    flag("--request_log_max_file_records", type=int,
+         help="a request log file is finished after this many records (default 100000)")  # fmt: skip
+    flag("--request_log_max_file_seconds", type=float,
+         help="... or once it is this many seconds old (default 600)")  # fmt: skip
     for name, default, text in (
         ("enable_model_warmup", True, None),
         ("allow_version_labels_for_unavailable_models", False, None),

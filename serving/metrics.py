@@ -22,6 +22,8 @@ _REQUEST_COUNT = ":tensorflow:serving:request_count"
 _ERROR_COUNT = ":tensorflow:serving:request_error_count"
 _LATENCY = ":tensorflow:serving:request_latency"
 _LOAD_COUNT = ":tensorflow:serving:model_load_count"
+# TF Serving has no metric of its request logging: this one is the built-in server's own.
+_REQUEST_LOG_COUNT = ":widedeep:serving:request_log_count"
 
 RequestKey = tuple[str, str, str, str]  # model_name, version, API, entrypoint
 
@@ -66,6 +68,7 @@ class Metrics:
         self._errors: dict[tuple[str, str, str, str, str], int] = {}
         self._latency: dict[RequestKey, _Histogram] = {}
         self._loads: dict[tuple[str, str, str], int] = {}
+        self._request_logs: dict[tuple[str, str], int] = {}
 
     def record_request(
         self,
@@ -94,6 +97,18 @@ class Metrics:
         with self._lock:
             self._loads[key] = self._loads.get(key, 0) + 1
 
+    def record_request_log(self, model_name: str, outcome: str, count: int = 1) -> None:
+        """Count sampled requests by what became of them: ``logged``, ``dropped`` (the
+        writer's queue was full) or ``failed`` (they could not be written)."""
+        key = (model_name, outcome)
+        with self._lock:
+            self._request_logs[key] = self._request_logs.get(key, 0) + count
+
+    def request_log_count(self, model_name: str, outcome: str) -> int:
+        """How many sampled requests of the model had that outcome so far."""
+        with self._lock:
+            return self._request_logs.get((model_name, outcome), 0)
+
     def render(self) -> str:
         """All metrics as a Prometheus text exposition page."""
         with self._lock:
@@ -101,6 +116,7 @@ class Metrics:
             errors = dict(self._errors)
             latency = {key: (list(h.buckets), h.total, h.count) for key, h in self._latency.items()}
             loads = dict(self._loads)
+            request_logs = dict(self._request_logs)
         lines: list[str] = []
         counted_labels = (*self._REQUEST_LABELS, "status")
         for name, help_text, series in (
@@ -131,4 +147,13 @@ class Metrics:
         for key in sorted(loads):
             labels = _labels(("model_name", "version", "status"), key)
             lines.append(f"{_LOAD_COUNT}{{{labels}}} {loads[key]}")
+        if request_logs:
+            lines.append(
+                f"# HELP {_REQUEST_LOG_COUNT} Sampled requests by outcome: logged, dropped "
+                "(the log writer's queue was full) or failed (not written)."
+            )
+            lines.append(f"# TYPE {_REQUEST_LOG_COUNT} counter")
+            for key in sorted(request_logs):
+                labels = _labels(("model_name", "outcome"), key)
+                lines.append(f"{_REQUEST_LOG_COUNT}{{{labels}}} {request_logs[key]}")
         return "\n".join(lines) + "\n"

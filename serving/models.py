@@ -35,6 +35,7 @@ from serving.errors import (
     not_found,
 )
 from serving.metrics import Metrics
+from serving.request_log import check_logging_config
 from serving.servable import Servable, ServableOptions
 from transform.artifacts import TENSORFLOW_PLATFORM
 
@@ -170,6 +171,8 @@ def validate_config(config: model_server_config_pb2.ModelServerConfig) -> None:
             )
         if platform != TENSORFLOW_PLATFORM:
             raise invalid_argument(f"Model {model.name} requests unsupported platform {platform}")
+        if model.HasField("logging_config"):
+            check_logging_config(model.name, model.logging_config)
 
 
 class _BasePathMissing(Exception):

@@ -33,6 +33,7 @@ from serving.grpc_api import service_handlers
 from serving.limits import RequestLimits
 from serving.metrics import PROMETHEUS_PATH, Metrics
 from serving.models import ManagerSettings, ModelManager
+from serving.request_log import RequestLogOptions, ServerRequestLogger
 from serving.rest import RestApi, RestServer
 from serving.servable import ServableOptions
 from transform.artifacts import model_server_config
@@ -47,6 +48,7 @@ SWITCH_INTERVAL_SECONDS = 0.0005
 GRPC_MIN_QUEUED_CALLS = 128
 # With background model loads: the pause after each warmup request, in times its duration.
 WARMUP_PAUSE_RATIO = 1.0
+DEFAULT_REQUEST_LOG_SAMPLING_RATE = 0.1
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,11 @@ class ServerSettings:
     Python's full garbage collections, which would stop every thread (see
     `serving.models.collection_paused`), so requests keep their latency while a new version
     is swapped in (bench/swap_bench.py).
+
+    Request logging (`serving.request_log`): a model's `logging_config` in the model config
+    file, or, for every model without one, `request_log_dir` (files
+    `<request_log_dir>/<model name>-*.tfrecord`) at `request_log_sampling_rate`;
+    `request_log` sets file rotation and the writer's queue.
     """
 
     model_name: str = "default"
@@ -120,6 +127,9 @@ class ServerSettings:
     enable_batching: bool = False
     batching_parameters_file: str | None = None
     background_model_load: bool = True
+    request_log_dir: str | None = None
+    request_log_sampling_rate: float = DEFAULT_REQUEST_LOG_SAMPLING_RATE
+    request_log: RequestLogOptions = dataclasses.field(default_factory=RequestLogOptions)
 
 
 def load_model_server_config(settings: ServerSettings) -> model_server_config_pb2.ModelServerConfig:
@@ -196,6 +206,14 @@ class ModelServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.request_logger = ServerRequestLogger(
+            settings.request_log,
+            self.metrics,
+            default=(settings.request_log_dir, settings.request_log_sampling_rate)
+            if settings.request_log_dir
+            else None,
+            tags=settings.saved_model_tags,
+        )
         self.manager = ModelManager(
             ManagerSettings(
                 file_system_poll_wait_seconds=settings.file_system_poll_wait_seconds,
@@ -227,6 +245,7 @@ class ModelServer:
                 in_flight_wait_seconds=settings.in_flight_wait_seconds,
             ),
             allow_reload_config=settings.allow_reload_config,
+            request_logger=self.request_logger,
         )
         self.grpc_port: int | None = None
         self.rest_api_port: int | None = None
@@ -278,6 +297,7 @@ class ModelServer:
             if error.code != grpc.StatusCode.UNKNOWN:
                 raise
             log.error("Serving without some models: %s", error.message)
+        self.request_logger.update(config)
         self.manager.start()
         self._start_grpc()
         if self.settings.rest_api_port is not None:
@@ -358,7 +378,9 @@ class ModelServer:
                     continue
                 self._config_text = text
                 log.info("Model config file %s changed; reloading", path)
-                self.manager.reload_config(parse_model_config_file(path), wait=True)
+                config = parse_model_config_file(path)
+                self.manager.reload_config(config, wait=True)
+                self.request_logger.update(config)
             except (OSError, ValueError, ServingError) as error:
                 log.error("Model config file %s not applied: %s", path, error)
 
@@ -372,6 +394,8 @@ class ModelServer:
         if grpc_done is not None:
             grpc_done.wait()
         self._grpc_server = None
+        # No request is answered any more: what was sampled is written, the files finished.
+        self.request_logger.close()
         # The manager first: a config reload waiting for loads ends when the manager stops.
         self.manager.stop()
         if self._config_thread is not None:
@@ -391,6 +415,7 @@ class ModelServer:
     def reload_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
         """Apply a new model config, as HandleReloadConfigRequest does."""
         self.manager.reload_config(config, wait=True)
+        self.request_logger.update(config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,6 +450,9 @@ def settings_from_namespace(args: argparse.Namespace) -> ServerSettings:
         ("max_request_tensor_bytes", defaults.max_request_tensor_bytes),
         ("max_in_flight_bytes", defaults.max_in_flight_bytes),
         ("in_flight_wait_in_ms", int(defaults.in_flight_wait_seconds * 1000)),
+        ("request_log_sampling_rate", defaults.request_log_sampling_rate),
+        ("request_log_max_file_records", defaults.request_log.max_file_records),
+        ("request_log_max_file_seconds", defaults.request_log.max_file_seconds),
     ):
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -457,6 +485,12 @@ def settings_from_namespace(args: argparse.Namespace) -> ServerSettings:
             )
     if args.batching_parameters_file:
         tfserving.read_batching_parameters(args.batching_parameters_file)
+    rate = args.request_log_sampling_rate
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"--request_log_sampling_rate: expected a number in [0, 1], got {rate}")
+    for name in ("request_log_max_file_records", "request_log_max_file_seconds"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name}: expected a number > 0, got {getattr(args, name)}")
     return ServerSettings(
         model_name=args.model_name,
         model_base_path=args.model_base_path or None,
@@ -491,6 +525,13 @@ def settings_from_namespace(args: argparse.Namespace) -> ServerSettings:
         enable_batching=args.enable_batching,
         batching_parameters_file=args.batching_parameters_file or None,
         background_model_load=args.background_model_load,
+        request_log_dir=args.request_log_dir or None,
+        request_log_sampling_rate=rate,
+        request_log=dataclasses.replace(
+            defaults.request_log,
+            max_file_records=args.request_log_max_file_records,
+            max_file_seconds=float(args.request_log_max_file_seconds),
+        ),
     )
 
 

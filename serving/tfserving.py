@@ -143,6 +143,10 @@ BUILTIN_ONLY_FLAGS = (
     "--max_in_flight_bytes",
     "--in_flight_wait_in_ms",
     "--background_model_load",
+    "--request_log_dir",
+    "--request_log_sampling_rate",
+    "--request_log_max_file_records",
+    "--request_log_max_file_seconds",
 )
 """Flags of the built-in server that ``tensorflow_model_server`` does not know."""
 
@@ -195,6 +199,22 @@ def _drop_values(args: Sequence[str], names: tuple[str, ...]) -> list[str]:
 def builtin_only_flags(argv: Sequence[str]) -> list[str]:
     """The arguments in ``argv`` that only the built-in server understands."""
     return [a for a in tf_serving_spelling(argv) if a.split("=", 1)[0] in BUILTIN_ONLY_FLAGS]
+
+
+def models_with_logging_config(argv: Sequence[str]) -> list[str]:
+    """The models whose entry in ``--model_config_file`` has a ``logging_config``.
+
+    The open-source ``tensorflow_model_server`` has no log collector built in: it refuses to
+    start with one ("No request-logger-creator provided"); the built-in server writes them.
+    """
+    path = _flag(tf_serving_spelling(argv), "--model_config_file")
+    if not path:
+        return []
+    try:
+        config = read_model_config_file(path)
+    except (OSError, text_format.ParseError):
+        return []  # the server itself reports an unreadable file
+    return [m.name for m in config.model_config_list.config if m.HasField("logging_config")]
 
 
 def _drop_flags(args: Sequence[str], names: tuple[str, ...]) -> list[str]:

@@ -24,6 +24,10 @@ them, so the writer of an artifact and each of its readers agree by construction
   ``assets.extra/tf_serving_warmup_requests``, the file TF Serving replays at load.
 - **The serving base path** (written by ``serving.release.deploy``; read by the model servers
   and the release gate): ``<models dir>/<model name>/<version>/``, TF Serving's layout.
+- **Request logs** (written by the built-in model server, :mod:`serving.request_log`; read by
+  ``widedeep validate --request-log``): uncompressed TFRecord files of TF Serving's
+  ``PredictionLog``, ``<prefix>-<UTC start>-<host>-<pid>-<sequence>.tfrecord``; the file being
+  written is hidden as ``.<that name>.tmp`` beside it and renamed when finished.
 """
 
 from __future__ import annotations
@@ -333,3 +337,57 @@ def model_server_config(model_name: str, base_path: str, num_versions: int | Non
     if num_versions is not None:
         model.model_version_policy.latest.num_versions = num_versions
     return config
+
+
+# --------------------------------------------------------------------------------------------
+# Request logs
+
+REQUEST_LOG_SUFFIX = ".tfrecord"
+REQUEST_LOG_TEMP_SUFFIX = ".tmp"
+REQUEST_LOG_DEFAULT_NAME = "requests"
+"""The file name prefix of a ``filename_prefix`` that names only a folder (ends with '/')."""
+
+
+def request_log_name(
+    filename_prefix: str, started: Any, host: str, pid: int, sequence: int
+) -> Path:
+    """The finished name of a request log file (``started`` a UTC ``datetime``)."""
+    folder, _, base = filename_prefix.rpartition("/")
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    name = f"{base or REQUEST_LOG_DEFAULT_NAME}-{stamp}-{host}-{pid}-{sequence:05d}"
+    return Path(folder or ".") / f"{name}{REQUEST_LOG_SUFFIX}"
+
+
+def request_log_temp_name(final: Path) -> Path:
+    """The hidden name a request log file has while it is written."""
+    return final.with_name(f".{final.name}{REQUEST_LOG_TEMP_SUFFIX}")
+
+
+def request_log_final_name(temp: Path) -> Path:
+    """The finished name of a request log file written under ``temp``."""
+    return temp.with_name(temp.name[1 : -len(REQUEST_LOG_TEMP_SUFFIX)])
+
+
+def request_log_temp_files(folder: str | Path, base: str) -> list[Path]:
+    """The request log files being written (or left by a killed server) in ``folder`` whose
+    names start with ``base``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = f".{base}-*{REQUEST_LOG_SUFFIX}{REQUEST_LOG_TEMP_SUFFIX}"
+    return sorted(folder.glob(pattern))
+
+
+def request_log_files(path: str | Path, *, include_unfinished: bool = True) -> list[Path]:
+    """The request log files of ``path``: the file itself, or every one under the folder
+    (sub-folders included), finished ones and, with ``include_unfinished``, those being
+    written or left by a killed server (read up to their last whole record)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        return []
+    found = [p for p in path.rglob(f"*{REQUEST_LOG_SUFFIX}") if not p.name.startswith(".")]
+    if include_unfinished:
+        found += path.rglob(f".*{REQUEST_LOG_SUFFIX}{REQUEST_LOG_TEMP_SUFFIX}")
+    return sorted(found)

@@ -264,6 +264,15 @@ class DataConfig:
     window_days: int = 1
 
 
+class Severity(StrEnum):
+    """What an anomaly of the data does: ``warn`` is reported; ``block`` also keeps
+    ``widedeep run`` from training on the day (and ``widedeep datagen --fail-on-anomaly``
+    exits non-zero)."""
+
+    WARN = "warn"
+    BLOCK = "block"
+
+
 @dataclass(frozen=True)
 class ValidationConfig:
     """The dry run and quality check a model passes before it is deployed."""
@@ -276,6 +285,9 @@ class ValidationConfig:
     latency_budget_ms: float = 50.0
     num_requests: int = 50
     load_timeout_s: float = 120.0
+    skew_severity: Severity = Severity.WARN
+    """What training/serving skew found by ``validate --request-log`` does: ``warn`` reports
+    it in the verdict, ``block`` also fails the model."""
 
 
 @dataclass(frozen=True)
@@ -286,15 +298,6 @@ class ServingConfig:
     parallelism: int = 4
     timeout_s: float = 5.0
     retries: int = 3
-
-
-class Severity(StrEnum):
-    """What an anomaly of the data does: ``warn`` is reported; ``block`` also keeps
-    ``widedeep run`` from training on the day (and ``widedeep datagen --fail-on-anomaly``
-    exits non-zero)."""
-
-    WARN = "warn"
-    BLOCK = "block"
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,9 @@
 - **Quality check**: eval AUC and log loss of the new model against the baseline (the version
   being served from the base path, or a model given explicitly) on the same raw eval examples.
   Each model transforms them with its own vocabularies, so models of different days compare.
+- **Training/serving skew** (with a request log): the features of the requests the model
+  server logged against the training statistics (:mod:`serving.release.skew`); reported, and
+  failing the model only when ``validation.skew_severity`` is ``block``.
 
 The verdict (every number, and the fingerprint of the model it judged) is written as JSON
 beside the model; ``deploy`` accepts only a model with a passing verdict.
@@ -45,7 +48,7 @@ from transform.artifacts import (
     warmup_path,
 )
 from transform.config import Config
-from transform.errors import WidedeepError
+from transform.errors import ArtifactError, WidedeepError
 from transform.features import recorded_raw_spec, serving_feature_spec
 from transform.metrics import auc, log_loss
 
@@ -76,6 +79,8 @@ class Verdict:
     """Fingerprint of the baseline: a deploy checks it is still the version served."""
     data: str | None = None
     """The datagen output whose eval split was used (for a later re-validation)."""
+    skew: dict[str, Any] = field(default_factory=dict)
+    """Training/serving skew of the logged requests (empty without a request log)."""
     created: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
 
     def to_json(self) -> str:
@@ -321,8 +326,26 @@ def validate(
     baseline: str | Path | None = None,
     models_dir: str | Path | None = None,
     skip_dry_run: bool = False,
+    request_log: str | Path | None = None,
 ) -> Verdict:
-    """Runs the dry run and the quality check and writes ``<model_dir>/verdict.json``."""
+    """Runs the dry run and the quality check and writes ``<model_dir>/verdict.json``.
+
+    With ``request_log`` (a request log folder or file of the model server), the logged
+    requests' features are compared with the training statistics of ``data_dir`` too.
+
+    Raises:
+      ValidationError: validation could not run (e.g. an unreadable request log).
+    """
+    skew_section: dict[str, Any] = {}
+    skew_found: list[Any] = []
+    if request_log is not None:
+        # First: a request log that cannot be read stops validation before the long parts.
+        from serving.release.skew import RequestLogError, skew_report
+
+        try:
+            skew_section, skew_found = skew_report(config, request_log, data_dir)
+        except (RequestLogError, ArtifactError) as error:
+            raise ValidationError(str(error)) from None
     examples, labels = read_raw_eval_examples(data_dir, config.label)
     scores = score_in_process(model_dir, examples)
     verdict = Verdict(
@@ -381,6 +404,10 @@ def validate(
     if not np.all(np.isfinite(scores)):
         verdict.reasons.append("the model gives non-finite scores in process")
     verdict.quality = quality
+    verdict.skew = skew_section
+    verdict.reasons.extend(
+        f"training/serving skew: {a.description}" for a in skew_found if a.blocks
+    )
     if not skip_dry_run:
         verdict.dry_run = dry_run(model_dir, config, examples, scores)
         verdict.reasons.extend(verdict.dry_run["problems"])
@@ -418,5 +445,9 @@ def format_verdict(verdict: Verdict) -> str:
             f"{d.get('candidates_per_request', 0)} candidates: p50 {d.get('p50_ms', 'n/a')} ms, "
             f"p99 {d.get('p99_ms', 'n/a')} ms (budget {d.get('latency_budget_ms', 'n/a')} ms)"
         )
+    if verdict.skew:
+        from serving.release.skew import format_skew
+
+        lines.extend(format_skew(verdict.skew))
     lines.extend(f"  reason       {r}" for r in verdict.reasons)
     return "\n".join(lines)
