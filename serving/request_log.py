@@ -144,7 +144,7 @@ class RequestLogger:
         self._file_bytes = 0
         self._file_deadline = 0.0
         self._error_until = 0.0
-        self._host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+        self._host = host_name()
         self._thread = threading.Thread(target=self._run, name="request-log-writer", daemon=True)
         self._thread.start()
 
@@ -350,6 +350,11 @@ class RequestLogger:
             if host_pid is None or host_pid[0] != self._host or _alive(host_pid[1]):
                 continue
             finish_leftover(temp)
+
+
+def host_name() -> str:
+    """This host's name as request log file names hold it (no '/' or '-' in it)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 
 
 def _host_and_pid(temp: Path, base: str) -> tuple[str, int] | None:
