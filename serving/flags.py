@@ -26,6 +26,8 @@ widedeep serve --port=8500 --model_config_file=/srv/models/models.config \\
     --model_config_file_poll_wait_seconds=30
 widedeep serve --port 8500 --model-base-path /srv/models/app_ranker --allow-reload-config \\
     --model-base-path-roots /srv/models
+widedeep serve --port 8500 --model-name app_ranker --model-base-path /srv/models/app_ranker \\
+    --request-log-dir /srv/request_logs --request-log-sampling-rate 0.1
 
 --model-base-path is the folder of ONE model's numbered versions (TF Serving's meaning):
 MODELS_DIR/MODEL_NAME after 'widedeep deploy --models-dir MODELS_DIR'. Flags are spelled with
@@ -38,7 +40,11 @@ a warning, when the real binary runs.
 
 Requests are at most 64 MiB (grpc.max_receive_message_length in --grpc-channel-arguments sets
 it for both APIs); what they take in memory is bounded by --max-request-tensor-bytes and
---max-in-flight-bytes. HandleReloadConfigRequest is refused unless --allow-reload-config.\
+--max-in-flight-bytes. HandleReloadConfigRequest is refused unless --allow-reload-config.
+
+--request-log-dir logs a sample of the requests as TFRecord files of PredictionLog (what
+'widedeep validate --request-log' reads); a model's logging_config in --model-config-file does
+the same for that model, as in TF Serving. The built-in server writes them.\
 """
 """The examples and notes of ``widedeep serve --help``."""
 

@@ -15,7 +15,6 @@ saw. The label is not compared (requests have none), nor the number of rows.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -128,6 +127,23 @@ def _columns_batch(
 
 
 @dataclasses.dataclass
+class _Summary:
+    """What is summed up about one model's logged requests."""
+
+    requests: int = 0
+    rows: int = 0
+    acc: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pending: list[bytes] = dataclasses.field(default_factory=list)
+
+    def flush(self, config: Config, decoder: Any) -> None:
+        """Adds the examples waiting to the statistics."""
+        if self.pending:
+            batch = decoder.DecodeBatch(self.pending)
+            self.acc = merge(self.acc, batch_statistics(config, batch, decoded=True))
+            self.pending = []
+
+
+@dataclasses.dataclass
 class RequestStatistics:
     """The statistics of the logged requests (``statistics.json``'s layout) and their counts."""
 
@@ -153,53 +169,52 @@ def request_statistics(
     """
     from tfx_bsl.coders import example_coder
 
+    spec = serving_feature_spec(config, recorded_raw_spec(data_dir) if data_dir else None)
+    decoder = example_coder.ExamplesToRecordBatchDecoder()
+    # Read once, summarised per model as it goes: a log of any size takes the memory of a
+    # few batches and of the statistics.
+    summaries: dict[str, _Summary] = {}
+    for record in read_prediction_logs(request_log):
+        name = record.log_metadata.model_spec.name
+        summary = summaries.setdefault(name, _Summary())
+        summary.requests += 1
+        examples, columns = logged_inputs(record)
+        if examples:
+            summary.pending.extend(examples)
+            summary.rows += len(examples)
+            if len(summary.pending) >= BATCH_ROWS:
+                summary.flush(config, decoder)
+        elif columns:
+            batch = _columns_batch(config, columns, spec)
+            summary.rows += batch.num_rows
+            summary.acc = merge(summary.acc, batch_statistics(config, batch))
+    if not summaries:
+        raise RequestLogError(f"{request_log}: the request log files hold no PredictionLog")
     wanted = model_name or config.model_name
-    records = list(read_prediction_logs(request_log))
-    models = Counter(r.log_metadata.model_spec.name for r in records)
-    if wanted not in models and len(models) == 1 and model_name is None:
-        wanted = next(iter(models))
-    chosen = [r for r in records if r.log_metadata.model_spec.name == wanted]
-    if not chosen:
-        found = ", ".join(f"{name or '(no name)'} ({n})" for name, n in models.most_common())
+    if wanted not in summaries and len(summaries) == 1 and model_name is None:
+        wanted = next(iter(summaries))
+    chosen = summaries.get(wanted)
+    if chosen is None:
+        found = ", ".join(
+            f"{name or '(no name)'} ({s.requests})" for name, s in sorted(summaries.items())
+        )
         raise RequestLogError(
             f"{request_log}: no logged request of model {wanted!r}; the log holds " + found
         )
-    spec = serving_feature_spec(config, recorded_raw_spec(data_dir) if data_dir else None)
-    decoder = example_coder.ExamplesToRecordBatchDecoder()
-    acc: dict[str, Any] = {}
-    pending: list[bytes] = []
-    rows = 0
-
-    def flush() -> None:
-        nonlocal acc
-        if pending:
-            batch = decoder.DecodeBatch(pending)
-            acc = merge(acc, batch_statistics(config, batch, decoded=True))
-            pending.clear()
-
-    for record in chosen:
-        examples, columns = logged_inputs(record)
-        if examples:
-            pending.extend(examples)
-            rows += len(examples)
-            if len(pending) >= BATCH_ROWS:
-                flush()
-        elif columns:
-            batch = _columns_batch(config, columns, spec)
-            rows += batch.num_rows
-            acc = merge(acc, batch_statistics(config, batch))
-    flush()
-    if rows == 0:
+    chosen.flush(config, decoder)
+    if chosen.rows == 0:
         raise RequestLogError(
-            f"{request_log}: the {len(chosen)} logged requests of {wanted!r} hold no examples "
-            "or raw feature inputs"
+            f"{request_log}: the {chosen.requests} logged requests of {wanted!r} hold no "
+            "examples or raw feature inputs"
         )
+    acc = chosen.acc
     stats = finalize(config, acc)
     # Requests carry no label: nothing to compare.
     stats["columns"] = {c: s for c, s in stats["columns"].items() if s["kind"] != LABEL}
     stats["label_rate"] = None
     files = len(artifacts.request_log_files(request_log))
-    return RequestStatistics(stats, len(chosen), rows, files, dict(models))
+    models = {name: summary.requests for name, summary in summaries.items()}
+    return RequestStatistics(stats, chosen.requests, chosen.rows, files, models)
 
 
 def skew_report(
