@@ -33,7 +33,12 @@ from serving.grpc_api import service_handlers
 from serving.limits import RequestLimits
 from serving.metrics import PROMETHEUS_PATH, Metrics
 from serving.models import ManagerSettings, ModelManager
-from serving.request_log import RequestLogOptions, ServerRequestLogger
+from serving.request_log import (
+    RequestLogOptions,
+    ServerRequestLogger,
+    check_logging_config,
+    default_logging_config,
+)
 from serving.rest import RestApi, RestServer
 from serving.servable import ServableOptions
 from transform.artifacts import model_server_config
@@ -278,6 +283,13 @@ class ModelServer:
 
     def _start(self) -> None:
         config = load_model_server_config(self.settings)
+        if self.settings.request_log_dir:
+            check_logging_config(
+                "(every model, --request_log_dir)",
+                default_logging_config(
+                    self.settings.request_log_dir, self.settings.request_log_sampling_rate, "m"
+                ),
+            )
         if self.settings.enable_batching:
             log.info(
                 "--enable_batching: server-side batching is applied by tensorflow_model_server; "

@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import json
 import math
+import re
 import shutil
 import subprocess
 import urllib.request
@@ -35,6 +36,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from pipeline.anomalies import COLUMN_MISSING, NUMERIC_DRIFT
 from pipeline.cli import main
+from serving.errors import ServingError
 from serving.release.skew import RequestLogError, request_statistics, skew_report
 from serving.request_log import (
     RequestLogger,
@@ -401,3 +403,31 @@ def test_raw_features_requests_are_read_column_by_column(
             assert raw["tokens"] == s["tokens"] and raw["length"] == s["length"], column
     section, found = skew_report(config, logs["raw"], movies_data)
     assert found == [] and section["requests"] == len(range(0, len(examples), 50))
+
+
+@pytest.mark.parametrize(
+    ("logging_config", "message"),
+    [
+        ('log_collector_config { type: "kafka" filename_prefix: "/tmp/x" }', "type 'kafka'"),
+        ('log_collector_config { filename_prefix: "" }', "filename_prefix is empty"),
+        (
+            'log_collector_config { filename_prefix: "/tmp/x" } sampling_config '
+            "{ sampling_rate: 1.5 }",
+            "sampling_rate must be in [0, 1]",
+        ),
+    ],
+)
+def test_a_logging_config_the_server_cannot_honour_is_refused(
+    tmp_path: Path, logging_config: str, message: str
+) -> None:
+    config_file = tmp_path / "models.config"
+    config_file.write_text(
+        'model_config_list { config { name: "m" base_path: "/srv/m" model_platform: '
+        f'"tensorflow" logging_config {{ {logging_config} }} }} }}'
+    )
+    server = ModelServer(settings_from_args(["--port=0", f"--model_config_file={config_file}"]))
+    with pytest.raises(ServingError, match=re.escape(message)) as error:
+        server.start()
+    assert "Model m: logging_config" in str(error.value)
+    with pytest.raises(ValueError, match="request_log_sampling_rate"):
+        settings_from_args(["--model_base_path=/srv/m", "--request_log_sampling_rate=2"])
