@@ -38,6 +38,7 @@ from pipeline.anomalies import COLUMN_MISSING, NUMERIC_DRIFT
 from pipeline.cli import main
 from serving.errors import ServingError
 from serving.release.skew import RequestLogError, request_statistics, skew_report
+from serving.release.validate import validate
 from serving.request_log import (
     RequestLogger,
     RequestLogOptions,
@@ -47,7 +48,7 @@ from serving.request_log import (
 from serving.server import ModelServer, settings_from_args
 from transform import artifacts
 from transform.artifacts import CLASSIFY_SIGNATURE, export_dir, predict_request
-from transform.config import Kind
+from transform.config import Kind, Severity
 from transform.features import recorded_raw_spec, serving_feature_spec
 from transform.records import frame_record
 
@@ -316,6 +317,14 @@ def test_validate_reports_skew_by_column(
     assert "skew" in out and dropped in out and scaled in out
     verdict = json.loads((model / artifacts.VERDICT_FILE).read_text())
     assert verdict["passed"] and {dropped, scaled} <= set(verdict["skew"]["columns"])
+    # Set to block, skew fails the model, naming the columns.
+    strict = dataclasses.replace(
+        config, validation=dataclasses.replace(config.validation, skew_severity=Severity.BLOCK)
+    )
+    failed = validate(model, movies_data, strict, skip_dry_run=True, request_log=flags_folder)
+    assert not failed.passed and failed.skew["blocking"]
+    skew_reasons = [r for r in failed.reasons if r.startswith("training/serving skew")]
+    assert any(dropped in r for r in skew_reasons) and any(scaled in r for r in skew_reasons)
     # A folder without request logs is a clear error.
     with pytest.raises(RequestLogError, match="no request log files"):
         skew_report(config, tmp_path, movies_data)
