@@ -3,11 +3,13 @@
 A model's ``logging_config`` in the model config file (TF Serving's ``LoggingConfig``,
 tensorflow_serving/config/logging_config.proto) turns it on::
 
-    config {
-      name: "app_ranker"  base_path: "/srv/models/app_ranker"  model_platform: "tensorflow"
-      logging_config {
-        log_collector_config { type: "" filename_prefix: "/srv/request_logs/app_ranker" }
-        sampling_config { sampling_rate: 0.1 }
+    model_config_list {
+      config {
+        name: "app_ranker"  base_path: "/srv/models/app_ranker"  model_platform: "tensorflow"
+        logging_config {
+          log_collector_config { type: "" filename_prefix: "/srv/request_logs/app_ranker" }
+          sampling_config { sampling_rate: 0.1 }
+        }
       }
     }
 
