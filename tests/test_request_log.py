@@ -440,3 +440,30 @@ def test_a_logging_config_the_server_cannot_honour_is_refused(
     assert "Model m: logging_config" in str(error.value)
     with pytest.raises(ValueError, match="request_log_sampling_rate"):
         settings_from_args(["--model_base_path=/srv/m", "--request_log_sampling_rate=2"])
+
+
+def test_the_real_binary_gets_no_request_log_flags(tmp_path: Path) -> None:
+    from serving import tfserving
+
+    argv = [
+        "--port=8500",
+        "--model_base_path=/srv/m",
+        "--request-log-dir",
+        "/srv/logs",
+        "--request_log_sampling_rate=0.5",
+    ]
+    assert tfserving.builtin_only_flags(argv) == [
+        "--request_log_dir",
+        "--request_log_sampling_rate=0.5",
+    ]
+    args = tfserving.binary_argv("/usr/bin/tensorflow_model_server", argv)
+    assert not [a for a in args if "request_log" in a or a == "/srv/logs"]
+    # A model config file with a logging_config: named, so `serve` can warn that the stock
+    # binary refuses it.
+    config_file = tmp_path / "models.config"
+    config_file.write_text(
+        'model_config_list { config { name: "a" base_path: "/srv/a" model_platform: '
+        '"tensorflow" logging_config { log_collector_config { filename_prefix: "/l/a" } } } '
+        'config { name: "b" base_path: "/srv/b" model_platform: "tensorflow" } }'
+    )
+    assert tfserving.models_with_logging_config([f"--model-config-file={config_file}"]) == ["a"]
