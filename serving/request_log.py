@@ -191,6 +191,11 @@ class RequestLogger:
             self._lock.notify()
         self._thread.join(timeout)
 
+    @property
+    def running(self) -> bool:
+        """Whether the writer thread is still at work."""
+        return self._thread.is_alive()
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is written; False on timeout."""
         deadline = time.monotonic() + timeout
@@ -313,10 +318,17 @@ class RequestLogger:
             self.prefix, dt.datetime.now(dt.UTC), self._host, os.getpid(), next(_SEQUENCE)
         )
         temp = artifacts.request_log_temp_name(final)
-        temp.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        # Marked as in use before it exists: another logger of this process with the same
+        # prefix must never take it for a killed server's leftover.
         with _LOCK:
             _OPEN_FILES.add(temp)
+        try:
+            temp.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        except OSError:
+            with _LOCK:
+                _OPEN_FILES.discard(temp)
+            raise
         self._file = temp
         self._file_records = self._file_bytes = 0
         self._file_deadline = time.monotonic() + self.options.max_file_seconds
@@ -424,6 +436,8 @@ class ServerRequestLogger:
         self._tags = tags
         self._lock = threading.Lock()
         self._loggers: dict[bytes, RequestLogger] = {}
+        # Loggers a reload dropped: finishing their files, waited for by close().
+        self._retired: list[RequestLogger] = []
         # Read by request threads without the lock: replaced whole on every update.
         self._routes: dict[str, tuple[RequestLogger, ...]] = {}
 
@@ -471,6 +485,7 @@ class ServerRequestLogger:
             dropped = [logger for key, logger in self._loggers.items() if key not in loggers]
             self._loggers = loggers
             self._routes = routes
+            self._retired = [r for r in self._retired if r.running] + dropped
         for logger in dropped:
             logger.close(timeout=0)  # the writer finishes on its own
 
@@ -497,8 +512,9 @@ class ServerRequestLogger:
         """Write what is queued and finish every file (waits up to ``timeout`` s in all)."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            loggers = list(self._loggers.values())
+            loggers = list(self._loggers.values()) + self._retired
             self._loggers = {}
             self._routes = {}
+            self._retired = []
         for logger in loggers:
             logger.close(max(0.0, deadline - time.monotonic()))

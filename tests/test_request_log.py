@@ -467,3 +467,38 @@ def test_the_real_binary_gets_no_request_log_flags(tmp_path: Path) -> None:
         'config { name: "b" base_path: "/srv/b" model_platform: "tensorflow" } }'
     )
     assert tfserving.models_with_logging_config([f"--model-config-file={config_file}"]) == ["a"]
+
+
+def test_a_config_reload_starts_and_stops_logging(
+    movies_model: Path, movies_small_config, examples: list[bytes], tmp_path: Path
+) -> None:
+    name = movies_small_config.model_name
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "1").symlink_to(export_dir(movies_model).absolute())
+    config = model_server_config_pb2.ModelServerConfig()
+    entry = config.model_config_list.config.add(
+        name=name, base_path=str(base), model_platform="tensorflow"
+    )
+    settings = settings_from_args([f"--model_base_path={base}", f"--model_name={name}"])
+    settings = dataclasses.replace(settings, port=0, file_system_poll_wait_seconds=0)
+    logs = tmp_path / "logs"
+    with ModelServer(settings) as server:
+        assert server.wait_until_available(name, 1, timeout=120)
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            request = predict_request(name, examples[:3])
+            stub.Predict(request, timeout=DEADLINE)  # not logged: no logging_config yet
+            entry.logging_config.log_collector_config.filename_prefix = str(logs / "log")
+            entry.logging_config.sampling_config.sampling_rate = 1.0
+            server.reload_config(config)
+            for _ in range(4):
+                stub.Predict(request, timeout=DEADLINE)
+            # Taken out again: the writer finishes its file, nothing more is logged.
+            entry.ClearField("logging_config")
+            server.reload_config(config)
+            stub.Predict(request, timeout=DEADLINE)
+    # Stopped: the dropped logger's file is finished too.
+    assert not list(logs.glob(f".*{artifacts.REQUEST_LOG_TEMP_SUFFIX}"))
+    records = _logged(logs)
+    assert [r.predict_log.request for r in records] == [request] * 4
