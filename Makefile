@@ -43,6 +43,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/datagen_bench.py
 	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/serving_bench.py
+	$(BIN)/python bench/request_log_bench.py --reuse
 	$(BIN)/python bench/hardening_bench.py
 	$(BIN)/python bench/swap_bench.py
 	$(BIN)/python bench/window_bench.py
