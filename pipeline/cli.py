@@ -683,7 +683,7 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
     "what a model learned: its largest wide weights as raw values, neighbours, a query's split",
     """
     widedeep explain --model models/day1
-    widedeep explain --model models/day1 --top 100 --json > explain.json
+    widedeep explain --model models/day1 --top 100 --json
     widedeep explain --model models/day1 --neighbours impression_app=a002817 \
         --query examples/app_store_query.json
     widedeep explain --model models/day1 --query examples/app_store_query.json \
