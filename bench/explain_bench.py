@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -98,7 +99,8 @@ def main() -> None:
         argv += ["--neighbours", f"impression_app={first_app}"]
     seconds_query = timed(argv, text_out)
     # Peak memory of one more run of the first command (the only child measured this way).
-    _, peak_gib = run_child(cli("explain", "--model", str(model), "--top", "100", "--json"))
+    quiet = shlex.join(cli("explain", "--model", str(model), "--top", "100", "--json"))
+    _, peak_gib = run_child(["sh", "-c", f"{quiet} > /dev/null"])
     crosses: dict[str, Any] = report["wide"].get("crosses", {})
     data = {
         "machine": machine(),

@@ -332,7 +332,8 @@ def raw_batches(
     files = sources.resolve_input(input_patterns)
     left = max_rows if max_rows is not None else math.inf
     if files.format is sources.InputFormat.TFRECORD:
-        full = raw_feature_spec(config, int_columns=int_columns)
+        # Missing values take their defaults, as data generation fills them in.
+        full = raw_feature_spec(config, with_defaults=True, int_columns=int_columns)
         spec = {c: full[c] for c in columns}
         for path in files.paths:
             compression = "GZIP" if path.endswith((".gz", ".gzip")) else ""

@@ -128,6 +128,21 @@ def _transformed_cross_id(data_dir: Path, shop: str, item: str) -> int:
     return int(transformed["shop_x_item"].values.numpy()[0])
 
 
+def test_every_log_format_maps_crosses_alike(planted, tmp_path: Path):
+    from pipeline.explain import explain
+
+    csv = logs.write_csv(planted["table"], tmp_path / "csv")
+    parquet = explain(planted["model"], top=30)
+    from_csv = explain(planted["model"], top=30, input_patterns=str(csv))
+    assert [w.to_dict() for w in from_csv.top] == [w.to_dict() for w in parquet.top]
+    assert from_csv.crosses["seen_x_item"].to_dict() == parquet.crosses["seen_x_item"].to_dict()
+    # TFRecords of raw tf.Examples: the eval split datagen kept.
+    eval_rows = explain(planted["model"], top=30, input_patterns=str(planted["data"] / "eval_raw"))
+    assert 0 < eval_rows.crosses["shop_x_item"].rows_read < ROWS
+    best = next(w for w in eval_rows.top if w.feature == "shop_x_item")
+    assert best.tuples[0].values == PLANTED
+
+
 def test_a_list_cross_and_numeric_buckets_map_back(planted):
     from pipeline.explain import explain
 
