@@ -5,9 +5,9 @@
   of values (the boundaries data generation computed), a hashed cross id to the raw value
   tuples that produce it. Hashing cannot be undone, so the crosses are found by one pass over
   the raw log (:func:`map_crosses`): each row's cross products are hashed with the very
-  ``tf.sparse.cross_hashed`` inputs the transform graph hashes (:func:`transform.features.
-  cross_inputs`) and, for the buckets of interest, spelled out by ``tf.sparse.cross``; it also
-  counts how many distinct tuples share each bucket (collisions).
+  ``tf.sparse.cross_hashed`` inputs the transform graph hashes
+  (:func:`transform.features.cross_inputs`) and, for the buckets of interest, spelled out by
+  ``tf.sparse.cross``; it also counts how many distinct tuples share each bucket (collisions).
 - **The deep tower's neighbours** of a token: the tokens whose embeddings are closest by cosine.
 - **One query's candidates**, each score split into the bias, the wide tower's and the deep
   tower's log-odds (they sum to the served logit), with the wide weights that fired: the
@@ -93,6 +93,7 @@ def load_model(model_dir: str | Path, data_dir: str | Path | None = None) -> Loa
     """
     import tensorflow as tf
 
+    from trainer.export import read_exported_weights
     from trainer.model import WideDeepModel
     from trainer.spec import ModelSpec
 
@@ -113,19 +114,20 @@ def load_model(model_dir: str | Path, data_dir: str | Path | None = None) -> Loa
     # The exported weights, in the order the model creates its variables (export saves
     # model.variables as they are): build the model to know which is which.
     model = WideDeepModel(spec)
-    reader = tf.train.load_checkpoint(str(export / "variables" / "variables"))
-    values = []
-    for i, variable in enumerate(model.variables):
-        key = f"model_weights/{i}/.ATTRIBUTES/VARIABLE_VALUE"
-        if not reader.has_tensor(key):
-            raise ArtifactError(f"{export}: its weights do not match {artifacts.MODEL_SPEC_FILE}")
-        value = reader.get_tensor(key)
+    try:
+        values = read_exported_weights(export)
+    except (tf.errors.OpError, ValueError) as e:
+        raise ArtifactError(f"{export}: cannot read its weights ({e})") from None
+    if len(values) != len(model.variables):
+        raise ArtifactError(
+            f"{export}: {len(values)} weights, the model spec says {len(model.variables)}"
+        )
+    for variable, value in zip(model.variables, values, strict=True):
         if tuple(value.shape) != tuple(variable.shape):
             raise ArtifactError(
                 f"{export}: weight {variable.name} has shape {value.shape}, the model spec says "
                 f"{tuple(variable.shape)}"
             )
-        values.append(value)
     by_id = {id(v): x for v, x in zip(model.variables, values, strict=True)}
     wide = (
         {name: by_id[id(t)].reshape(-1) for name, t in model.wide.tables.items()}
@@ -140,7 +142,10 @@ def load_model(model_dir: str | Path, data_dir: str | Path | None = None) -> Loa
     bias = float(by_id[id(model.bias)].reshape(-1)[0])
     vocabularies = {}
     for vocab in config.vocabularies:
-        for candidate in (path / artifacts.VOCABULARIES_DIR / vocab, export / "assets" / vocab):
+        for candidate in (
+            path / artifacts.VOCABULARIES_DIR / vocab,
+            export / tf.saved_model.ASSETS_DIRECTORY / vocab,
+        ):
             if candidate.exists():
                 tokens = artifacts.read_vocabulary(candidate)
                 vocabularies[vocab] = [t.decode("utf-8", "replace") for t in tokens]
@@ -869,6 +874,8 @@ def explain(
         raise ExplainError(f"--top: expected 0 or more, got {top}")
     if sample_rows is not None and sample_rows <= 0:
         raise ExplainError(f"--sample-rows: expected a positive number, got {sample_rows}")
+    if server is not None and query is None:
+        raise ExplainError("--server: explains a query's candidates; give them with --query")
     model = load_model(model_dir, data_dir)
     wanted_neighbours = parse_neighbours(neighbour_specs, model)
     best = top_wide_weights(model, top)

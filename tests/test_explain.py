@@ -254,6 +254,7 @@ def test_cli_prints_text_and_json(planted, tmp_path: Path, capsys: pytest.Captur
         (["--neighbours", "item=i999"], "'i999' is not in the vocabulary of 'item'"),
         (["--neighbours", "item"], "expected FEATURE=TOKEN"),
         (["--top", "-1"], "--top"),
+        (["--server", "localhost:1"], "--server: explains a query's candidates"),
     ],
 )
 def test_bad_arguments_are_refused_naming_them(

@@ -285,6 +285,19 @@ def export_saved_model(
     return export_dir
 
 
+def read_exported_weights(saved_model_dir: str | Path) -> list[np.ndarray]:
+    """The model's weights as a SavedModel holds them, in the order of ``model.variables``
+    (a :class:`trainer.model.WideDeepModel` built from the model's spec lists its variables
+    in the same order), read from its variables file without loading its graph."""
+    prefix = Path(saved_model_dir) / tf.saved_model.VARIABLES_DIRECTORY
+    reader = tf.train.load_checkpoint(str(prefix / tf.saved_model.VARIABLES_FILENAME))
+    out = []
+    # ServingModule.model_weights, saved as a list: one checkpoint key per element.
+    while reader.has_tensor(key := f"model_weights/{len(out)}/.ATTRIBUTES/VARIABLE_VALUE"):
+        out.append(reader.get_tensor(key))
+    return out
+
+
 def write_warmup_requests(
     path: Path,
     model_name: str,
