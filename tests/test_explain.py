@@ -288,3 +288,22 @@ def test_crosses_need_the_raw_log(planted, tmp_path: Path, capsys: pytest.Captur
     args = ["explain", "--model", str(planted["model"]), "--top", "50"]
     assert main([*args, "--input", str(tmp_path / "missing")]) == EXIT_USAGE
     assert "--input" in capsys.readouterr().err
+
+
+def test_a_wide_only_model_has_no_deep_part(planted, tmp_path: Path):
+    from pipeline.explain import ExplainError, explain
+    from trainer.train import train
+    from transform.config import load_config
+
+    config_path = tmp_path / "planted.yaml"
+    config_path.write_text(CONFIG)
+    out = tmp_path / "wide"
+    train(load_config(config_path), planted["data"], out, towers="wide", max_steps=20, verbose=0)
+    report = explain(out, top=3, query=QUERY, map_cross_ids=False)
+    assert report.top and not report.crosses
+    for c in report.candidates:
+        assert c.deep == 0.0
+        assert c.bias + c.wide == pytest.approx(c.logit, abs=1e-5)
+        assert 1 / (1 + math.exp(-c.logit)) == pytest.approx(c.probability, abs=1e-6)
+    with pytest.raises(ExplainError, match="no embedding in the deep tower"):
+        explain(out, neighbour_specs=["item=i7"])
