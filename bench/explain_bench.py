@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -87,6 +88,7 @@ def main() -> None:
     if args.build_only:
         return
     base = model.parent
+    load_before = os.getloadavg()[0]
     top_json = base / "explain_top100.json"
     seconds_top = timed(cli("explain", "--model", str(model), "--top", "100", "--json"), top_json)
     report = json.loads(top_json.read_text())
@@ -101,6 +103,7 @@ def main() -> None:
     # Peak memory of one more run of the first command (the only child measured this way).
     quiet = shlex.join(cli("explain", "--model", str(model), "--top", "100", "--json"))
     _, peak_gib = run_child(["sh", "-c", f"{quiet} > /dev/null"])
+    load_after = os.getloadavg()[0]
     crosses: dict[str, Any] = report["wide"].get("crosses", {})
     data = {
         "machine": machine(),
@@ -109,6 +112,7 @@ def main() -> None:
         "explain_top100_seconds": round(seconds_top, 1),
         "explain_query_seconds": round(seconds_query, 1),
         "explain_top100_peak_rss_gib": round(peak_gib, 2),
+        "load_average": [round(load_before, 2), round(load_after, 2)],
         "crosses": crosses,
         "met": seconds_top < TARGET_SECONDS,
     }
@@ -119,7 +123,8 @@ def main() -> None:
         "",
         f"One simulated day of {args.rows_per_day:,} impressions (app_store config), "
         "datagen, one epoch of training; each command timed as a child process "
-        f"({data['machine']['cpus']} CPUs).",
+        f"({data['machine']['cpus']} CPUs, shared: 1-minute load average {load_before:.1f} "
+        f"before, {load_after:.1f} after).",
         "",
         "| command | wall time | target |",
         "|---|---|---|",
