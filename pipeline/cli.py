@@ -684,9 +684,9 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
     """
     widedeep explain --model models/day1
     widedeep explain --model models/day1 --top 100 --json
-    widedeep explain --model models/day1 --neighbours impression_app=a002817 \
+    widedeep explain --model models/day1 --neighbours impression_app=a002817 \\
         --query examples/app_store_query.json
-    widedeep explain --model models/day1 --query examples/app_store_query.json \
+    widedeep explain --model models/day1 --query examples/app_store_query.json \\
         --server localhost:8500 --model-name app_ranker
 
     The wide tower's --top largest weights (by absolute value), each as the raw value it
