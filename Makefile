@@ -48,6 +48,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/swap_bench.py
 	$(BIN)/python bench/window_bench.py
 	$(BIN)/python bench/table1.py
+	$(BIN)/python bench/explain_bench.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache build *.egg-info

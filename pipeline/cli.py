@@ -631,6 +631,117 @@ def _query(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def _explain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="model folder (widedeep train --out) or a SavedModel"
+    )
+    p.add_argument(
+        "--top", type=int, default=20, help="wide weights shown, largest first (default 20)"
+    )
+    p.add_argument(
+        "--data",
+        help="the datagen output the model was trained on (default: the one its metrics "
+        "name): quantile boundaries, and where the raw log is",
+    )
+    p.add_argument(
+        "--input",
+        help="the raw log (file globs, comma-separated, or a folder) read to map hashed cross "
+        "ids back to raw values (default: the input the datagen output recorded)",
+    )
+    p.add_argument(
+        "--sample-rows",
+        type=int,
+        default=1_000_000,
+        help="rows of the raw log read at most for the cross mapping (default 1000000; 0 reads "
+        "all of it)",
+    )
+    p.add_argument(
+        "--no-crosses", action="store_true", help="do not map cross ids (no pass over the log)"
+    )
+    p.add_argument(
+        "--tuples", type=int, default=3, help="raw tuples shown per cross id (default 3)"
+    )
+    p.add_argument(
+        "--neighbours",
+        action="append",
+        default=[],
+        metavar="FEATURE=TOKEN",
+        help="nearest tokens to TOKEN in the deep tower's embeddings (cosine); repeatable",
+    )
+    p.add_argument("--num-neighbours", type=int, default=10, help="neighbours shown (default 10)")
+    p.add_argument(
+        "--query",
+        help="JSON query and candidates (as widedeep query takes) whose scores are split into "
+        "bias, wide and deep parts; - reads stdin",
+    )
+    p.add_argument(
+        "--server",
+        help="HOST:PORT of a model server's gRPC API: explain the query with the model it "
+        "serves (default: the SavedModel in process)",
+    )
+    _model_name_arg(p, False, "the model's name on --server (default: the config's)")
+    p.add_argument(
+        "--model-version", "--model_version", dest="model_version", type=int,
+        help="the version on --server (default: the one it serves)",
+    )  # fmt: skip
+    p.add_argument("--id-key", help="candidate feature to show (default: its first key)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+@verb(
+    "explain",
+    "what a model learned: its largest wide weights as raw values, neighbours, a query's split",
+    """
+    widedeep explain --model models/day1
+    widedeep explain --model models/day1 --top 100 --json
+    widedeep explain --model models/day1 --neighbours impression_app=a002817 \\
+        --query examples/app_store_query.json
+    widedeep explain --model models/day1 --query examples/app_store_query.json \\
+        --server localhost:8500 --model-name app_ranker
+
+    The wide tower's --top largest weights (by absolute value), each as the raw value it
+    stands for: a token, a numeric feature's quantile range, or, for a hashed cross id, the
+    raw value tuples that hash into it, found by one pass over up to --sample-rows rows of the
+    raw log (with how often the tuple occurred, its label rate, and how many distinct tuples
+    share the bucket). --neighbours lists the tokens whose deep embeddings are nearest.
+    --query splits each candidate's score into the bias, the wide tower's and the deep tower's
+    log-odds (they sum to the logit of the served probability) with the wide weights that
+    fired: from the SavedModel's explain signature in process, or through --server's gRPC API.
+    """,
+    arguments=_explain_arguments,
+)
+def _explain(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    import json
+
+    from pipeline.explain import explain, format_report, read_query
+
+    payload = None
+    if args.query:
+        text = sys.stdin.read() if args.query == "-" else _read_text("--query", args.query)
+        payload = read_query(text)
+    report = explain(
+        args.model,
+        top=args.top,
+        data_dir=args.data,
+        input_patterns=args.input,
+        sample_rows=args.sample_rows or None,
+        map_cross_ids=not args.no_crosses,
+        tuples=args.tuples,
+        neighbour_specs=args.neighbours,
+        num_neighbours=args.num_neighbours,
+        query=payload,
+        query_source=None if args.query in (None, "-") else args.query,
+        server=args.server,
+        model_name=args.model_name,
+        version=args.model_version,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_report(report, id_key=args.id_key))
+    return 0
+
+
 def _run_arguments(p: argparse.ArgumentParser) -> None:
     _config_arg(p)
     p.add_argument("--out", required=True, help="the run's folder")

@@ -553,9 +553,14 @@ def _example_kind(feature: Feature | None) -> tuple[str, ...]:
 # Reading batches
 
 
-def iter_parquet(config: Config, path: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """Yields raw batches of at most ``batch_rows`` rows, reading one row group at a time."""
-    columns = _required_columns(config)
+def iter_parquet(
+    config: Config, path: str, batch_rows: int, columns: Sequence[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Yields raw batches of at most ``batch_rows`` rows, reading one row group at a time.
+
+    ``columns``: only these of the columns the config reads (default: all of them).
+    """
+    columns = list(columns) if columns is not None else _required_columns(config)
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         try:
             reader = pq.ParquetFile(f)
@@ -567,15 +572,20 @@ def iter_parquet(config: Config, path: str, batch_rows: int) -> Iterator[pa.Reco
 
 
 def iter_csv(
-    config: Config, path: str, block_rows: int = 65_536, int_columns: Sequence[str] = ()
+    config: Config,
+    path: str,
+    block_rows: int = 65_536,
+    int_columns: Sequence[str] = (),
+    columns: Sequence[str] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Yields raw batches of a CSV file with a header row; list fields are split.
 
     ``int_columns`` (numeric columns found to hold only integers) are read as int64.
+    ``columns``: only these of the columns the config reads (default: all of them).
     """
     plan = column_plan(config)
     delimiter = config.data.csv_delimiter
-    columns = _required_columns(config)
+    columns = list(columns) if columns is not None else _required_columns(config)
     compression = CompressionTypes.AUTO
     with FileSystems.open(path, compression_type=compression) as raw:
         stream = raw
@@ -744,12 +754,17 @@ def _split_lists(
 
 
 def to_tfxio_batch(
-    config: Config, batch: pa.RecordBatch, path: str, int_columns: Sequence[str] = ()
+    config: Config,
+    batch: pa.RecordBatch,
+    path: str,
+    int_columns: Sequence[str] = (),
+    columns: Sequence[str] | None = None,
 ) -> pa.RecordBatch:
     """Converts a raw batch (any supported Arrow types) to the ``large_list`` layout.
 
     Values take the type the config gives their column, except ``int_columns`` (see
-    `InputFiles.int_columns`), which stay int64.
+    `InputFiles.int_columns`), which stay int64. ``columns``: only these (default: every
+    column the config reads).
 
     Missing values take the feature's ``default``; a missing list is an empty list; any other
     missing value raises an :class:`InputError` naming the file and column. A ``split_by``
@@ -758,7 +773,7 @@ def to_tfxio_batch(
     arrays = []
     names = []
     plan = column_plan(config)
-    for column in _required_columns(config):
+    for column in columns if columns is not None else _required_columns(config):
         arr = batch.column(batch.schema.get_field_index(column))
         if isinstance(arr, pa.ChunkedArray):
             arr = arr.combine_chunks()

@@ -34,6 +34,9 @@ from trainer.spec import ModelSpec, build_model_spec, incompatibilities, resolve
 from trainer.train import HEARTBEAT_TIMEOUT_S, TrainResult, train
 from transform.artifacts import (
     CLASSIFY_SIGNATURE,
+    EXPLAIN_SIGNATURE,
+    LOGIT_OUTPUT,
+    PROBABILITY_OUTPUT,
     RAW_SIGNATURE,
     SERVING_SIGNATURE,
     read_raw_eval_examples,
@@ -777,7 +780,12 @@ def test_saved_model_is_self_contained_and_matches_keras(exported: dict[str, Any
 
 def test_signatures_names_and_outputs(exported: dict[str, Any]):
     loaded = tf.saved_model.load(str(exported["result"].export_dir))
-    assert set(loaded.signatures) == {SERVING_SIGNATURE, CLASSIFY_SIGNATURE, RAW_SIGNATURE}
+    assert set(loaded.signatures) == {
+        SERVING_SIGNATURE,
+        CLASSIFY_SIGNATURE,
+        RAW_SIGNATURE,
+        EXPLAIN_SIGNATURE,
+    }
     serve = loaded.signatures[SERVING_SIGNATURE]
     classify = loaded.signatures[CLASSIFY_SIGNATURE]
     assert set(serve.structured_input_signature[1]) == {"examples"}
@@ -791,6 +799,15 @@ def test_signatures_names_and_outputs(exported: dict[str, Any]):
     np.testing.assert_allclose(out["scores"].numpy().sum(axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(
         out["scores"].numpy()[:, 1:], serve(examples=examples)["probabilities"].numpy(), rtol=1e-6
+    )
+    # The explain signature's parts sum to the logit of the served probability.
+    parts = loaded.signatures[EXPLAIN_SIGNATURE](examples=examples)
+    total = parts["bias"] + parts["wide_logit"] + parts["deep_logit"]
+    np.testing.assert_allclose(total.numpy(), parts[LOGIT_OUTPUT].numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        parts[PROBABILITY_OUTPUT].numpy(),
+        serve(examples=examples)["probabilities"].numpy().ravel(),
+        rtol=1e-6,
     )
 
 

@@ -8,6 +8,10 @@ Signatures:
   (string [B, 2], "0" and "1") and ``scores`` (float [B, 2]), what TF Serving's Classify API
   expects. (tf.saved_model always records the method name ``tensorflow/serving/predict``; TF
   Serving does not check method names by default.)
+- ``explain``: input ``examples`` -> each example's logit split into ``bias``, ``wide_logit``
+  and ``deep_logit`` (float [B], summing to ``logit``), ``probability`` (float [B]) and, for
+  each wide input, the ids that fired and their weights (``wide_ids__NAME``, int64 [B, n]
+  padded with -1; ``wide_weights__NAME``, float [B, n]): what ``widedeep explain`` shows.
 - ``raw_features``: one named input per raw column, so a REST client sends plain JSON values
   (``{"signature_name": "raw_features", "instances": [{"user_id": 3, ...}]}``) ->
   ``probabilities`` (float [B, 1]); see :func:`raw_input_signature`.
@@ -35,15 +39,23 @@ import numpy as np
 import tensorflow as tf
 
 from transform.artifacts import (
+    BIAS_OUTPUT,
     CLASS_LABELS,
     CLASSES_OUTPUT,
     CLASSIFY_INPUT,
     CLASSIFY_SIGNATURE,
+    DEEP_LOGIT_OUTPUT,
     EXAMPLES_INPUT,
+    EXPLAIN_SIGNATURE,
+    LOGIT_OUTPUT,
     PROBABILITIES_OUTPUT,
+    PROBABILITY_OUTPUT,
     RAW_SIGNATURE,
     SCORES_OUTPUT,
     SERVING_SIGNATURE,
+    WIDE_LOGIT_OUTPUT,
+    fired_ids_output,
+    fired_weights_output,
     predict_request,
     warmup_path,
 )
@@ -72,7 +84,7 @@ def raw_input_signature(config: Config, spec: Mapping[str, Any]) -> dict[str, tf
 
 
 class ServingModule(tf.Module):
-    """What the SavedModel holds: the transform layer, the model's weights, three signatures."""
+    """What the SavedModel holds: the transform layer, the model's weights, four signatures."""
 
     def __init__(self, model: Any, tft_layer: Any, raw_spec: Mapping[str, Any], config: Config):
         super().__init__(name="widedeep_serving")
@@ -162,6 +174,24 @@ class ServingModule(tf.Module):
         classes = tf.tile(tf.constant([list(CLASS_LABELS)]), [tf.shape(p)[0], 1])
         return {CLASSES_OUTPUT: classes, SCORES_OUTPUT: scores}
 
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
+    def explain(self, examples: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Each example's logit split into bias, wide and deep parts, and the wide weights
+        that fired (see :data:`transform.artifacts.EXPLAIN_SIGNATURE`)."""
+        raw = tf.io.parse_example(examples, self._raw_spec)
+        parts = self._inference.value.explain(self.tft_layer(dict(raw)))
+        out = {
+            BIAS_OUTPUT: parts["bias"],
+            WIDE_LOGIT_OUTPUT: parts["wide_logit"],
+            DEEP_LOGIT_OUTPUT: parts["deep_logit"],
+            LOGIT_OUTPUT: parts["logit"],
+            PROBABILITY_OUTPUT: tf.sigmoid(parts["logit"]),
+        }
+        for name, (ids, weights) in parts["fired"].items():
+            out[fired_ids_output(name)] = ids
+            out[fired_weights_output(name)] = weights
+        return out
+
 
 class _Unsaved:
     """Holds an object out of sight of tf.Module's tracking (so out of the SavedModel)."""
@@ -232,6 +262,7 @@ def export_saved_model(
         SERVING_SIGNATURE: module.serve.get_concrete_function(),
         CLASSIFY_SIGNATURE: module.classify.get_concrete_function(),
         RAW_SIGNATURE: module.raw_features.get_concrete_function(),
+        EXPLAIN_SIGNATURE: module.explain.get_concrete_function(),
     }
     tf.saved_model.save(module, str(partial), signatures=signatures)
     warmup = warmup_path(partial)
@@ -252,6 +283,19 @@ def export_saved_model(
     partial.rename(export_dir)
     shutil.rmtree(previous, ignore_errors=True)
     return export_dir
+
+
+def read_exported_weights(saved_model_dir: str | Path) -> list[np.ndarray]:
+    """The model's weights as a SavedModel holds them, in the order of ``model.variables``
+    (a :class:`trainer.model.WideDeepModel` built from the model's spec lists its variables
+    in the same order), read from its variables file without loading its graph."""
+    prefix = Path(saved_model_dir) / tf.saved_model.VARIABLES_DIRECTORY
+    reader = tf.train.load_checkpoint(str(prefix / tf.saved_model.VARIABLES_FILENAME))
+    out = []
+    # ServingModule.model_weights, saved as a list: one checkpoint key per element.
+    while reader.has_tensor(key := f"model_weights/{len(out)}/.ATTRIBUTES/VARIABLE_VALUE"):
+        out.append(reader.get_tensor(key))
+    return out
 
 
 def write_warmup_requests(

@@ -67,6 +67,31 @@ class WideTower(tf_keras.layers.Layer):
                 parts.append(tf.gather(table, tf.reshape(x, [-1])))
         return tf.add_n(parts)
 
+    def fired(self, features: Features) -> dict[str, tuple[tf.Tensor, tf.Tensor]]:
+        """The ids active in each input and their weights, for explanations.
+
+        Returns input name -> (ids, weights), both [batch, n] (n the longest list of the batch,
+        1 for a scalar input), ids padded with -1 and weights with 0; the weights of a row sum
+        to that input's part of the wide logit.
+        """
+        out = {}
+        for spec in self._specs:
+            table, x = self.tables[spec.name], features[spec.name]
+            if spec.is_sparse:
+                # Ordered as the lookup sees them; ids padded, weights zero where padded.
+                x = tf.sparse.reorder(x)
+                weights = tf.gather(tf.reshape(table, [-1]), x.values)
+                ids = tf.sparse.to_dense(x, default_value=tf.constant(-1, x.dtype))
+                dense_weights = tf.sparse.to_dense(x.with_values(weights))
+                out[spec.name] = (ids, dense_weights)
+                continue
+            if spec.role is Role.NUMERIC:
+                ids = quantile_bucket(x, spec.size)
+            else:
+                ids = tf.reshape(x, [-1])
+            out[spec.name] = (ids[:, None], tf.gather(tf.reshape(table, [-1]), ids)[:, None])
+        return out
+
 
 class DeepTower(tf_keras.layers.Layer):
     """The deep component: embeddings and numeric features through ReLU layers (eq. 2)."""
@@ -215,6 +240,34 @@ class WideDeepModel(tf_keras.Model):
             logits = logits + self.deep(features, training=training)
         return logits
 
+    def explain(self, features: Features) -> dict[str, Any]:
+        """The logit of each example split into its parts (paper eq. 3), for explanations.
+
+        ``bias``, ``wide_logit`` and ``deep_logit`` ([batch]; zero for a tower the model does
+        not have) sum, in the order :meth:`call` adds them, to ``logit``; ``fired`` holds the
+        wide weights that fired (see :meth:`WideTower.fired`).
+        """
+        logits = self.bias
+        batch = _batch_size(features)
+        zeros = tf.zeros([batch], tf.float32)
+        wide = deep = zeros
+        if self.wide is not None:
+            wide_logit = self.wide(features)
+            logits = logits + wide_logit
+            wide = tf.reshape(wide_logit, [-1])
+        if self.deep is not None:
+            deep_logit = self.deep(features, training=False)
+            logits = logits + deep_logit
+            deep = tf.reshape(deep_logit, [-1])
+        logits = tf.reshape(tf.broadcast_to(logits, [batch, 1]), [-1])
+        return {
+            "bias": tf.broadcast_to(self.bias, [batch]),
+            "wide_logit": wide,
+            "deep_logit": deep,
+            "logit": logits,
+            "fired": self.wide.fired(features) if self.wide is not None else {},
+        }
+
     def variable_groups(self) -> dict[str, list[tf.Variable]]:
         """Variables each tower's optimizer trains.
 
@@ -320,6 +373,14 @@ def _embedding_initializer(stddev: float, spec: InputSpec, seed: int) -> Any:
         return rows * known[:, None]
 
     return init
+
+
+def _batch_size(features: Features) -> tf.Tensor:
+    """The number of examples in a batch of transformed features."""
+    x = next(iter(features.values()))
+    if isinstance(x, tf.SparseTensor):
+        return tf.cast(x.dense_shape[0], tf.int32)
+    return tf.shape(x)[0]
 
 
 def quantile_bucket(x: tf.Tensor, num_quantiles: int) -> tf.Tensor:

@@ -248,6 +248,31 @@ CLASSIFY_SIGNATURE = "classification"
 :data:`SCORES_OUTPUT` out."""
 RAW_SIGNATURE = "raw_features"
 """One named input per raw column, probabilities out."""
+EXPLAIN_SIGNATURE = "explain"
+"""Serialized raw tf.Examples in (:data:`EXAMPLES_INPUT`), each one's score split into its
+parts out: :data:`BIAS_OUTPUT`, :data:`WIDE_LOGIT_OUTPUT` and :data:`DEEP_LOGIT_OUTPUT` sum to
+:data:`LOGIT_OUTPUT`, whose sigmoid is :data:`PROBABILITY_OUTPUT` (all float [B]); for each
+input of the wide tower, the ids that fired and their weights (:func:`fired_ids_output`,
+:func:`fired_weights_output`: int64 and float [B, n], ids padded with -1)."""
+BIAS_OUTPUT = "bias"
+WIDE_LOGIT_OUTPUT = "wide_logit"
+DEEP_LOGIT_OUTPUT = "deep_logit"
+LOGIT_OUTPUT = "logit"
+PROBABILITY_OUTPUT = "probability"
+FIRED_IDS_PREFIX = "wide_ids__"
+FIRED_WEIGHTS_PREFIX = "wide_weights__"
+
+
+def fired_ids_output(feature: str) -> str:
+    """The :data:`EXPLAIN_SIGNATURE` output of the wide ids of ``feature`` that fired."""
+    return FIRED_IDS_PREFIX + feature
+
+
+def fired_weights_output(feature: str) -> str:
+    """The :data:`EXPLAIN_SIGNATURE` output of the weights of those ids."""
+    return FIRED_WEIGHTS_PREFIX + feature
+
+
 EXAMPLES_INPUT = "examples"
 CLASSIFY_INPUT = "inputs"
 PROBABILITIES_OUTPUT = "probabilities"

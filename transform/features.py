@@ -27,7 +27,7 @@ from typing import Any
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from transform.config import Config, DType, Feature, Kind
+from transform.config import Config, Cross, DType, Feature, Kind
 
 NUM_OOV_BUCKETS = 1
 """Ids a vocabulary reserves past its last token for values it has not seen often enough."""
@@ -222,11 +222,35 @@ def make_preprocessing_fn(config: Config) -> Callable[[dict[str, tf.Tensor]], di
                     name=f"apply_vocabulary_{f.name}",
                 )
         for cross in config.crosses:
-            parts = [_as_cross_input(inputs[config.feature(n).column]) for n in cross.features]
-            outputs[cross.name] = tf.sparse.cross_hashed(parts, num_buckets=cross.hash_buckets)
+            outputs[cross.name] = tf.sparse.cross_hashed(
+                cross_inputs(config, cross, inputs), num_buckets=cross.hash_buckets
+            )
         return outputs
 
     return preprocessing_fn
+
+
+def cross_inputs(
+    config: Config, cross: Cross, inputs: Mapping[str, Any]
+) -> list[tf.Tensor | tf.SparseTensor]:
+    """The inputs of a cross's ``tf.sparse.cross_hashed``, from raw tensors typed as the
+    config types their columns (:func:`as_config_types`).
+
+    Data generation hashes these; ``widedeep explain`` crosses the same inputs (hashed, and as
+    text with ``tf.sparse.cross``, which lists a row's products in the same order) to find the
+    raw values behind each hashed id.
+    """
+    return [_as_cross_input(inputs[config.feature(n).column]) for n in cross.features]
+
+
+def cross_value_order(parts: Sequence[tf.Tensor | tf.SparseTensor]) -> list[int]:
+    """Which input each value of a ``tf.sparse.cross`` product comes from, in order.
+
+    The cross ops take their sparse inputs first and their dense ones after (each group in the
+    order given), and hash and join the values of a product in that order.
+    """
+    sparse = [i for i, p in enumerate(parts) if isinstance(p, tf.SparseTensor)]
+    return sparse + [i for i, p in enumerate(parts) if not isinstance(p, tf.SparseTensor)]
 
 
 def as_config_types(config: Config, inputs: Mapping[str, Any]) -> dict[str, Any]:
