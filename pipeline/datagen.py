@@ -34,6 +34,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import anomalies as data_validation
 from pipeline import sources
+from pipeline.analyzer_cache import read_cache, write_cache
 from pipeline.sources import InputFiles, InputFormat
 from pipeline.statistics import CombineStatistics, batch_statistics, format_statistics
 from pipeline.statistics import merge as merge_statistics
@@ -369,12 +370,7 @@ def _analyze_window(
     assert analysis.key is not None and analysis.write_dir is not None
     keys = {k: analyzer_cache.DatasetKey(k) for k in (*earlier, analysis.key)}
     cached = [keys[k] for k, files in analysis.earlier if files is None]
-    input_cache = (
-        p
-        | "ReadAnalyzerCache" >> analyzer_cache.ReadAnalysisCacheFromFS(analysis.cache_dir, cached)
-        if cached
-        else {}
-    )
+    input_cache = read_cache(p, analysis.cache_dir, cached) if cached else {}
     data = {keys[k]: v for k, v in earlier.items()}
     data[keys[analysis.key]] = train
     transform_fn, output_cache = (
@@ -382,9 +378,7 @@ def _analyze_window(
         input_cache,
         adapter_config,
     ) | "AnalyzeWindowWithCache" >> tft_beam.AnalyzeDatasetWithCache(preprocessing_fn, p)
-    _ = output_cache | "WriteAnalyzerCache" >> analyzer_cache.WriteAnalysisCacheToFS(
-        p, analysis.write_dir, list(keys.values())
-    )
+    write_cache(output_cache, analysis.write_dir)
     return transform_fn
 
 

@@ -3,6 +3,7 @@ tf.Transform's analyzer cache (one dataset key a day) on the real DirectRunner."
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +170,24 @@ def test_the_run_analyses_its_window_from_its_cache(days: list[str], tmp_path: P
     assert seen == [([1], True), ([1, 2], True), ([2, 3], False)]
     cache = tmp_path / "run" / ANALYZER_CACHE_DIR
     assert all(cached_day(cache, f"day-{d:03d}") for d in (1, 2, 3))
+
+
+@pytest.mark.timeout(600)
+def test_the_cache_is_tf_transforms_format_and_a_large_one_is_read_by_tf_transform(
+    days: list[str], cached_day3: tuple[Path, Path], tmp_path: Path, monkeypatch
+) -> None:
+    from pipeline import analyzer_cache
+
+    cached, cache = cached_day3
+    # Past the size read when the job is built, tf.Transform's own reader reads the cache
+    # this module wrote: the same analysis comes out.
+    monkeypatch.setattr(analyzer_cache, "EAGER_READ_BYTES", 0)
+    shutil.copytree(cache, tmp_path / "cache", ignore=shutil.ignore_patterns("day-003"))
+    again = _datagen(days, 3, tmp_path / "again", 3, tmp_path / "cache")
+    for name in MOVIES.vocabularies:
+        a = tft.TFTransformOutput(str(cached)).vocabulary_by_name(name)
+        b = tft.TFTransformOutput(str(again)).vocabulary_by_name(name)
+        assert sorted(a) == sorted(b), name
+    qa, qb = read_quantile_boundaries(str(cached)), read_quantile_boundaries(str(again))
+    for name in qa:
+        np.testing.assert_allclose(qa[name], qb[name], rtol=1e-6, err_msg=name)
