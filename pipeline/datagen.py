@@ -576,7 +576,13 @@ def _run_locked(
             # day in it (tf.Transform writes a day's manifest before its accumulators).
             cache_dir = Path(analysis.cache_dir)
             cache_dir.mkdir(parents=True, exist_ok=True)
-            written = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache_dir))
+            # Named after the day: a run killed before it finished left this folder, and the
+            # next run of the day (holding the output's lock) starts it afresh.
+            written = cache_dir / f".partial-{analysis.key}"
+            if written.exists():
+                log.info("datagen: removed %s, left by an interrupted run", written)
+                shutil.rmtree(written)
+            written.mkdir()
             analysis = replace(analysis, write_dir=str(written))
         with beam.Pipeline(options=options) as p, tft_beam.Context(temp_dir=temp_dir):
             build_pipeline(p, config, files, str(partial), batch_rows=batch_rows, analysis=analysis)
