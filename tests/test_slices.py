@@ -278,3 +278,20 @@ def test_slices_round_trip_through_yaml() -> None:
     assert config.validation.slices[0] == SliceSpec("occupation")
     assert config.slice_kind(config.validation.slices[0]) is SliceKind.VALUE
     assert parse_config(config.to_yaml()) == config
+
+
+def test_the_daily_line_and_days_md_name_the_worst_slice() -> None:
+    from pipeline.run import DayResult, format_days
+
+    day = DayResult(
+        day=2, rows=1000, vocabularies={"apps": 10}, vocabulary_growth={"apps": 2},
+        warm_started=True, rows_carried=10, rows_new=2, auc=0.71, log_loss=0.4,
+        served_auc=0.70, passed=True, reasons=[], version=2,
+        worst_slice={"slice": "device=a|b", "auc_difference": -0.0123},
+    )  # fmt: skip
+    assert "worst slice device=a|b -0.0123" in day.line(3)
+    table = format_days([day, dataclasses.replace(day, day=3, worst_slice=None)])
+    header, _, second, third = table.splitlines()
+    column = header.split(" | ").index("worst slice (AUC change)")
+    assert second.split(" | ")[column] == "device=a\\|b -0.0123"
+    assert third.split(" | ")[column] == "-"

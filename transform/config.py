@@ -328,8 +328,8 @@ class ValidationConfig:
     slice_auc_tolerance: float = 0.01
     slice_min_rows: int = 200
     bootstrap_resamples: int = 200
-    calibration_error_tolerance: float = 0.05
-    calibration_ratio_tolerance: float = 0.2
+    calibration_error_tolerance: float = 0.15
+    calibration_ratio_tolerance: float = 0.35
 
 
 @dataclass(frozen=True)
