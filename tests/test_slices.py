@@ -295,3 +295,26 @@ def test_the_daily_line_and_days_md_name_the_worst_slice() -> None:
     column = header.split(" | ").index("worst slice (AUC change)")
     assert second.split(" | ")[column] == "device=a\\|b -0.0123"
     assert third.split(" | ")[column] == "-"
+
+
+def test_without_a_baseline_the_model_is_reported_alone(
+    movies_data: Path, movies_model: Path, movies_small_config, tmp_path: Path
+) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(movies_model, model)
+    config = with_validation(movies_small_config, slices=MOVIES_SLICES, slice_min_rows=20)
+    verdict = validate(model, movies_data, config, skip_dry_run=True)
+    assert verdict.passed, verdict.reasons
+    rows = verdict.analysis["slices"]
+    assert rows[0]["slice"] == "all" and len(rows) > 5
+    assert not any(r["judged"] for r in rows) and verdict.analysis["worst_slice"] is None
+    assert all(r["baseline"] is None for r in rows)
+    low, high = rows[0]["auc_interval"]
+    assert low < verdict.quality["auc"] < high
+    assert rows[0]["popularity_auc"] == pytest.approx(verdict.quality["popularity"]["auc"])
+    report = (model / artifacts.ANALYSIS_MD).read_text()
+    assert "| slice | rows | label rate | AUC (95% interval) | popularity AUC |" in report
+    assert (model / artifacts.ANALYSIS_PNG).exists()
+    assert "occupation=" in format_verdict(verdict)

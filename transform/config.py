@@ -285,8 +285,9 @@ class SliceSpec:
       column: A feature's name (or its raw column): the slices are of that column's raw values.
       kind: ``value``, ``in_vocabulary`` or ``length``; None: ``length`` for a list feature,
         else ``value``.
-      buckets: Slices at most: the most frequent values (the rest is "other"), quantile
-        buckets of a numeric column, or buckets of a list's length.
+      buckets: How many: the most frequent values of a categorical column (the rest make one
+        more slice, "other"), quantile buckets of a numeric column or of a list's length
+        (fewer when values repeat).
       tolerance: AUC drop against the baseline a slice may show (None:
         ``validation.slice_auc_tolerance``).
       min_rows: Fewer eval rows than this and the slice is reported but not judged (None:

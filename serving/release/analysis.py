@@ -17,6 +17,7 @@ scores sorted once per model: ranks with ties counting one half, vectorised over
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,10 +159,22 @@ def _buckets(x: np.ndarray, buckets: int) -> list[tuple[str, np.ndarray]]:
 # Fast AUC of weighted resamples
 
 
+_POISSON_CDF = np.cumsum([math.exp(-1.0) / math.factorial(k) for k in range(12)])[:-1]
+"""P(X <= k) of Poisson(1) for k = 0..10: a weight is the number of these a uniform exceeds
+(draws above 11, with probability 1e-9, count 11)."""
+
+
 def bootstrap_weights(rows: int, resamples: int, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
     """Poisson(1) weights of each row in each resample (rows x resamples, float32: the counts
-    are small integers, and their sums stay exact below 2**24)."""
-    return np.random.default_rng(seed).poisson(1.0, (rows, resamples)).astype(np.float32)
+    are small integers, and their sums stay exact below 2**24).
+
+    Drawn by inverting the CDF of uniforms, a few times faster than ``Generator.poisson``.
+    """
+    uniform = np.random.default_rng(seed).random((rows, resamples), dtype=np.float32)
+    weights = np.zeros((rows, resamples), dtype=np.float32)
+    for p in _POISSON_CDF.astype(np.float32):
+        weights += uniform > p
+    return weights
 
 
 def weighted_aucs(
