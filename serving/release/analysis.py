@@ -257,10 +257,12 @@ def calibration(
     predicted = np.bincount(bins, weights=scores, minlength=CALIBRATION_BINS)
     observed = np.bincount(bins, weights=labels, minlength=CALIBRATION_BINS)
     ece = float(np.abs(predicted - observed).sum() / n)
-    # Each resample's per-bin sums of prediction - label, as one matrix product.
-    gap = np.zeros((n, CALIBRATION_BINS), dtype=np.float32)
-    gap[np.arange(n), bins] = scores - labels
-    per_bin = gap.T @ weights
+    # Each resample's per-bin sums of prediction - label: in score order a bin is a run of
+    # rows, summed by one reduceat (a matrix product here would be mostly zeros).
+    in_order = bins[order]
+    starts = np.flatnonzero(np.r_[True, in_order[1:] != in_order[:-1]])
+    gap = (scores - labels)[order].astype(np.float32)
+    per_bin = np.add.reduceat(weights[order] * gap[:, None], starts, axis=0)
     total = weights.sum(axis=0, dtype=np.float64)
     eces = np.abs(per_bin).sum(axis=0) / total
     with np.errstate(invalid="ignore", divide="ignore"):
