@@ -47,6 +47,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/hardening_bench.py
 	$(BIN)/python bench/swap_bench.py
 	$(BIN)/python bench/window_bench.py
+	$(BIN)/python bench/slices_bench.py
 	$(BIN)/python bench/table1.py
 	$(BIN)/python bench/explain_bench.py
 

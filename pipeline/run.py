@@ -23,7 +23,8 @@ Layout of the output folder::
                                 with a window of more than one day, see below)
     server.log                  what the model server printed
     query.json, ranking.json    the example query and its ranking through the endpoint
-    days.md                     one row per day: rows, vocabularies, warm start, AUC, verdict
+    days.md                     one row per day: rows, vocabularies, warm start, AUC, the
+                                worst slice's AUC change, verdict
 
 With a window of N days (``--window N``, else the config's ``data.window_days``), a day's
 vocabularies and quantile boundaries are computed over the training rows of the day and of the
@@ -153,6 +154,15 @@ class DayResult:
     """The blocking anomalies of the day's data (then nothing was trained): what and why."""
     warnings: int = 0
     """Anomalies of the day's data that did not block it."""
+    worst_slice: dict[str, Any] | None = None
+    """The judged slice whose AUC fell most against the served model (``slice``,
+    ``auc_difference``); None without slices or without a served model."""
+
+    @property
+    def worst_slice_text(self) -> str | None:
+        """``name change``, e.g. ``country=US -0.0123``; None when there is none."""
+        w = self.worst_slice
+        return None if not w else f"{w['slice']} {w['auc_difference']:+.4f}"
 
     def line(self, days: int) -> str:
         """The day as one line."""
@@ -176,9 +186,10 @@ class DayResult:
             else "FAILED, not deployed: " + "; ".join(self.reasons)
         )
         warned = f", {self.warnings} data warning(s)" if self.warnings else ""
+        worst = f", worst slice {self.worst_slice_text}" if self.worst_slice else ""
         return (
             f"day {self.day}/{days}: {self.rows:,} rows{warned}, vocabularies {vocab:,} "
-            f"(growth: {grew}), {warm}, AUC {self.auc:.4f}{served}, {verdict}"
+            f"(growth: {grew}), {warm}, AUC {self.auc:.4f}{served}{worst}, {verdict}"
         )
 
 
@@ -600,6 +611,7 @@ class _Run:
                 "baseline_auc": verdict.quality.get("baseline_auc"),
                 "baseline": verdict.baseline,
                 "p99_ms": (verdict.dry_run or {}).get("p99_ms"),
+                "worst_slice": verdict.analysis.get("worst_slice"),
             }
 
         v = self.stage(
@@ -609,6 +621,12 @@ class _Run:
                 ("PASSED" if r["passed"] else "FAILED: " + "; ".join(r["reasons"]))
                 + f", AUC {r['auc']:.4f}"
                 + (f" vs served {r['baseline_auc']:.4f}" if r["baseline_auc"] is not None else "")
+                + (
+                    f", worst slice {r['worst_slice']['slice']} "
+                    f"{r['worst_slice']['auc_difference']:+.4f}"
+                    if r.get("worst_slice")
+                    else ""
+                )
                 + (f", dry-run p99 {r['p99_ms']} ms" if r["p99_ms"] is not None else "")
             ),
         )
@@ -663,6 +681,7 @@ class _Run:
             reasons=v["reasons"],
             version=version,
             warnings=len(anomalies),
+            worst_slice=v.get("worst_slice"),  # absent from a stage saved before slices existed
         )
 
     def window(self, d: int) -> list[int]:
@@ -922,22 +941,24 @@ def format_days(days: Sequence[DayResult]) -> str:
     """The days as a Markdown table."""
     lines = [
         "| day | rows | vocabulary entries | growth | rows carried | eval AUC | served AUC | "
-        "log loss | verdict | version |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "worst slice (AUC change) | log loss | verdict | version |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
     ]
     for d in days:
         if d.blocked:
             lines.append(
-                f"| {d.day} | {d.rows:,} | - | - | - | - | - | - | not trained: "
+                f"| {d.day} | {d.rows:,} | - | - | - | - | - | - | - | not trained: "
                 + "; ".join(x.replace("|", "\\|") for x in d.blocked)
                 + " | - |"
             )
             continue
         served = f"{d.served_auc:.4f}" if d.served_auc is not None else "-"
+        worst = (d.worst_slice_text or "-").replace("|", "\\|")
         lines.append(
             f"| {d.day} | {d.rows:,} | {sum(d.vocabularies.values()):,} | "
             f"+{sum(d.vocabulary_growth.values()):,} | "
-            f"{d.rows_carried:,} | {d.auc:.4f} | {served} | {d.log_loss:.4f} | "
+            f"{d.rows_carried:,} | {d.auc:.4f} | {served} | "
+            f"{worst} | {d.log_loss:.4f} | "
             f"{'passed' if d.passed else 'failed'} | {d.version or '-'} |"
         )
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from pipeline.cli import main
 from pipeline.run import RunOptions, build_query, run
 from tests import logs
 from transform.artifacts import predict_request
-from transform.config import load_config
+from transform.config import SliceSpec, load_config
 
 DAY_ROWS = 2500
 
@@ -79,6 +79,7 @@ def movies_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
             log_loss_tolerance=1.0,
             num_candidates=50,
             latency_budget_ms=10_000,  # a gate for production; a loaded test machine is slow
+            slices=(SliceSpec("occupation", min_rows=20, tolerance=0.5),),
         ),
     )
     path = tmp_path_factory.mktemp("run_config") / "movies.yaml"
@@ -139,6 +140,10 @@ def test_daily_loop_deploys_while_queries_are_answered(three_days) -> None:
     assert day3.served_auc is not None  # validated against the model being served
     assert day3.passed and day3.version == 2
     assert result.served_version == 2
+    # The worst slice's AUC change against the served model, in the day line and days.md.
+    assert day3.worst_slice["slice"].startswith("occupation=")
+    assert f"worst slice {day3.worst_slice_text}," in day3.line(3)
+    assert f"| {day3.worst_slice_text} |" in (three_days[2] / "days.md").read_text()
     # The client kept getting answers, first from version 1, then from version 2.
     assert not client.errors, client.errors[:3]
     assert client.versions[0] == 1 and client.versions[-1] == 2

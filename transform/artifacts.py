@@ -18,7 +18,8 @@ them, so the writer of an artifact and each of its readers agree by construction
 - **Model output** (written by ``trainer.train``; read by the release gate, warm start and the
   run): ``config.yaml``, ``metrics.json``, ``warm_start.json``, ``run.json`` (the training
   run's state), ``checkpoints/``, ``vocabularies/``, ``model_spec.json``, ``export/`` (the
-  SavedModel) and, once the release gate has judged it, ``verdict.json``.
+  SavedModel) and, once the release gate has judged it, ``verdict.json`` with its
+  human-readable forms ``analysis.md`` (slices and calibration) and ``analysis.png``.
 - **The SavedModel** (written by ``trainer.export``; read by the servers, the clients and the
   release gate): its signature, input and output names, and its warmup requests in
   ``assets.extra/tf_serving_warmup_requests``, the file TF Serving replays at load.
@@ -160,6 +161,10 @@ def read_raw_eval_examples(
 EXPORT_DIR = "export"
 METRICS_FILE = "metrics.json"
 VERDICT_FILE = "verdict.json"
+ANALYSIS_MD = "analysis.md"
+"""The release gate's model analysis beside the verdict: the slice table and calibration."""
+ANALYSIS_PNG = "analysis.png"
+"""Each slice's AUC change with its interval, and the reliability diagram."""
 WARM_START_FILE = "warm_start.json"
 TRAINING_STATE_FILE = "run.json"
 """The training run's state (``status``: training, stopped or complete). A ``widedeep run``

@@ -47,6 +47,8 @@ MAX_EMBEDDING_DIM = 4096
 MAX_HIDDEN_UNITS = 65_536
 MAX_QUANTILES = 10_000
 MAX_WINDOW_DAYS = 366
+MAX_SLICE_BUCKETS = 100
+MAX_BOOTSTRAP_RESAMPLES = 10_000
 
 
 class ConfigError(UsageError):
@@ -273,9 +275,56 @@ class Severity(StrEnum):
     BLOCK = "block"
 
 
+class SliceKind(StrEnum):
+    """How the eval rows are cut into slices by one feature's raw values."""
+
+    VALUE = "value"
+    """Categorical: the most frequent values and "other"; numeric: quantile buckets."""
+    IN_VOCABULARY = "in_vocabulary"
+    """Categorical: whether the value is in the model's training vocabulary or not."""
+    LENGTH = "length"
+    """List: buckets of the number of values."""
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """One way of slicing the eval rows in the quality gate (``validation.slices``).
+
+    Attributes:
+      column: A feature's name (or its raw column): the slices are of that column's raw values.
+      kind: ``value``, ``in_vocabulary`` or ``length``; None: ``length`` for a list feature,
+        else ``value``.
+      buckets: How many: the most frequent values of a categorical column (the rest make one
+        more slice, "other"), quantile buckets of a numeric column or of a list's length
+        (fewer when values repeat).
+      tolerance: AUC drop against the baseline a slice may show (None:
+        ``validation.slice_auc_tolerance``).
+      min_rows: Fewer eval rows than this and the slice is reported but not judged (None:
+        ``validation.slice_min_rows``).
+    """
+
+    column: str
+    kind: SliceKind | None = None
+    buckets: int = 5
+    tolerance: float | None = None
+    min_rows: int | None = None
+
+
 @dataclass(frozen=True)
 class ValidationConfig:
-    """The dry run and quality check a model passes before it is deployed."""
+    """The dry run and quality check a model passes before it is deployed.
+
+    Attributes:
+      slices: Slices of the eval rows the model is also judged on (see :class:`SliceSpec`).
+      slice_auc_tolerance: Default AUC drop against the baseline a slice may show.
+      slice_min_rows: Default fewest eval rows of a slice that is judged.
+      bootstrap_resamples: Resamples of the eval rows behind each confidence interval.
+      calibration_error_tolerance: Largest expected calibration error (10 bins of equal
+        rows); the model fails when the whole 95% interval of its ECE is above it.
+      calibration_ratio_tolerance: Largest relative gap of the mean prediction from the label
+        rate (0.2: a ratio in [0.8, 1.2]); the model fails when the whole 95% interval of the
+        ratio is outside.
+    """
 
     auc_tolerance: float = 0.005
     log_loss_tolerance: float = 0.01
@@ -288,6 +337,12 @@ class ValidationConfig:
     skew_severity: Severity = Severity.WARN
     """What training/serving skew found by ``validate --request-log`` does: ``warn`` reports
     it in the verdict, ``block`` also fails the model."""
+    slices: tuple[SliceSpec, ...] = ()
+    slice_auc_tolerance: float = 0.01
+    slice_min_rows: int = 200
+    bootstrap_resamples: int = 200
+    calibration_error_tolerance: float = 0.15
+    calibration_ratio_tolerance: float = 0.35
 
 
 @dataclass(frozen=True)
@@ -449,6 +504,23 @@ class Config:
         fits = [f for f in self.features if f.kind is Kind.CATEGORICAL and f.vocabulary in lists]
         return fits[0] if len(fits) == 1 else None
 
+    def slice_feature(self, column: str) -> Feature | None:
+        """The feature a slice column names: the feature of that name, else the first that
+        reads that raw column; None when there is none."""
+        for f in self.features:
+            if f.name == column:
+                return f
+        return next((f for f in self.features if f.column == column), None)
+
+    def slice_kind(self, spec: SliceSpec) -> SliceKind:
+        """A slice's kind: its own, else ``length`` for a list column and ``value`` otherwise."""
+        if spec.kind is not None:
+            return spec.kind
+        feature = self.slice_feature(spec.column)
+        if feature is not None and feature.kind is Kind.CATEGORICAL_LIST:
+            return SliceKind.LENGTH
+        return SliceKind.VALUE
+
     def embedding_dim(self, feature: Feature) -> int:
         """Embedding size of a categorical feature in the deep tower."""
         return feature.embedding_dim or self.model.embedding_dim
@@ -542,6 +614,11 @@ def parse_config(text_or_data: str | Mapping[str, Any]) -> Config:
     data["crosses"] = parsed_crosses
     if "data_validation" in data:
         data["data_validation"] = _data_validation(data["data_validation"])
+    if isinstance(data.get("validation"), Mapping) and "slices" in data["validation"]:
+        data["validation"] = {
+            **data["validation"],
+            "slices": _slices(data["validation"]["slices"]),
+        }
     config = _build(Config, data, "")
     config = dataclasses.replace(config, features=tuple(_resolve(f) for f in config.features))
     _validate(config)
@@ -578,6 +655,18 @@ def _data_validation(spec: Any) -> Any:
         for name, s in features.items()
     )
     return spec
+
+
+def _slices(spec: Any) -> Any:
+    """``validation.slices`` with each column name written alone made a mapping."""
+    if spec is None:
+        return []
+    if not isinstance(spec, list | tuple):
+        raise ConfigError(
+            f"validation.slices: expected a list of columns or {{column: ...}} mappings, "
+            f"got {spec!r}"
+        )
+    return [{"column": s} if isinstance(s, str) else s for s in spec]
 
 
 def _resolve(f: Feature) -> Feature:
@@ -872,19 +961,68 @@ def _validate_sections(config: Config) -> None:
     if not d.list_delimiter or d.list_delimiter == d.csv_delimiter:
         raise ConfigError("data.list_delimiter: must be non-empty and differ from csv_delimiter")
     v = config.validation
-    for attr in ("auc_tolerance", "log_loss_tolerance", "popularity_margin"):
+    for attr in (
+        "auc_tolerance",
+        "log_loss_tolerance",
+        "popularity_margin",
+        "slice_auc_tolerance",
+        "calibration_error_tolerance",
+        "calibration_ratio_tolerance",
+    ):
         if getattr(v, attr) < 0:
-            raise ConfigError(f"validation.{attr}: must be >= 0")
+            raise ConfigError(f"validation.{attr}: must be >= 0, got {getattr(v, attr)}")
     _positive("validation.num_candidates", v.num_candidates)
     _positive("validation.num_requests", v.num_requests)
+    _positive("validation.slice_min_rows", v.slice_min_rows)
+    _bounded("validation.bootstrap_resamples", v.bootstrap_resamples, MAX_BOOTSTRAP_RESAMPLES)
     if v.latency_budget_ms <= 0 or v.load_timeout_s <= 0:
         raise ConfigError("validation: latency_budget_ms and load_timeout_s must be > 0")
+    _validate_slices(config)
     _validate_data_validation(config)
     s = config.serving
     _positive("serving.batch_size", s.batch_size)
     _positive("serving.parallelism", s.parallelism)
     if s.timeout_s <= 0 or s.retries < 0:
         raise ConfigError("serving: timeout_s must be > 0 and retries >= 0")
+
+
+def _validate_slices(config: Config) -> None:
+    seen = set()
+    for i, spec in enumerate(config.validation.slices):
+        where = f"validation.slices[{i}]"
+        feature = config.slice_feature(spec.column)
+        if feature is None:
+            known = sorted({f.name for f in config.features} | {f.column for f in config.features})
+            close = difflib.get_close_matches(spec.column, known, n=1)
+            raise ConfigError(
+                f"{where}.column: unknown column {spec.column!r}; a slice column is a feature "
+                "or its raw column" + (f"; did you mean {close[0]!r}?" if close else "")
+            )
+        kind = config.slice_kind(spec)
+        allowed = {
+            Kind.CATEGORICAL: (SliceKind.VALUE, SliceKind.IN_VOCABULARY),
+            Kind.NUMERIC: (SliceKind.VALUE,),
+            Kind.CATEGORICAL_LIST: (SliceKind.LENGTH,),
+        }[feature.kind]
+        if kind not in allowed:
+            raise ConfigError(
+                f"{where}.kind: {kind.value!r} does not apply to {feature.kind.value} column "
+                f"{spec.column!r}; expected one of {', '.join(k.value for k in allowed)}"
+            )
+        if (spec.column, kind) in seen:
+            raise ConfigError(f"{where}: {spec.column!r} is sliced by {kind.value} twice")
+        seen.add((spec.column, kind))
+        if not 2 <= spec.buckets <= MAX_SLICE_BUCKETS:
+            raise ConfigError(
+                f"{where}.buckets: expected an integer from 2 to {MAX_SLICE_BUCKETS}, "
+                f"got {spec.buckets}"
+            )
+        if spec.tolerance is not None and not 0.0 <= spec.tolerance <= 1.0:
+            raise ConfigError(
+                f"{where}.tolerance: expected an AUC drop in [0, 1], got {spec.tolerance}"
+            )
+        if spec.min_rows is not None:
+            _positive(f"{where}.min_rows", spec.min_rows)
 
 
 def _validate_data_validation(config: Config) -> None:
@@ -951,6 +1089,11 @@ def _to_plain(obj: Any) -> Any:
                 out["features"] = {x.name: _strip_name(_to_plain(x)) for x in value}
             elif f.name == "crosses":
                 out["crosses"] = {x.name: _strip_name(_to_plain(x)) for x in value}
+            elif f.name == "validation":
+                out[f.name] = _to_plain(value)
+                out[f.name]["slices"] = [
+                    {k: v for k, v in _to_plain(x).items() if v is not None} for x in value.slices
+                ]
             elif f.name == "data_validation":
                 out[f.name] = _to_plain(value)
                 out[f.name]["features"] = {

@@ -10,6 +10,8 @@
 - **Training/serving skew** (with a request log): the features of the requests the model
   server logged against the training statistics (:mod:`serving.release.skew`); reported, and
   failing the model only when ``validation.skew_severity`` is ``block``.
+- **Model analysis** (:mod:`serving.release.analysis`): the same comparison on each slice of
+  ``validation.slices`` with bootstrap intervals, and the calibration of the probabilities.
 
 The verdict (every number, and the fingerprint of the model it judged) is written as JSON
 beside the model; ``deploy`` accepts only a model with a passing verdict.
@@ -32,11 +34,14 @@ import grpc
 import numpy as np
 import tensorflow as tf
 
+from serving.release import analysis
 from serving.release.deploy import fingerprint
 from serving.release.server_client import ModelServerClient, ModelServerError, ServerState
 from serving.release.server_process import ServerProcess, ServerProcessError
 from transform import artifacts
 from transform.artifacts import (
+    ANALYSIS_MD,
+    ANALYSIS_PNG,
     EXAMPLES_INPUT,
     PROBABILITIES_OUTPUT,
     SERVING_SIGNATURE,
@@ -81,6 +86,8 @@ class Verdict:
     """The datagen output whose eval split was used (for a later re-validation)."""
     skew: dict[str, Any] = field(default_factory=dict)
     """Training/serving skew of the logged requests (empty without a request log)."""
+    analysis: dict[str, Any] = field(default_factory=dict)
+    """Slices and calibration (see :func:`serving.release.analysis.analyse`)."""
     created: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
 
     def to_json(self) -> str:
@@ -381,6 +388,7 @@ def validate(
                 f"the same eval rows" + (f", margin {margin}" if margin else "") + ")"
             )
     base = resolve_baseline(config, baseline, models_dir)
+    base_scores = None
     if base is not None:
         verdict.baseline = str(base.absolute())
         verdict.baseline_fingerprint = fingerprint(base)
@@ -403,6 +411,19 @@ def validate(
             )
     if not np.all(np.isfinite(scores)):
         verdict.reasons.append("the model gives non-finite scores in process")
+    else:
+        verdict.analysis = analysis.analyse(
+            config,
+            data_dir,
+            examples,
+            labels,
+            scores,
+            base_scores=base_scores,
+            popularity=None if popularity is None else popularity["scores"],
+        )
+        verdict.reasons.extend(verdict.analysis["problems"])
+        overall = verdict.analysis["slices"][0]
+        quality["auc_difference_interval"] = overall["auc_difference_interval"]
     verdict.quality = quality
     verdict.skew = skew_section
     verdict.reasons.extend(
@@ -412,6 +433,9 @@ def validate(
         verdict.dry_run = dry_run(model_dir, config, examples, scores)
         verdict.reasons.extend(verdict.dry_run["problems"])
     verdict.passed = not verdict.reasons
+    if verdict.analysis:
+        (Path(model_dir) / ANALYSIS_MD).write_text(analysis.markdown(verdict, verdict.analysis))
+        analysis.plot(verdict.analysis, Path(model_dir) / ANALYSIS_PNG, base is not None)
     target = Path(model_dir) / VERDICT_FILE
     target.write_text(verdict.to_json() + "\n")
     return verdict
@@ -438,6 +462,15 @@ def format_verdict(verdict: Verdict) -> str:
         )
     else:
         lines.append("  baseline     none (no model is being served)")
+    a = verdict.analysis
+    if a:
+        c = a["calibration"]
+        lines.append(
+            f"  calibration  ECE {c['ece']:.4f} (tolerance {c['ece_tolerance']}), mean prediction"
+            f" / label rate {_num(c['ratio'], 3)} (tolerance 1 ± {c['ratio_tolerance']})"
+        )
+        if len(a["slices"]) > 1:
+            lines.extend("  " + line for line in _slice_lines(a["slices"], verdict.baseline))
     if d:
         lines.append(
             f"  dry run      loaded in {d.get('load_seconds', float('nan'))} s, "
@@ -451,3 +484,43 @@ def format_verdict(verdict: Verdict) -> str:
         lines.extend(format_skew(verdict.skew))
     lines.extend(f"  reason       {r}" for r in verdict.reasons)
     return "\n".join(lines)
+
+
+def _num(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _slice_lines(rows: list[dict[str, Any]], baseline: str | None) -> list[str]:
+    """The slice table, compact: one line per slice."""
+    width = min(32, max(len(r["slice"]) for r in rows))
+    head = f"{'slice':<{width}} {'rows':>8} {'label':>6} {'AUC':>7}"
+    head += (
+        f" {'base':>7} {'change':>8} {'95% interval':>18} {'cal.':>6}  gate"
+        if baseline
+        else (f" {'cal.':>6}")
+    )
+    lines = [head]
+    for r in rows:
+        model = r["model"] or {}
+        line = (
+            f"{r['slice'][:width]:<{width}} {r['rows']:>8,} {_num(r['label_rate'], 3):>6} "
+            f"{_num(model.get('auc')):>7}"
+        )
+        if baseline:
+            span = r["auc_difference_interval"]
+            diff = r["auc_difference"]
+            gate = "pass" if r["passed"] else "FAIL"
+            if r["slice"] == "all":
+                gate = ""
+            elif not r["judged"]:
+                gate = "-"
+            line += (
+                f" {_num((r['baseline'] or {}).get('auc')):>7} "
+                f"{'-' if diff is None else f'{diff:+.4f}':>8} "
+                f"{'-' if span is None else f'{span[0]:+.4f} {span[1]:+.4f}':>18} "
+                f"{_num(model.get('calibration'), 3):>6}  {gate}"
+            )
+        else:
+            line += f" {_num(model.get('calibration'), 3):>6}"
+        lines.append(line.rstrip())
+    return lines
