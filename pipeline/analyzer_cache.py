@@ -57,30 +57,56 @@ def _size(pattern: str) -> int:
     return sum(tf.io.gfile.stat(f).length for f in tf.io.gfile.glob(pattern))
 
 
-def read_cache(pipeline: beam.Pipeline, cache_dir: str, dataset_keys: Iterable[Any]) -> Any:
+def read_cache(
+    pipeline: beam.Pipeline,
+    cache_dir: str,
+    dataset_keys: Iterable[Any],
+    merge_as: Any = None,
+) -> Any:
     """The cache of ``dataset_keys`` as tf.Transform's ``BeamAnalysisCache``
-    (DatasetKey -> DatasetCache), as ``ReadAnalysisCacheFromFS`` returns it."""
+    (DatasetKey -> DatasetCache), as ``ReadAnalysisCacheFromFS`` returns it.
+
+    With ``merge_as`` (a DatasetKey), the days' caches come back as one dataset key's: each
+    entry holds the records of that entry in every day. tf.Transform merges the accumulators of
+    its dataset keys anyway (an entry's records are accumulators, or a vocabulary's token
+    counts, combined after a flatten), so the analysis is the same, and tf.Transform's own work
+    per dataset key (decoding, instrumenting, merging each cached entry) is done once for the
+    window instead of once a day. Days whose caches do not hold the same entries are returned
+    one key each.
+    """
     from tensorflow_transform.beam import analyzer_cache
 
     keys = sorted(dataset_keys)
-    # (dataset key, entry key or None for the key's metadata, file pattern)
-    plan: list[tuple[Any, str | None, str]] = []
-    for key in keys:
+    manifests = {key: _manifest(os.path.join(cache_dir, key.key)) for key in keys}
+    manifests = {key: m for key, m in manifests.items() if m}
+    merge = (
+        merge_as is not None
+        and len(manifests) > 1
+        and len({frozenset(m) for m in manifests.values()}) == 1
+    )
+    # (dataset key it is returned as, entry key or None for the metadata, file patterns)
+    plan: list[tuple[Any, str | None, list[str]]] = []
+    for key, manifest in manifests.items():
         key_dir = os.path.join(cache_dir, key.key)
-        manifest = _manifest(key_dir)
-        if not manifest:
-            continue
-        plan.extend((key, e, os.path.join(key_dir, f"{i}-*-of-*")) for e, i in manifest.items())
-        plan.append((key, None, os.path.join(key_dir, f"{METADATA_PREFIX}-*-of-*")))
-    if sum(_size(pattern) for _, _, pattern in plan) > EAGER_READ_BYTES:
+        plan.extend((key, e, [os.path.join(key_dir, f"{i}-*-of-*")]) for e, i in manifest.items())
+        plan.append((key, None, [os.path.join(key_dir, f"{METADATA_PREFIX}-*-of-*")]))
+    if merge:
+        merged: dict[str | None, list[str]] = {}
+        for _, entry, patterns in plan:
+            merged.setdefault(entry, []).extend(patterns)
+        plan = [(merge_as, entry, patterns) for entry, patterns in merged.items()]
+    if sum(_size(p) for _, _, patterns in plan for p in patterns) > EAGER_READ_BYTES:
         return pipeline | "ReadAnalyzerCacheFromFS" >> analyzer_cache.ReadAnalysisCacheFromFS(
             cache_dir, keys
         )
-    tagged = [
-        (i, record)
-        for i, (_, _, pattern) in enumerate(plan)
-        for record in _records(pattern, "GZIP" if _gzip(pattern) else "")
-    ]
+    tagged = []
+    for i, (_, entry, patterns) in enumerate(plan):
+        records = [r for p in patterns for r in _records(p, "GZIP" if _gzip(p) else "")]
+        if entry is None:
+            # One metadata record for the key: the merged days' sizes summed.
+            size = sum(analyzer_cache.DatasetCacheMetadata.decode(r).dataset_size for r in records)
+            records = [analyzer_cache.DatasetCacheMetadata(dataset_size=size).encode()]
+        tagged.extend((i, r) for r in records)
     parts = (
         pipeline
         | "CreateCacheEntries" >> beam.Create(tagged, reshuffle=False)

@@ -370,15 +370,19 @@ def _analyze_window(
     assert analysis.key is not None and analysis.write_dir is not None
     keys = {k: analyzer_cache.DatasetKey(k) for k in (*earlier, analysis.key)}
     cached = [keys[k] for k, files in analysis.earlier if files is None]
-    input_cache = read_cache(p, analysis.cache_dir, cached) if cached else {}
-    data = {keys[k]: v for k, v in earlier.items()}
+    # The cached days as one dataset key: tf.Transform's work per key is done once.
+    together = analyzer_cache.DatasetKey(f"{analysis.key}.window")
+    input_cache = read_cache(p, analysis.cache_dir, cached, merge_as=together) if cached else {}
+    data = {keys[k]: v for k, v in earlier.items() if v is not None}
+    data.update((key, None) for key in input_cache)
     data[keys[analysis.key]] = train
     transform_fn, output_cache = (
         data,
         input_cache,
         adapter_config,
     ) | "AnalyzeWindowWithCache" >> tft_beam.AnalyzeDatasetWithCache(preprocessing_fn, p)
-    write_cache(output_cache, analysis.write_dir)
+    # Only days are kept in the cache, never the window's merged key.
+    write_cache({k: v for k, v in output_cache.items() if k != together}, analysis.write_dir)
     return transform_fn
 
 
