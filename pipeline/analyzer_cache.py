@@ -25,11 +25,19 @@ from typing import Any
 
 import apache_beam as beam
 
+from transform.errors import WidedeepError
+from transform.records import whole_records
+
 MANIFEST_FILE = "MANIFEST"
 METADATA_PREFIX = "METADATA"
 SHARD_SUFFIX = "-00000-of-00001"
 EAGER_READ_BYTES = 64 << 20
 """The largest cache (every entry of every day read) read when the job is built."""
+
+
+class CacheError(WidedeepError, RuntimeError):
+    """The analyzer cache cannot be read (a damaged file): remove the day's folder from it and
+    that day is read from its input again."""
 
 
 def _manifest(key_dir: str) -> dict[str, int]:
@@ -45,10 +53,26 @@ def _manifest(key_dir: str) -> dict[str, int]:
 
 
 def _records(pattern: str, compression: str) -> list[bytes]:
+    """The records of the TFRecord files matching ``pattern``.
+
+    Read in Python (the files are small): a ``tf.data`` pipeline per entry costs tens of
+    milliseconds to build, times every entry of every day of the window.
+    """
+    import gzip
+
     import tensorflow as tf
 
-    files = sorted(tf.io.gfile.glob(pattern))
-    return [r.numpy() for f in files for r in tf.data.TFRecordDataset(f, compression)]
+    records = []
+    for path in sorted(tf.io.gfile.glob(pattern)):
+        with tf.io.gfile.GFile(path, "rb") as f:
+            data = f.read()
+        if compression == "GZIP":
+            data = gzip.decompress(data)
+        found, used = whole_records(data)
+        if used != len(data):
+            raise CacheError(f"{path}: a record of the analyzer cache is damaged")
+        records.extend(found)
+    return records
 
 
 def _size(pattern: str) -> int:
