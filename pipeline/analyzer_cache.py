@@ -67,12 +67,21 @@ def _records(pattern: str, compression: str) -> list[bytes]:
         with tf.io.gfile.GFile(path, "rb") as f:
             data = f.read()
         if compression == "GZIP":
-            data = gzip.decompress(data)
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError) as error:
+                raise CacheError(
+                    f"{path}: a file of the analyzer cache is damaged ({error}); {_remedy(path)}"
+                ) from None
         found, used = whole_records(data)
         if used != len(data):
-            raise CacheError(f"{path}: a record of the analyzer cache is damaged")
+            raise CacheError(f"{path}: a record of the analyzer cache is damaged; {_remedy(path)}")
         records.extend(found)
     return records
+
+
+def _remedy(path: str) -> str:
+    return f"remove {os.path.dirname(path)} and that day is analysed from its input again"
 
 
 def _size(pattern: str) -> int:

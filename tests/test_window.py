@@ -195,3 +195,26 @@ def test_the_cache_is_tf_transforms_format_and_a_large_one_is_read_by_tf_transfo
     qa, qb = read_quantile_boundaries(str(cached)), read_quantile_boundaries(str(again))
     for name in qa:
         np.testing.assert_allclose(qa[name], qb[name], rtol=1e-6, err_msg=name)
+
+
+@pytest.mark.timeout(60)
+def test_a_damaged_cache_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    from pipeline.analyzer_cache import CacheError, _records
+
+    path = tmp_path / "0-00000-of-00001.gz"
+    with tf.io.TFRecordWriter(str(path), tf.io.TFRecordOptions(compression_type="GZIP")) as w:
+        for record in (b"first accumulator", b"second accumulator"):
+            w.write(record)
+    pattern = str(tmp_path / "0-*-of-*")
+    assert _records(pattern, "GZIP") == [b"first accumulator", b"second accumulator"]
+    path.write_bytes(path.read_bytes()[:-12])
+    with pytest.raises(CacheError, match=r"0-00000-of-00001\.gz"):
+        _records(pattern, "GZIP")
+    plain = tmp_path / "1-00000-of-00001"
+    with tf.io.TFRecordWriter(str(plain)) as w:
+        w.write(b"metadata")
+    plain.write_bytes(plain.read_bytes()[:-3])
+    with pytest.raises(CacheError, match="damaged"):
+        _records(str(tmp_path / "1-*-of-*"), "")
