@@ -46,8 +46,8 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/request_log_bench.py --reuse
 	$(BIN)/python bench/hardening_bench.py
 	$(BIN)/python bench/swap_bench.py
-	$(BIN)/python bench/window_bench.py
-	$(BIN)/python bench/slices_bench.py
+	$(BIN)/python bench/window_bench.py --rows-per-day 150000 --rounds 2
+	$(BIN)/python bench/slices_bench.py --rounds 7
 	$(BIN)/python bench/table1.py
 	$(BIN)/python bench/explain_bench.py
 
