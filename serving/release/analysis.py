@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from transform.config import Config, Kind, SliceKind, SliceSpec
-from transform.metrics import auc, log_loss
+from transform.metrics import auc, offline_metrics
 
 BOOTSTRAP_SEED = 0
 CALIBRATION_BINS = 10
@@ -229,17 +229,13 @@ def interval(samples: np.ndarray) -> list[float] | None:
 
 def model_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
     """AUC (None with one class), log loss, mean prediction and mean prediction / label rate."""
-    rate = float(labels.mean())
-    mean = float(scores.mean())
-    try:
-        area: float | None = auc(labels, scores)
-    except ValueError:
-        area = None
+    m = offline_metrics(labels, scores)
+    rate = m["label_rate"]
     return {
-        "auc": area,
-        "log_loss": log_loss(labels, scores),
-        "mean_prediction": mean,
-        "calibration": mean / rate if rate > 0 else None,
+        "auc": m["auc"],
+        "log_loss": m["log_loss"],
+        "mean_prediction": m["mean_prediction"],
+        "calibration": m["mean_prediction"] / rate if rate > 0 else None,
     }
 
 
@@ -435,12 +431,13 @@ def analyse(
 # Markdown and plot
 
 
-def _f(x: float | None, digits: int = 4) -> str:
+def format_number(x: float | None, digits: int = 4) -> str:
+    """A number with ``digits`` decimals, or "-" for none."""
     return "-" if x is None else f"{x:.{digits}f}"
 
 
 def _m(row: dict[str, Any], who: str, key: str, digits: int = 4) -> str:
-    return _f((row[who] or {}).get(key), digits)
+    return format_number((row[who] or {}).get(key), digits)
 
 
 def markdown(verdict: Any, analysis: dict[str, Any]) -> str:
@@ -487,7 +484,7 @@ def markdown(verdict: Any, analysis: dict[str, Any]) -> str:
             if r["slice"] == "all":
                 gate = f"overall tolerance {r['tolerance']}"
             lines.append(
-                f"| {name} | {r['rows']:,} | {_f(r['label_rate'])} | {_m(r, 'model', 'auc')} | "
+                f"| {name} | {r['rows']:,} | {format_number(r['label_rate'])} | {_m(r, 'model', 'auc')} | "
                 f"{_m(r, 'baseline', 'auc')} | {change} | {_m(r, 'model', 'log_loss')} | "
                 f"{_m(r, 'baseline', 'log_loss')} | {_m(r, 'model', 'calibration', 3)} | "
                 f"{_m(r, 'baseline', 'calibration', 3)} | {gate} |"
@@ -498,8 +495,8 @@ def markdown(verdict: Any, analysis: dict[str, Any]) -> str:
                 f" ({span[0]:.4f} to {span[1]:.4f})" if span is not None else ""
             )
             lines.append(
-                f"| {name} | {r['rows']:,} | {_f(r['label_rate'])} | {area} | "
-                f"{_f(r['popularity_auc'])} | {_m(r, 'model', 'log_loss')} | "
+                f"| {name} | {r['rows']:,} | {format_number(r['label_rate'])} | {area} | "
+                f"{format_number(r['popularity_auc'])} | {_m(r, 'model', 'log_loss')} | "
                 f"{_m(r, 'model', 'calibration', 3)} |"
             )
     c = analysis["calibration"]
@@ -511,7 +508,7 @@ def markdown(verdict: Any, analysis: dict[str, Any]) -> str:
         "|---|---:|---|---|",
         f"| expected calibration error ({CALIBRATION_BINS} bins of equal rows) | {c['ece']:.4f} "
         f"| {_span(c['ece_interval'])} | at most {c['ece_tolerance']} |",
-        f"| mean prediction / label rate | {_f(c['ratio'], 3)} | {_span(c['ratio_interval'], 3)} "
+        f"| mean prediction / label rate | {format_number(c['ratio'], 3)} | {_span(c['ratio_interval'], 3)} "
         f"| 1 ± {c['ratio_tolerance']} |",
     ]
     if analysis["problems"]:

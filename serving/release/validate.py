@@ -467,7 +467,7 @@ def format_verdict(verdict: Verdict) -> str:
         c = a["calibration"]
         lines.append(
             f"  calibration  ECE {c['ece']:.4f} (tolerance {c['ece_tolerance']}), mean prediction"
-            f" / label rate {_num(c['ratio'], 3)} (tolerance 1 ± {c['ratio_tolerance']})"
+            f" / label rate {analysis.format_number(c['ratio'], 3)} (tolerance 1 ± {c['ratio_tolerance']})"
         )
         if len(a["slices"]) > 1:
             lines.extend("  " + line for line in _slice_lines(a["slices"], verdict.baseline))
@@ -486,10 +486,6 @@ def format_verdict(verdict: Verdict) -> str:
     return "\n".join(lines)
 
 
-def _num(x: float | None, digits: int = 4) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
 def _slice_lines(rows: list[dict[str, Any]], baseline: str | None) -> list[str]:
     """The slice table, compact: one line per slice."""
     width = min(32, max(len(r["slice"]) for r in rows))
@@ -503,8 +499,8 @@ def _slice_lines(rows: list[dict[str, Any]], baseline: str | None) -> list[str]:
     for r in rows:
         model = r["model"] or {}
         line = (
-            f"{r['slice'][:width]:<{width}} {r['rows']:>8,} {_num(r['label_rate'], 3):>6} "
-            f"{_num(model.get('auc')):>7}"
+            f"{r['slice'][:width]:<{width}} {r['rows']:>8,} {analysis.format_number(r['label_rate'], 3):>6} "
+            f"{analysis.format_number(model.get('auc')):>7}"
         )
         if baseline:
             span = r["auc_difference_interval"]
@@ -515,12 +511,12 @@ def _slice_lines(rows: list[dict[str, Any]], baseline: str | None) -> list[str]:
             elif not r["judged"]:
                 gate = "-"
             line += (
-                f" {_num((r['baseline'] or {}).get('auc')):>7} "
+                f" {analysis.format_number((r['baseline'] or {}).get('auc')):>7} "
                 f"{'-' if diff is None else f'{diff:+.4f}':>8} "
                 f"{'-' if span is None else f'{span[0]:+.4f} {span[1]:+.4f}':>18} "
-                f"{_num(model.get('calibration'), 3):>6}  {gate}"
+                f"{analysis.format_number(model.get('calibration'), 3):>6}  {gate}"
             )
         else:
-            line += f" {_num(model.get('calibration'), 3):>6}"
+            line += f" {analysis.format_number(model.get('calibration'), 3):>6}"
         lines.append(line.rstrip())
     return lines
