@@ -88,10 +88,11 @@ class ServerSettings:
     server runs each request as it arrives.
 
     `background_model_load` isolates loading from serving: versions load and warm up in
-    threads of lower scheduling priority, with pauses between warmup requests, and without
-    Python's full garbage collections, which would stop every thread (see
-    `serving.models.collection_paused`), so requests keep their latency while a new version
-    is swapped in (bench/swap_bench.py).
+    threads of lower scheduling priority, with pauses between warmup requests, without
+    Python's full garbage collections, which would stop every thread, and with a shorter
+    thread switch interval, so request threads wait less for the interpreter lock (see
+    `serving.models.load_isolated`): requests keep their latency while a new version is
+    swapped in (bench/swap_bench.py).
 
     Request logging (`serving.request_log`): a model's `logging_config` in the model config
     file, or, for every model without one, `request_log_dir` (files

@@ -45,7 +45,13 @@ from tensorflow_serving.apis import (
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.errors import ServingError
-from serving.models import State, aspired_versions, validate_config
+from serving.models import (
+    LOADING_SWITCH_INTERVAL_S,
+    State,
+    aspired_versions,
+    load_isolated,
+    validate_config,
+)
 from serving.server import ModelServer, ServerSettings, settings_from_args
 
 MODEL = "toy"
@@ -1489,3 +1495,22 @@ def test_a_broken_version_does_not_hold_back_a_newer_one(make_server, exported) 
     assert response.model_spec.version.value == 4
     statuses = {s[0]: s for s in client.status()}
     assert statuses[3][1:3] == (State.END, grpc.StatusCode.DATA_LOSS.value[0])
+
+
+def test_a_background_load_switches_threads_more_often_until_the_last_load_ends() -> None:
+    import gc
+
+    before = sys.getswitchinterval()
+    with pytest.raises(RuntimeError, match="load failed"), load_isolated():
+        assert sys.getswitchinterval() == pytest.approx(LOADING_SWITCH_INTERVAL_S)
+        assert not gc.isenabled()
+        with load_isolated():  # a second version loading at the same time
+            pass
+        assert sys.getswitchinterval() == pytest.approx(LOADING_SWITCH_INTERVAL_S)
+        assert not gc.isenabled()
+        raise RuntimeError("load failed")
+    assert sys.getswitchinterval() == before
+    assert gc.isenabled()
+    with load_isolated(False):  # --background_model_load=false: nothing changes
+        assert sys.getswitchinterval() == before
+        assert gc.isenabled()
