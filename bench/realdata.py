@@ -25,6 +25,11 @@ In the same run, on the same split, every model is scored on the test rows:
 
 Each model's test AUC is also split by users seen in training and users new to it.
 
+The same comparison runs again on the same split of a richer log (``--skip-activity`` leaves it
+out): two more columns, the user's activity before each row (how many ratings, and the share of
+them that were likes), as most real impression logs can carry. It is not the log the targets are
+set on; it measures what those two columns are worth to each model.
+
 A second part checks every default the trainer changed, on MovieLens and on the simulator: the
 wide & deep model trained with the defaults, and again with each changed default set back to its
 previous value (``--skip-defaults`` leaves it out; it takes most of the run's time).
@@ -32,6 +37,7 @@ previous value (``--skip-defaults`` leaves it out; it takes most of the run's ti
 Results go to ``bench/results/realdata.{json,md}`` and ``bench/results/realdata.png``.
 
     python bench/realdata.py [--history 50] [--sim-rows 200000] [--skip-defaults]
+                             [--skip-activity] [--reuse movielens|activity|defaults ...]
 """
 
 from __future__ import annotations
@@ -128,6 +134,28 @@ def impression_log(ratings: pd.DataFrame, history: int) -> pd.DataFrame:
     )
 
 
+ACTIVITY = ("earlier_ratings", "earlier_like_share")
+"""Two more columns a real impression log usually carries: how many impressions of the user came
+before this one, and the share of them that were acquired (missing at the user's first)."""
+ACTIVITY_FEATURES: dict[str, Any] = {
+    "features": {
+        "earlier_ratings": {"kind": "numeric", "default": 0, "towers": ["wide", "deep"]},
+        "earlier_like_share": {"kind": "numeric", "default": 0.5, "towers": ["wide", "deep"]},
+    }
+}
+"""What a user adds to ``bench/movielens.yaml`` for them (overlaid in the activity part)."""
+
+
+def with_activity(log: pd.DataFrame) -> pd.DataFrame:
+    """The log with the user's activity before each row (the log is in time order)."""
+    out = log.copy()
+    by_user = out.groupby("user_id")["liked"]
+    out["earlier_ratings"] = by_user.cumcount().astype("int64")
+    likes = by_user.cumsum() - out["liked"]
+    out["earlier_like_share"] = (likes / out["earlier_ratings"]).where(out["earlier_ratings"] > 0)
+    return out
+
+
 def time_split(log: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The first (1 - TEST_FRACTION) of the rows in time order, and the rest."""
     cut = round(len(log) * (1 - TEST_FRACTION))
@@ -186,8 +214,9 @@ def _tokens(df: pd.DataFrame) -> list[dict[str, float]]:
     """Hashed one-hot features of each row, with liked movie x movie crosses."""
     out = []
     columns = ("user_id", "movie_id", "genres", "year", "hour", "weekday", "liked_movies")
-    for user, movie, genres, year, hour, weekday, liked in zip(
-        *(df[c].to_numpy() for c in columns), strict=True
+    activity = _activity_tokens(df)
+    for i, (user, movie, genres, year, hour, weekday, liked) in enumerate(
+        zip(*(df[c].to_numpy() for c in columns), strict=True)
     ):
         era = int(year) // 5 if year == year else -1  # NaN != NaN: a missing year
         row = {f"u={user}": 1.0, f"m={movie}": 1.0, f"y={era}": 1.0, f"h={hour}": 1.0}
@@ -200,8 +229,23 @@ def _tokens(df: pd.DataFrame) -> list[dict[str, float]]:
             row[f"l={h}"] = weight
             row[f"x={h}x{movie}"] = weight
         row[f"n={min(len(liked), 50) // 5}"] = 1.0
+        for token in activity[i]:
+            row[token] = 1.0
         out.append(row)
     return out
+
+
+def _activity_tokens(df: pd.DataFrame) -> list[tuple[str, ...]]:
+    """One-hot buckets of the activity columns, when the log has them: log2 of the count, and
+    the like share in tenths (its own token when missing)."""
+    if not set(ACTIVITY) <= set(df.columns):
+        return [()] * len(df)
+    counts = np.log2(df["earlier_ratings"].to_numpy() + 1).astype(int)
+    shares = df["earlier_like_share"].to_numpy()
+    return [
+        (f"r={c}", f"s={min(int(v * 10), 9)}" if v == v else "s=none")
+        for c, v in zip(counts, shares, strict=True)
+    ]
 
 
 def logistic_regression(train: pd.DataFrame, test: pd.DataFrame) -> np.ndarray:
@@ -226,6 +270,9 @@ def _lgb_frame(df: pd.DataFrame, genres: Sequence[str]) -> pd.DataFrame:
             "liked_count": df["liked_movies"].map(len).to_numpy(),
         }
     )
+    for column in ACTIVITY:
+        if column in df:
+            out[column] = df[column].to_numpy()  # NaN: LightGBM's missing value
     for g in genres:
         out[f"genre_{g}"] = df["genres"].map(lambda gs, g=g: g in gs).astype(int).to_numpy()
     return out
@@ -270,6 +317,8 @@ def keras_wide_deep(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray
     genre_ids = index(np.concatenate(train["genres"].to_numpy()))
     years = train["year"].dropna()
     history = max(1, int(train["liked_movies"].map(len).max()))
+    active = set(ACTIVITY) <= set(train.columns)
+    counts = np.log1p(train["earlier_ratings"]) if active else pd.Series([0.0, 1.0])
 
     def padded(vocab: dict[Any, int], lists: Sequence[Sequence[Any]], width: int) -> np.ndarray:
         out = np.zeros((len(lists), width), np.int64)
@@ -290,6 +339,10 @@ def keras_wide_deep(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray
             "hour": df["hour"].to_numpy(np.int64),
             "weekday": df["weekday"].to_numpy(np.int64),
         }
+        if active:
+            count = (np.log1p(df["earlier_ratings"]) - counts.mean()) / counts.std()
+            share = df["earlier_like_share"].fillna(0.5)
+            dnn["activity"] = np.stack([count, share], 1).astype(np.float32)
         rows = [sorted({zlib.crc32(t.encode()) % buckets for t in row}) for row in _tokens(df)]
         wide = tf.RaggedTensor.from_row_lengths(
             np.concatenate(rows).astype(np.int64), [len(r) for r in rows]
@@ -339,18 +392,18 @@ def keras_wide_deep(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray
             return tf.reduce_sum(table(ids) * mask, 1) / tf.maximum(tf.reduce_sum(mask, 1), 1.0)
 
         def call(self, x: dict[str, tf.Tensor]) -> tf.Tensor:
-            h = tf.concat(
-                [
-                    self.known(x["user"], self.user(x["user"])),
-                    self.known(x["movie"], self.movie(x["movie"])),
-                    self.pooled(self.movie, x["liked"]),  # one table for movie and liked
-                    self.pooled(self.genre, x["genres"]),
-                    x["year"],
-                    self.hour(x["hour"]),
-                    self.weekday(x["weekday"]),
-                ],
-                1,
-            )
+            parts = [
+                self.known(x["user"], self.user(x["user"])),
+                self.known(x["movie"], self.movie(x["movie"])),
+                self.pooled(self.movie, x["liked"]),  # one table for movie and liked
+                self.pooled(self.genre, x["genres"]),
+                x["year"],
+                self.hour(x["hour"]),
+                self.weekday(x["weekday"]),
+            ]
+            if "activity" in x:
+                parts.append(x["activity"])
+            h = tf.concat(parts, 1)
             for layer in self.hidden:
                 h = layer(h)
             return self.out(h)
@@ -482,11 +535,28 @@ def _steps_per_epoch(data: Path, config: Path) -> int:
 
 def movielens(history: int) -> dict[str, Any]:
     """Every model on the MovieLens split."""
-    log = impression_log(load_ratings(), history)
-    train, test = time_split(log)
+    train, test = time_split(impression_log(load_ratings(), history))
+    return compare(train, test, CONFIG, OUT, history)
+
+
+def activity(history: int) -> dict[str, Any]:
+    """Every model on the same split of a log that also holds the user's activity."""
+    train, test = time_split(with_activity(impression_log(load_ratings(), history)))
+    config = write_config(
+        overlay(yaml.safe_load(CONFIG.read_text()), ACTIVITY_FEATURES),
+        OUT / "activity" / "movielens_activity.yaml",
+    )
+    return compare(train, test, config, OUT / "activity", history)
+
+
+def compare(
+    train: pd.DataFrame, test: pd.DataFrame, config: Path, out: Path, history: int
+) -> dict[str, Any]:
+    """Every reference and widedeep's three models (config ``config``, files under ``out``)
+    trained on ``train`` and scored on ``test``."""
     seen = test["user_id"].isin(set(train["user_id"])).to_numpy()
-    train_dir = write_parquet(train, OUT / "log" / "train")
-    write_parquet(test, OUT / "log" / "test")
+    train_dir = write_parquet(train, out / "log" / "train")
+    write_parquet(test, out / "log" / "test")
     split = {
         "train_rows": len(train),
         "test_rows": len(test),
@@ -497,14 +567,15 @@ def movielens(history: int) -> dict[str, Any]:
             test["movie_id"].isin(set(train["movie_id"])).mean()
         ),
         "history": history,
+        "columns": [c for c in train.columns if c != "timestamp"],
     }
     print(f"MovieLens: {split}", flush=True)
     rows: list[dict[str, Any]] = []
 
     def reference(name: str, fn: Callable[[], Any]) -> None:
         started = time.monotonic()
-        out = fn()
-        p, extra = out if isinstance(out, tuple) else (out, {})
+        result = fn()
+        p, extra = result if isinstance(result, tuple) else (result, {})
         extra = {"auc_by_epoch": extra} if isinstance(extra, list) else extra
         row = scores_of(name, test, p, seen, train_seconds=round(time.monotonic() - started, 1))
         rows.append({**row, **extra})
@@ -519,14 +590,14 @@ def movielens(history: int) -> dict[str, Any]:
     )
     reference("tf_keras WideDeepModel", lambda: keras_wide_deep(train, test))
 
-    data = OUT / "data"
+    data = out / "data"
     datagen_seconds = widedeep(
-        "datagen", "--config", str(CONFIG), "--input", str(train_dir), "--out", str(data),
+        "datagen", "--config", str(config), "--input", str(train_dir), "--out", str(data),
         "--overwrite",
     )  # fmt: skip
     from transform.config import load_config
 
-    columns = load_config(CONFIG).raw_columns
+    columns = load_config(config).raw_columns
     examples = log_examples(test, [c for c in columns if c != "liked"])
     towers_and_names = (
         ("wide", "widedeep wide"),
@@ -534,7 +605,7 @@ def movielens(history: int) -> dict[str, Any]:
         ("wide_deep", "widedeep wide & deep"),
     )
     for towers, name in towers_and_names:
-        p, info = train_and_score(CONFIG, data, OUT / "models" / towers, towers, examples)
+        p, info = train_and_score(config, data, out / "models" / towers, towers, examples)
         rows.append(
             scores_of(name, test, p, seen, **info, datagen_seconds=round(datagen_seconds, 1))
         )
@@ -679,26 +750,47 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")[:40]
 
 
-def plot(models: list[dict[str, Any]], path: Path) -> None:
-    """Test AUC of every model, overall and for seen and new users, as a bar chart."""
+def plot(panels: list[tuple[str, list[dict[str, Any]]]], path: Path) -> None:
+    """Test AUC of every model, overall and for seen and new users: a bar chart per log."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4.5), dpi=100)
-    ax = fig.subplots()
-    names = [m["model"] for m in models]
-    x = np.arange(len(names))
-    for k, (key, label) in enumerate(
-        (("auc", "all test rows"), ("auc_new_users", "new users"), ("auc_seen_users", "seen users"))
+    fig = Figure(figsize=(10, 4.5 * len(panels)), dpi=100)
+    for ax, (title, models) in zip(
+        fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels, strict=True
     ):
-        ax.bar(x + (k - 1) * 0.27, [m[key] for m in models], 0.27, label=label)
-    ax.axhline(TARGET_AUC, color="grey", linestyle="--", linewidth=1, label=f"target {TARGET_AUC}")
-    ax.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
-    ax.set_ylim(0.5, 0.85)
-    ax.set_ylabel("test AUC")
-    ax.set_title("MovieLens latest-small, global time split 80/20")
-    ax.legend(fontsize=8)
+        names = [m["model"] for m in models]
+        x = np.arange(len(names))
+        for k, (key, label) in enumerate(
+            (
+                ("auc", "all test rows"),
+                ("auc_new_users", "new users"),
+                ("auc_seen_users", "seen users"),
+            )
+        ):
+            ax.bar(x + (k - 1) * 0.27, [m[key] for m in models], 0.27, label=label)
+        ax.axhline(
+            TARGET_AUC, color="grey", linestyle="--", linewidth=1, label=f"target {TARGET_AUC}"
+        )
+        ax.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
+        ax.set_ylim(0.5, 0.85)
+        ax.set_ylabel("test AUC")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def _models_table(models: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| model | test AUC | log loss | AUC, new users | AUC, seen users | training time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in models:
+        lines.append(
+            f"| {m['model']} | {m['auc']:.4f} | {m['log_loss']:.4f} | {m['auc_new_users']:.4f} | "
+            f"{m['auc_seen_users']:.4f} | {m['train_seconds']:.0f} s |"
+        )
+    return lines
 
 
 def markdown(d: dict[str, Any]) -> str:
@@ -713,14 +805,8 @@ def markdown(d: dict[str, Any]) -> str:
         f"rows come from users seen in training, {s['test_rows_of_movies_seen_in_training']:.0%} "
         f"from movies seen in training; the last {s['history']} liked movies as history.",
         "",
-        "| model | test AUC | log loss | AUC, new users | AUC, seen users | training time |",
-        "|---|---|---|---|---|---|",
+        *_models_table(d["movielens"]["models"]),
     ]
-    for m in d["movielens"]["models"]:
-        lines.append(
-            f"| {m['model']} | {m['auc']:.4f} | {m['log_loss']:.4f} | {m['auc_new_users']:.4f} | "
-            f"{m['auc_seen_users']:.4f} | {m['train_seconds']:.0f} s |"
-        )
     models = {m["model"]: m for m in d["movielens"]["models"]}
     ours = models["widedeep wide & deep"]
     references = [m for m in d["movielens"]["models"] if not m["model"].startswith("widedeep")]
@@ -760,6 +846,27 @@ def markdown(d: dict[str, Any]) -> str:
             f"categories; the gain is on new users ({numbers['auc_new_users']:.4f} vs "
             f"{models['LightGBM']['auc_new_users']:.4f}), whose ids no model has seen: the order "
             "of user ids in this data set carries when a user joined.",
+        ]
+    if d.get("activity"):
+        act = {m["model"]: m for m in d["activity"]["models"]}
+        refs = [m for m in d["activity"]["models"] if not m["model"].startswith("widedeep")]
+        best = max(refs, key=lambda m: m["auc"])
+        mine = act["widedeep wide & deep"]
+        lines += [
+            "",
+            "The same split of a log with two more columns, the user's activity before each "
+            "row: how many ratings came before (`earlier_ratings`) and the share of them that "
+            "were likes (`earlier_like_share`, missing at a user's first rating); widedeep's "
+            "config adds them as numeric features of both towers, every reference reads them "
+            "too. Not the issue's log, so not its target: it shows what a log's columns are "
+            "worth against what a model can do with them.",
+            "",
+            *_models_table(d["activity"]["models"]),
+            "",
+            f"widedeep wide & deep {mine['auc']:.4f} against the best reference, "
+            f"{best['model']}, {best['auc']:.4f} ({mine['auc'] - best['auc']:+.4f}); against "
+            f"the same model without the two columns {ours['auc']:.4f} "
+            f"({mine['auc'] - ours['auc']:+.4f}).",
         ]
     for part, title in (
         ("defaults_movielens", "MovieLens, test AUC"),
@@ -815,10 +922,13 @@ def main() -> None:
     parser.add_argument("--sim-rows", type=int, default=200_000, help="simulated rows a day")
     parser.add_argument("--skip-defaults", action="store_true", help="leave out the defaults part")
     parser.add_argument(
+        "--skip-activity", action="store_true", help="leave out the log with the user's activity"
+    )
+    parser.add_argument(
         "--reuse",
         action="append",
         default=[],
-        choices=["movielens", "defaults"],
+        choices=["movielens", "activity", "defaults"],
         help="keep that part's results from a previous run with the same settings",
     )
     args = parser.parse_args()
@@ -856,6 +966,8 @@ def main() -> None:
     t0 = time.monotonic()
     results["gate"] = gate_movielens()
     seconds["gate"] = time.monotonic() - t0
+    if not args.skip_activity:
+        results["activity"] = part("activity", lambda: activity(args.history))
     if not args.skip_defaults:
         results["defaults_movielens"] = part(
             "defaults_movielens", lambda: defaults_movielens(args.history)
@@ -866,7 +978,10 @@ def main() -> None:
         results["seeds_movielens"] = part("defaults_seeds", seeds_movielens)
     results["seconds"] = sum(seconds.values())
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(results["movielens"]["models"], RESULTS / "realdata.png")
+    panels = [("MovieLens latest-small, global time split 80/20", results["movielens"]["models"])]
+    if results.get("activity"):
+        panels.append(("The same, the log with the user's activity", results["activity"]["models"]))
+    plot(panels, RESULTS / "realdata.png")
     write_results("realdata", results, markdown(results))
 
 
