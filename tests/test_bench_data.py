@@ -1,0 +1,59 @@
+"""The real-data benchmark's log: every feature of a row comes from the rows before it."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from bench import realdata
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _ratings() -> pd.DataFrame:
+    # Two users; user 1 rates 4 movies (liked, not, liked, liked), user 2 one (not liked).
+    # Out of time order on purpose: the log sorts by timestamp.
+    return pd.DataFrame(
+        {
+            "rownames": [1, 2, 3, 4, 5],
+            "userId": [1, 2, 1, 1, 1],
+            "movieId": [10, 10, 11, 12, 13],
+            "rating": [5.0, 2.0, 3.0, 4.0, 4.5],
+            "timestamp": [100, 150, 200, 300, 400],
+            "genres": ["Drama", "Drama", "Comedy|Drama", "Action", "Comedy"],
+            "year": [1995.0, 1995.0, 2001.0, float("nan"), 1980.0],
+        }
+    ).sample(frac=1.0, random_state=3)
+
+
+def test_history_and_activity_hold_only_earlier_rows() -> None:
+    log = realdata.with_activity(realdata.impression_log(_ratings(), history=2))
+    mine = log[log["user_id"] == 1].reset_index(drop=True)
+
+    assert mine["movie_id"].tolist() == [10, 11, 12, 13]
+    assert mine["liked"].tolist() == [1, 0, 1, 1]
+    assert [list(h) for h in mine["liked_movies"]] == [[], [10], [10], [10, 12]]
+    assert mine["earlier_ratings"].tolist() == [0, 1, 2, 3]
+    share = mine["earlier_like_share"].tolist()
+    assert math.isnan(share[0])  # no earlier rating: missing, not a made-up share
+    assert share[1:] == pytest.approx([1.0, 0.5, 2 / 3])
+
+    other = log[log["user_id"] == 2].iloc[0]
+    assert other["earlier_ratings"] == 0 and math.isnan(other["earlier_like_share"])
+
+
+def test_activity_never_reads_the_rows_own_label() -> None:
+    base = _ratings()
+    flipped = base.copy()
+    flipped.loc[flipped["rownames"] == 4, "rating"] = 1.0  # user 1's third rating: now a dislike
+    a = realdata.with_activity(realdata.impression_log(base, history=5))
+    b = realdata.with_activity(realdata.impression_log(flipped, history=5))
+    row = a.index[(a["user_id"] == 1) & (a["movie_id"] == 12)][0]
+    columns = ["earlier_ratings", "earlier_like_share"]
+    assert a.loc[row, columns].tolist() == b.loc[row, columns].tolist()
+    assert a.loc[row, "liked"] != b.loc[row, "liked"]
+    # ... and the next row sees the change.
+    later = a.index[(a["user_id"] == 1) & (a["movie_id"] == 13)][0]
+    assert a.loc[later, "earlier_like_share"] != b.loc[later, "earlier_like_share"]
