@@ -320,7 +320,8 @@ def keras_wide_deep(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray
     years = train["year"].dropna()
     history = max(1, int(train["liked_movies"].map(len).max()))
     active = set(ACTIVITY) <= set(train.columns)
-    counts = np.log1p(train["earlier_ratings"]) if active else pd.Series([0.0, 1.0])
+    # The count enters the DNN as its log, standardised on the training rows.
+    counts = np.log1p(train["earlier_ratings"]) if active else None
 
     def padded(vocab: dict[Any, int], lists: Sequence[Sequence[Any]], width: int) -> np.ndarray:
         out = np.zeros((len(lists), width), np.int64)
@@ -341,7 +342,7 @@ def keras_wide_deep(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray
             "hour": df["hour"].to_numpy(np.int64),
             "weekday": df["weekday"].to_numpy(np.int64),
         }
-        if active:
+        if counts is not None:
             count = (np.log1p(df["earlier_ratings"]) - counts.mean()) / counts.std()
             share = df["earlier_like_share"].fillna(0.5)
             dnn["activity"] = np.stack([count, share], 1).astype(np.float32)
