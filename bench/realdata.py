@@ -146,12 +146,18 @@ ACTIVITY_FEATURES: dict[str, Any] = {
     }
 }
 """What a user adds to ``bench/movielens.yaml`` for them (overlaid in the activity part)."""
-ACTIVITY_CONFIG = "movielens_activity.yaml"
-"""The config of the activity part, written in its folder under the run's."""
+ACTIVITY_OUT = OUT / "activity"
+"""The activity part's log, data, models and config."""
+ACTIVITY_CONFIG = ACTIVITY_OUT / "movielens_activity.yaml"
 USER_ID_WIDE = "widedeep wide & deep, user id in the wide tower only"
 USER_ID_WIDE_CHANGE: dict[str, Any] = {"features": {"user_id": {"towers": ["wide"]}}}
 """A second config a user might write: the user id as a wide feature only (the paper's deep
 tower reads the user's features, not their id)."""
+
+
+def has_activity(df: pd.DataFrame) -> bool:
+    """Whether the log holds the activity columns (the references read them when it does)."""
+    return set(ACTIVITY) <= set(df.columns)
 
 
 def with_activity(log: pd.DataFrame) -> pd.DataFrame:
@@ -246,7 +252,7 @@ def _tokens(df: pd.DataFrame) -> list[dict[str, float]]:
 def _activity_tokens(df: pd.DataFrame) -> list[tuple[str, ...]]:
     """One-hot buckets of the activity columns, when the log has them: log2 of the count, and
     the like share in tenths (its own token when missing)."""
-    if not set(ACTIVITY) <= set(df.columns):
+    if not has_activity(df):
         return [()] * len(df)
     counts = np.log2(df["earlier_ratings"].to_numpy() + 1).astype(int)
     shares = df["earlier_like_share"].to_numpy()
@@ -278,8 +284,8 @@ def _lgb_frame(df: pd.DataFrame, genres: Sequence[str]) -> pd.DataFrame:
             "liked_count": df["liked_movies"].map(len).to_numpy(),
         }
     )
-    for column in ACTIVITY:
-        if column in df:
+    if has_activity(df):
+        for column in ACTIVITY:
             out[column] = df[column].to_numpy()  # NaN: LightGBM's missing value
     for g in genres:
         out[f"genre_{g}"] = df["genres"].map(lambda gs, g=g: g in gs).astype(int).to_numpy()
@@ -325,9 +331,8 @@ def keras_wide_deep(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray
     genre_ids = index(np.concatenate(train["genres"].to_numpy()))
     years = train["year"].dropna()
     history = max(1, int(train["liked_movies"].map(len).max()))
-    active = set(ACTIVITY) <= set(train.columns)
     # The count enters the DNN as its log, standardised on the training rows.
-    counts = np.log1p(train["earlier_ratings"]) if active else None
+    counts = np.log1p(train["earlier_ratings"]) if has_activity(train) else None
 
     def padded(vocab: dict[Any, int], lists: Sequence[Sequence[Any]], width: int) -> np.ndarray:
         out = np.zeros((len(lists), width), np.int64)
@@ -505,6 +510,14 @@ def write_config(data: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def datagen(config: Path, log_dir: Path, data: Path) -> float:
+    """``widedeep datagen`` of the log in ``log_dir`` into ``data``; returns its wall time."""
+    return widedeep(
+        "datagen", "--config", str(config), "--input", str(log_dir), "--out", str(data),
+        "--overwrite",
+    )  # fmt: skip
+
+
 def train_and_score(
     config: Path,
     data: Path,
@@ -552,10 +565,9 @@ def activity(history: int) -> dict[str, Any]:
     """Every model on the same split of a log that also holds the user's activity."""
     train, test = time_split(with_activity(impression_log(load_ratings(), history)))
     config = write_config(
-        overlay(yaml.safe_load(CONFIG.read_text()), ACTIVITY_FEATURES),
-        OUT / "activity" / ACTIVITY_CONFIG,
+        overlay(yaml.safe_load(CONFIG.read_text()), ACTIVITY_FEATURES), ACTIVITY_CONFIG
     )
-    return compare(train, test, config, OUT / "activity", history)
+    return compare(train, test, config, ACTIVITY_OUT, history)
 
 
 def compare(
@@ -600,10 +612,7 @@ def compare(
     reference("tf_keras WideDeepModel", lambda: keras_wide_deep(train, test))
 
     data = out / "data"
-    datagen_seconds = widedeep(
-        "datagen", "--config", str(config), "--input", str(train_dir), "--out", str(data),
-        "--overwrite",
-    )  # fmt: skip
+    datagen_seconds = datagen(config, train_dir, data)
     from transform.config import load_config
 
     columns = load_config(config).raw_columns
@@ -627,10 +636,7 @@ def compare(
         out / "user_id_wide" / "config.yaml",
     )
     variant_data = out / "user_id_wide" / "data"
-    datagen_seconds = widedeep(
-        "datagen", "--config", str(variant), "--input", str(train_dir), "--out",
-        str(variant_data), "--overwrite",
-    )  # fmt: skip
+    datagen_seconds = datagen(variant, train_dir, variant_data)
     p, info = train_and_score(
         variant, variant_data, out / "user_id_wide" / "model", "wide_deep", examples
     )
@@ -752,10 +758,10 @@ def _variants(
     base: dict[str, Any], configs: Path, data: Path, log_dir: Path
 ) -> list[tuple[str, Path, Path]]:
     """(name, config file, datagen output) of the defaults and each default set back."""
+    defaults = write_config(base, configs / "defaults.yaml")
     if not (data / "summary.json").exists():
-        widedeep("datagen", "--config", str(write_config(base, configs / "defaults.yaml")),
-                 "--input", str(log_dir), "--out", str(data), "--overwrite")  # fmt: skip
-    out = [("defaults", write_config(base, configs / "defaults.yaml"), data)]
+        datagen(defaults, log_dir, data)
+    out = [("defaults", defaults, data)]
     for name, changes in PREVIOUS_DEFAULTS.items():
         out.append(
             (name, write_config(overlay(base, changes), configs / f"{_slug(name)}.yaml"), data)
@@ -763,8 +769,7 @@ def _variants(
     separate = separate_tables(base)
     separate_data = data.with_name(data.name + "_separate")
     separate_config = write_config(separate, configs / f"{_slug(SEPARATE_TABLES)}.yaml")
-    widedeep("datagen", "--config", str(separate_config), "--input", str(log_dir),
-             "--out", str(separate_data), "--overwrite")  # fmt: skip
+    datagen(separate_config, log_dir, separate_data)
     out.append((SEPARATE_TABLES, separate_config, separate_data))
     everything = separate
     for changes in PREVIOUS_DEFAULTS.values():
@@ -1027,9 +1032,7 @@ def main() -> None:
     if not args.skip_activity:
         results["activity"] = part("activity", lambda: activity(args.history))
         t0 = time.monotonic()
-        results["activity_gate"] = gate_movielens(
-            OUT / "activity", OUT / "activity" / ACTIVITY_CONFIG
-        )
+        results["activity_gate"] = gate_movielens(ACTIVITY_OUT, ACTIVITY_CONFIG)
         seconds["gate"] += time.monotonic() - t0
     if not args.skip_defaults:
         results["defaults_movielens"] = part(
