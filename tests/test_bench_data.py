@@ -57,3 +57,24 @@ def test_activity_never_reads_the_rows_own_label() -> None:
     # ... and the next row sees the change.
     later = a.index[(a["user_id"] == 1) & (a["movie_id"] == 13)][0]
     assert a.loc[later, "earlier_like_share"] != b.loc[later, "earlier_like_share"]
+
+
+def test_auc_within_users_counts_only_pairs_of_one_user() -> None:
+    import itertools
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 6, 300)
+    labels = rng.integers(0, 2, 300)
+    # Ties on purpose (they count half), and user 5 with one label only (no pairs).
+    scores = np.round(rng.random(300) + 0.3 * labels, 1)
+    labels[users == 5] = 1
+    right = total = 0.0
+    for i, j in itertools.permutations(range(300), 2):
+        if users[i] == users[j] and labels[i] == 1 and labels[j] == 0:
+            total += 1
+            right += 1.0 if scores[i] > scores[j] else 0.5 if scores[i] == scores[j] else 0.0
+    assert realdata.auc_within_groups(labels, scores, users) == pytest.approx(right / total)
+    # A score that only says which user a row is from orders no user's own rows.
+    assert realdata.auc_within_groups(labels, users.astype(float), users) == pytest.approx(0.5)
