@@ -910,6 +910,7 @@ def markdown(d: dict[str, Any]) -> str:
         act = {m["model"]: m for m in d["activity"]["models"]}
         refs = [m for m in d["activity"]["models"] if not m["model"].startswith("widedeep")]
         best = max(refs, key=lambda m: m["auc"])
+        best_in = max(refs, key=lambda m: m["auc_within_users"])
         mine = act["widedeep wide & deep"]
         lines += [
             "",
@@ -925,7 +926,12 @@ def markdown(d: dict[str, Any]) -> str:
             f"widedeep wide & deep {mine['auc']:.4f} against the best reference, "
             f"{best['model']}, {best['auc']:.4f} ({mine['auc'] - best['auc']:+.4f}); against "
             f"the same model without the two columns {ours['auc']:.4f} "
-            f"({mine['auc'] - ours['auc']:+.4f}).",
+            f"({mine['auc'] - ours['auc']:+.4f}). Within users "
+            f"{mine['auc_within_users']:.4f} against the best reference, "
+            f"{best_in['model']}, {best_in['auc_within_users']:.4f} "
+            f"({mine['auc_within_users'] - best_in['auc_within_users']:+.4f}); against the same "
+            f"model without the two columns {ours['auc_within_users']:.4f} "
+            f"({mine['auc_within_users'] - ours['auc_within_users']:+.4f}).",
         ]
     variants = [
         (log, {m["model"]: m for m in d[part]["models"]})
