@@ -554,6 +554,36 @@ def _check_out_free(out: Path, overwrite: bool) -> None:
         )
 
 
+LOCAL_RUNNER_NAMES = frozenset({"direct", "directrunner", "switchingdirectrunner"})
+"""``--runner`` values (lower case) that mean Beam's local runner; no ``--runner`` means it too."""
+
+
+def local_runner(options: PipelineOptions) -> Any:
+    """The runner of a local job: Beam's portable Python runner (FnApiRunner); None (Beam picks
+    the runner from ``--runner``) for any other runner.
+
+    Beam's DirectRunner first tries its Prism runner, a binary it downloads from GitHub on
+    first use: without network access that fails (leaving a folder in the temp dir each time)
+    and it falls back to this runner; with network access it downloads and runs a different
+    runner than the one this project is tested on. Going straight to the runner it falls back
+    to gives the same runner everywhere and downloads nothing. ``--runner PrismRunner`` still
+    asks for Prism. The pipeline options reach the runner's workers as DirectRunner passes
+    them (``--direct_num_workers``, ``--direct_running_mode``).
+    """
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    name = options.view_as(StandardOptions).runner
+    if name is not None and (not isinstance(name, str) or name.lower() not in LOCAL_RUNNER_NAMES):
+        return None
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    info = beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)
+    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(info))
+
+
 def _run_locked(
     config: Config,
     files: InputFiles,
@@ -588,7 +618,10 @@ def _run_locked(
                 shutil.rmtree(written)
             written.mkdir()
             analysis = replace(analysis, write_dir=str(written))
-        with beam.Pipeline(options=options) as p, tft_beam.Context(temp_dir=temp_dir):
+        with (
+            beam.Pipeline(runner=local_runner(options), options=options) as p,
+            tft_beam.Context(temp_dir=temp_dir),
+        ):
             build_pipeline(p, config, files, str(partial), batch_rows=batch_rows, analysis=analysis)
         shutil.rmtree(temp_dir, ignore_errors=True)
         if written is not None:

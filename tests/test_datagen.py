@@ -180,6 +180,51 @@ def test_portable_runner(movies_parquet: Path, movies_data: Path, tmp_path: Path
     assert result.summary["vocabularies"] == expected["vocabularies"]
 
 
+def test_the_local_runner_is_the_python_one_and_downloads_nothing(
+    small_table: pa.Table, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --runner, Beam's DirectRunner would try Prism first: a download from GitHub,
+    and a folder left in the temp dir each run when that fails."""
+    import tempfile
+
+    from apache_beam.runners.portability import prism_runner
+
+    tried: list[object] = []
+    original = prism_runner.PrismRunner.run_pipeline
+
+    def record(self: object, *args: object, **kwargs: object) -> object:
+        tried.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(prism_runner.PrismRunner, "run_pipeline", record)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    result = run_datagen(
+        MOVIES, _parquet(small_table, tmp_path / "in"), tmp_path / "out", echo=None
+    )
+    assert result.summary["rows"] == 300
+    assert tried == []
+    # (TensorFlow's autograph leaves files there until the process exits; no folder stays.)
+    assert [p.name for p in temp.iterdir() if p.is_dir()] == []
+
+
+def test_local_runner_only_replaces_beams_local_runner() -> None:
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+    from pipeline.datagen import local_runner
+
+    for args in ([], ["--runner=DirectRunner"], ["--runner", "direct"]):
+        assert isinstance(local_runner(PipelineOptions(args)), fn_runner.FnApiRunner), args
+    for name in ("PortableRunner", "PrismRunner", "DataflowRunner", "BundleBasedDirectRunner"):
+        assert local_runner(PipelineOptions([f"--runner={name}"])) is None, name
+    # The options reach the runner's workers, as DirectRunner passes them.
+    runner = local_runner(PipelineOptions(["--direct_num_workers=2"]))
+    options = runner._provision_info.provision_info.pipeline_options
+    assert options["beam:option:direct_num_workers:v1"] == "2"
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input: one clear message naming the file, column or key; nothing existing is touched.
 
