@@ -13,6 +13,7 @@ import csv
 import difflib
 import io
 import itertools
+import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -440,6 +441,32 @@ def _preflight_csv(config: Config, path: str) -> None:
         raise InputError(f"{path}: not a readable CSV file ({e})") from None
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _csv_head(raw: Any, delimiter: str) -> tuple[bytes, list[str]]:
+    """The first 64 KiB of a CSV file without a UTF-8 byte order mark, and its header's
+    column names.
+
+    Spreadsheet programs and many Windows tools start a UTF-8 CSV file with a byte order mark;
+    left in, it would be part of the first column's name.
+    """
+    head = raw.read(1 << 16).removeprefix(_UTF8_BOM)
+    header = head.split(b"\n", 1)[0].decode("utf-8", "replace").strip("\r")
+    return head, [n.strip().strip('"') for n in header.split(delimiter)]
+
+
+def _other_delimiter(names: Sequence[str], delimiter: str) -> str | None:
+    """The delimiter a header of one column seems to be written with (a .tsv file read with
+    commas, say); None when the header has several columns or no other delimiter fits."""
+    if len(names) != 1:
+        return None
+    for other in ("\t", ";", "|", ","):
+        if other != delimiter and other in names[0]:
+            return other
+    return None
+
+
 # What pyarrow's CSV reader reads as int64: an optional sign and at most 18 digits.
 _CSV_INTEGER = r"^[+-]?[0-9]{1,18}$"
 
@@ -459,9 +486,7 @@ def _csv_whole_number_columns(config: Config, path: str, candidates: Sequence[st
     names: list[str] = []
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as raw:
-            head = raw.read(1 << 16)
-            header = head.split(b"\n", 1)[0].decode("utf-8", "replace").strip("\r")
-            names = [n.strip().strip('"') for n in header.split(config.data.csv_delimiter)]
+            head, names = _csv_head(raw, config.data.csv_delimiter)
             reader = pacsv.open_csv(
                 _Prepended(head, raw),
                 read_options=pacsv.ReadOptions(block_size=1 << 20),
@@ -589,12 +614,19 @@ def iter_csv(
     compression = CompressionTypes.AUTO
     with FileSystems.open(path, compression_type=compression) as raw:
         stream = raw
-        head = stream.read(1 << 16)
-        header = head.split(b"\n", 1)[0].decode("utf-8", "replace").strip("\r")
-        names = [n.strip().strip('"') for n in header.split(delimiter)]
+        head, names = _csv_head(stream, delimiter)
         for column in columns:
             if column not in names:
-                raise _missing_column_error(path, column, names, _what(column, config))
+                error = _missing_column_error(path, column, names, _what(column, config))
+                other = _other_delimiter(names, delimiter)
+                if other:
+                    error = MissingColumnError(
+                        f"{error}; the header reads as one column, its fields look separated "
+                        f"by {json.dumps(other)}, not {json.dumps(delimiter)}: set "
+                        f"data.csv_delimiter: {json.dumps(other)} in the config",
+                        column,
+                    )
+                raise error
         column_types = {}
         for column in columns:
             feature = plan.get(column)
@@ -691,7 +723,8 @@ def _csv_rows(path: str, delimiter: str) -> Iterator[tuple[int, list[str]]]:
       _CsvUnreadable: at a record the csv module cannot read (a quote left open, say).
     """
     with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+        # utf-8-sig: a byte order mark is not part of the first field.
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
         reader = csv.reader(text, delimiter=delimiter, strict=True)
         start = 1
         try:

@@ -541,6 +541,35 @@ def test_csv_errors_name_the_column_and_the_line(small_table: pa.Table, tmp_path
         run_datagen(MOVIES, str(path), tmp_path / "out", echo=None)
 
 
+def test_csv_as_a_spreadsheet_saves_it(small_table: pa.Table, tmp_path: Path) -> None:
+    """A byte order mark and CRLF line ends (Excel's "CSV UTF-8"): read as the plain file."""
+    lines = _plain_csv(small_table, tmp_path / "plain" / "log.csv")
+    saved = tmp_path / "saved" / "log.csv"
+    saved.parent.mkdir()
+    saved.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    plain = run_datagen(MOVIES, str(tmp_path / "plain"), tmp_path / "out-plain", echo=None)
+    spreadsheet = run_datagen(MOVIES, str(saved), tmp_path / "out-saved", echo=None)
+    assert spreadsheet.summary["splits"] == plain.summary["splits"]
+    assert spreadsheet.summary["vocabularies"] == plain.summary["vocabularies"]
+    # An error in such a file is placed on its line, as in a plain one.
+    cells = lines[42].split(",")
+    cells[small_table.column_names.index("popularity")] = "very"
+    lines[42] = ",".join(cells)
+    saved.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    with pytest.raises(InputError, match=r"line 43, column 'popularity'"):
+        run_datagen(MOVIES, str(saved), tmp_path / "out-bad", echo=None)
+
+
+def test_a_tab_separated_file_read_with_commas_says_which_delimiter(
+    small_table: pa.Table, tmp_path: Path
+) -> None:
+    lines = _plain_csv(small_table, tmp_path / "log" / "log.tsv")
+    (tmp_path / "log" / "log.tsv").write_text("\n".join(x.replace(",", "\t") for x in lines))
+    with pytest.raises(InputError, match=r'set data.csv_delimiter: "\\t" in the config'):
+        run_datagen(MOVIES, str(tmp_path / "log"), tmp_path / "out", echo=None)
+    assert not (tmp_path / "out").exists()
+
+
 def test_csv_unterminated_quote_is_named(small_table: pa.Table, tmp_path: Path) -> None:
     path = tmp_path / "log" / "log.csv"
     lines = _plain_csv(small_table, path)
