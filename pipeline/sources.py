@@ -452,18 +452,28 @@ def _csv_head(raw: Any, delimiter: str) -> tuple[bytes, list[str]]:
     left in, it would be part of the first column's name.
     """
     head = raw.read(1 << 16).removeprefix(_UTF8_BOM)
+    # Names as the CSV reader sees them: a space after a delimiter stays part of the name.
     header = head.split(b"\n", 1)[0].decode("utf-8", "replace").strip("\r")
-    return head, [n.strip().strip('"') for n in header.split(delimiter)]
+    return head, [n.strip('"') for n in header.split(delimiter)]
 
 
-def _other_delimiter(names: Sequence[str], delimiter: str) -> str | None:
-    """The delimiter a header of one column seems to be written with (a .tsv file read with
-    commas, say); None when the header has several columns or no other delimiter fits."""
-    if len(names) != 1:
-        return None
-    for other in ("\t", ";", "|", ","):
-        if other != delimiter and other in names[0]:
-            return other
+def _header_hint(names: Sequence[str], delimiter: str, column: str) -> str | None:
+    """Why a CSV header may lack ``column``, when its names say: a header of one column written
+    with another delimiter (a .tsv file read with commas), or spaces around the delimiters,
+    which CSV keeps as part of the names and values."""
+    if len(names) == 1:
+        for other in ("\t", ";", "|", ","):
+            if other != delimiter and other in names[0]:
+                return (
+                    f"the header reads as one column, its fields look separated by "
+                    f"{json.dumps(other)}, not {json.dumps(delimiter)}: set "
+                    f"data.csv_delimiter: {json.dumps(other)} in the config"
+                )
+    if column in (n.strip() for n in names):
+        return (
+            "the header has spaces around its delimiters, and CSV keeps them as part of the "
+            "names and the values: write the file without them"
+        )
     return None
 
 
@@ -617,16 +627,13 @@ def iter_csv(
         head, names = _csv_head(stream, delimiter)
         for column in columns:
             if column not in names:
-                error = _missing_column_error(path, column, names, _what(column, config))
-                other = _other_delimiter(names, delimiter)
-                if other:
-                    error = MissingColumnError(
-                        f"{error}; the header reads as one column, its fields look separated "
-                        f"by {json.dumps(other)}, not {json.dumps(delimiter)}: set "
-                        f"data.csv_delimiter: {json.dumps(other)} in the config",
-                        column,
+                what = _what(column, config)
+                hint = _header_hint(names, delimiter, column)
+                if hint:
+                    raise MissingColumnError(
+                        f"{path}: no column {column!r} ({what}); {hint}", column
                     )
-                raise error
+                raise _missing_column_error(path, column, names, what)
         column_types = {}
         for column in columns:
             feature = plan.get(column)

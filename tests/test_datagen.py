@@ -560,7 +560,7 @@ def test_csv_as_a_spreadsheet_saves_it(small_table: pa.Table, tmp_path: Path) ->
         run_datagen(MOVIES, str(saved), tmp_path / "out-bad", echo=None)
 
 
-def test_a_tab_separated_file_read_with_commas_says_which_delimiter(
+def test_a_csv_header_read_as_one_column_or_with_spaces_says_why(
     small_table: pa.Table, tmp_path: Path
 ) -> None:
     lines = _plain_csv(small_table, tmp_path / "log" / "log.tsv")
@@ -568,6 +568,11 @@ def test_a_tab_separated_file_read_with_commas_says_which_delimiter(
     with pytest.raises(InputError, match=r'set data.csv_delimiter: "\\t" in the config'):
         run_datagen(MOVIES, str(tmp_path / "log"), tmp_path / "out", echo=None)
     assert not (tmp_path / "out").exists()
+    # Spaces after the commas stay in the names (and the values): said so, not "unreadable".
+    (tmp_path / "log" / "log.tsv").unlink()
+    (tmp_path / "log" / "log.csv").write_text("\n".join(x.replace(",", ", ") for x in lines))
+    with pytest.raises(InputError, match=r"the header has spaces around its delimiters"):
+        run_datagen(MOVIES, str(tmp_path / "log"), tmp_path / "out", echo=None)
 
 
 def test_csv_unterminated_quote_is_named(small_table: pa.Table, tmp_path: Path) -> None:
