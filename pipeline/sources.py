@@ -287,7 +287,12 @@ def _compatible(arrow_type: pa.DataType, feature: Feature | None) -> bool:
     elif pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
         return False
     if feature.kind is Kind.NUMERIC:
-        return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
+        # Decimals (a warehouse's prices, say) are read as floats, like every number.
+        return (
+            pa.types.is_integer(arrow_type)
+            or pa.types.is_floating(arrow_type)
+            or pa.types.is_decimal(arrow_type)
+        )
     if feature.dtype is DType.INT:
         return pa.types.is_integer(arrow_type)
     # String ids stored as integers are read as their decimal text.
@@ -638,7 +643,9 @@ def iter_csv(
         for column in columns:
             feature = plan.get(column)
             if feature is None and column == config.label:
-                column_types[column] = pa.int64()
+                # 0/1 or false/true (False/True as pandas writes a bool column, FALSE/TRUE); read as
+                # int64 by _split_lists, as a Parquet log's integer or boolean label is.
+                column_types[column] = pa.bool_()
             elif feature is None or feature.kind is Kind.CATEGORICAL_LIST:
                 column_types[column] = pa.string()
             elif feature.kind is Kind.NUMERIC:
@@ -683,6 +690,8 @@ def _explain_csv_error(message: str, path: str, names: Sequence[str], config: Co
         column = names[index] if index < len(names) else f"#{index}"
         what = f" ({_what(column, config)})" if column in column_plan(config) else ""
         value = _CSV_VALUE.search(detail)
+        if column == config.label:
+            detail += "; a label is 0 or 1 (or false or true)"
         line = None
         if value:
             with contextlib.suppress(_CsvUnreadable):
@@ -785,6 +794,8 @@ def _split_lists(
             # An empty field is an empty list, not a list holding "".
             column = pc.if_else(pc.equal(column, ""), pa.scalar(None, pa.string()), column)
             column = pc.split_pattern(column, delimiter)
+        elif name in plan and feature is None:  # the label
+            column = column.cast(pa.int64())
         arrays.append(column)
     return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
 
@@ -934,6 +945,10 @@ def _cast_values(
     if pa.types.is_dictionary(values.type):
         values = values.dictionary_decode()
     try:
+        if pa.types.is_decimal(values.type):
+            # Through float64: Arrow's decimal-to-float32 cast can miss the nearest float32
+            # (0.54 became 0.53999996), and a decimal must read as the float log of it would.
+            values = values.cast(pa.float64())
         if target == pa.large_binary() and pa.types.is_integer(values.type):
             values = pc.cast(values, pa.string())
         return _as_binary(values).cast(target)

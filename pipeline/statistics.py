@@ -114,7 +114,7 @@ def columns(config: Config) -> dict[str, tuple[str, tuple[str, ...]]]:
 
 
 def log_type(arrow_type: pa.DataType) -> str:
-    """How the log types a column: ``int``, ``float``, ``string``, ``bool``, or
+    """How the log types a column: ``int``, ``float`` (decimals too), ``string``, ``bool``, or
     ``list<...>`` of one of them."""
     if pa.types.is_dictionary(arrow_type):
         arrow_type = arrow_type.value_type
@@ -122,7 +122,9 @@ def log_type(arrow_type: pa.DataType) -> str:
         return f"list<{log_type(arrow_type.value_type)}>"
     if pa.types.is_integer(arrow_type):
         return "int"
-    if pa.types.is_floating(arrow_type):
+    # A decimal column is read as floats, and served and logged as floats: a request log
+    # compared with it must not see a change of type.
+    if pa.types.is_floating(arrow_type) or pa.types.is_decimal(arrow_type):
         return "float"
     if pa.types.is_boolean(arrow_type):
         return "bool"

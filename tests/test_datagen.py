@@ -361,6 +361,28 @@ def test_config_default_fills_missing_values(movies_data: Path, movies_table: pa
     assert b"unknown" in vocab
 
 
+def test_decimal_numbers_read_as_the_floats_they_are(small_table: pa.Table, tmp_path: Path) -> None:
+    """A warehouse export's DECIMAL column (a price, say) is a numeric feature like a float."""
+    import decimal
+
+    cents = [round(v, 2) for v in small_table["popularity"].to_pylist()]
+    floats = small_table.set_column(
+        small_table.column_names.index("popularity"), "popularity", pa.array(cents)
+    )
+    decimals = floats.set_column(
+        floats.column_names.index("popularity"),
+        "popularity",
+        pa.array([decimal.Decimal(f"{v:.2f}") for v in cents], pa.decimal128(9, 2)),
+    )
+    a = run_datagen(MOVIES, _parquet(floats, tmp_path / "f"), tmp_path / "out-f", echo=None)
+    b = run_datagen(MOVIES, _parquet(decimals, tmp_path / "d"), tmp_path / "out-d", echo=None)
+    assert b.summary["splits"] == a.summary["splits"]
+    assert b.summary["quantiles"]["popularity"] == a.summary["quantiles"]["popularity"]
+    stats = json.loads((tmp_path / "out-d" / "statistics.json").read_text())
+    # Typed as it is served and logged: a request log compared with it sees no change of type.
+    assert stats["columns"]["popularity"]["type"] == "float"
+
+
 def test_int_categorical_read_from_strings_is_refused(
     small_table: pa.Table, tmp_path: Path
 ) -> None:
@@ -541,22 +563,37 @@ def test_csv_errors_name_the_column_and_the_line(small_table: pa.Table, tmp_path
         run_datagen(MOVIES, str(path), tmp_path / "out", echo=None)
 
 
-def test_csv_as_a_spreadsheet_saves_it(small_table: pa.Table, tmp_path: Path) -> None:
-    """A byte order mark and CRLF line ends (Excel's "CSV UTF-8"): read as the plain file."""
+def test_csv_as_other_tools_write_it(small_table: pa.Table, tmp_path: Path) -> None:
+    """A byte order mark and CRLF line ends (Excel's "CSV UTF-8"), labels written True and
+    False (pandas' bool column): read as the plain file."""
     lines = _plain_csv(small_table, tmp_path / "plain" / "log.csv")
+    label = small_table.column_names.index("liked")
     saved = tmp_path / "saved" / "log.csv"
     saved.parent.mkdir()
-    saved.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    written = [lines[0]]
+    for line in lines[1:]:
+        cells = line.split(",")
+        cells[label] = {"1": "True", "0": "False"}[cells[label]]
+        written.append(",".join(cells))
+    saved.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(written).encode() + b"\r\n")
     plain = run_datagen(MOVIES, str(tmp_path / "plain"), tmp_path / "out-plain", echo=None)
     spreadsheet = run_datagen(MOVIES, str(saved), tmp_path / "out-saved", echo=None)
     assert spreadsheet.summary["splits"] == plain.summary["splits"]
     assert spreadsheet.summary["vocabularies"] == plain.summary["vocabularies"]
     # An error in such a file is placed on its line, as in a plain one.
-    cells = lines[42].split(",")
+    bad = list(written)
+    cells = bad[42].split(",")
     cells[small_table.column_names.index("popularity")] = "very"
-    lines[42] = ",".join(cells)
-    saved.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    bad[42] = ",".join(cells)
+    saved.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(bad).encode() + b"\r\n")
     with pytest.raises(InputError, match=r"line 43, column 'popularity'"):
+        run_datagen(MOVIES, str(saved), tmp_path / "out-bad", echo=None)
+    # A label that is neither is named with its line.
+    cells = written[7].split(",")
+    cells[label] = "2"
+    written[7] = ",".join(cells)
+    saved.write_text("\n".join(written))
+    with pytest.raises(InputError, match=r"line 8, column 'liked' \(the label\).*'2'; a label is"):
         run_datagen(MOVIES, str(saved), tmp_path / "out-bad", echo=None)
 
 
