@@ -234,12 +234,13 @@ def _target_type(feature: Feature, as_int: bool = False) -> pa.DataType:
 
 
 def _holds_integers(arrow_type: pa.DataType) -> bool:
-    """Whether a column's values (a list's elements) are integers."""
+    """Whether a column's values (a list's elements) are integers; booleans count as 0 and 1,
+    as TF Serving's REST API sends a JSON true or false."""
     if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
         arrow_type = arrow_type.value_type
     if pa.types.is_dictionary(arrow_type):
         arrow_type = arrow_type.value_type
-    return pa.types.is_integer(arrow_type)
+    return pa.types.is_integer(arrow_type) or pa.types.is_boolean(arrow_type)
 
 
 def _int_candidates(config: Config) -> list[str]:
@@ -286,17 +287,17 @@ def _compatible(arrow_type: pa.DataType, feature: Feature | None) -> bool:
         arrow_type = arrow_type.value_type
     elif pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
         return False
+    # A scalar boolean column (is_weekend, say) is read as the integers 0 and 1.
+    integers = pa.types.is_integer(arrow_type) or (
+        pa.types.is_boolean(arrow_type) and feature.kind is not Kind.CATEGORICAL_LIST
+    )
     if feature.kind is Kind.NUMERIC:
         # Decimals (a warehouse's prices, say) are read as floats, like every number.
-        return (
-            pa.types.is_integer(arrow_type)
-            or pa.types.is_floating(arrow_type)
-            or pa.types.is_decimal(arrow_type)
-        )
+        return integers or pa.types.is_floating(arrow_type) or pa.types.is_decimal(arrow_type)
     if feature.dtype is DType.INT:
-        return pa.types.is_integer(arrow_type)
+        return integers
     # String ids stored as integers are read as their decimal text.
-    return _is_stringlike(arrow_type) or pa.types.is_integer(arrow_type)
+    return _is_stringlike(arrow_type) or integers
 
 
 def _is_stringlike(t: pa.DataType) -> bool:
@@ -945,6 +946,8 @@ def _cast_values(
     if pa.types.is_dictionary(values.type):
         values = values.dictionary_decode()
     try:
+        if pa.types.is_boolean(values.type):
+            values = values.cast(pa.int64())  # 0 and 1: "1" as a string id, 1.0 as a number
         if pa.types.is_decimal(values.type):
             # Through float64: Arrow's decimal-to-float32 cast can miss the nearest float32
             # (0.54 became 0.53999996), and a decimal must read as the float log of it would.

@@ -114,20 +114,19 @@ def columns(config: Config) -> dict[str, tuple[str, tuple[str, ...]]]:
 
 
 def log_type(arrow_type: pa.DataType) -> str:
-    """How the log types a column: ``int``, ``float`` (decimals too), ``string``, ``bool``, or
-    ``list<...>`` of one of them."""
+    """How the log types a column: ``int`` (booleans too), ``float`` (decimals too),
+    ``string``, or ``list<...>`` of one of them."""
     if pa.types.is_dictionary(arrow_type):
         arrow_type = arrow_type.value_type
     if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
         return f"list<{log_type(arrow_type.value_type)}>"
-    if pa.types.is_integer(arrow_type):
+    # Booleans are read, served and logged as the integers 0 and 1.
+    if pa.types.is_integer(arrow_type) or pa.types.is_boolean(arrow_type):
         return "int"
     # A decimal column is read as floats, and served and logged as floats: a request log
     # compared with it must not see a change of type.
     if pa.types.is_floating(arrow_type) or pa.types.is_decimal(arrow_type):
         return "float"
-    if pa.types.is_boolean(arrow_type):
-        return "bool"
     if pa.types.is_null(arrow_type):
         return "null"
     return "string"
@@ -217,9 +216,12 @@ def _add_tokens(acc: ColumnAccumulator, values: pa.Array) -> None:
 
 def _token(value: Any) -> str:
     # Tokens are compared as text: an id the log held as 5 one day and "5" the next is one
-    # token (the model reads string ids stored as integers as their decimal text too).
+    # token (the model reads string ids stored as integers as their decimal text too), and a
+    # boolean is the 0 or 1 the model reads and a request sends.
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
+    if isinstance(value, bool):
+        return str(int(value))
     return str(value)
 
 

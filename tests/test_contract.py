@@ -77,10 +77,11 @@ def _feature(value: Any, arrow_type: pa.DataType) -> tf.train.Feature | None:
     values = value if isinstance(value, list) else [value]
     if pa.types.is_list(arrow_type):
         arrow_type = arrow_type.value_type
-    if pa.types.is_integer(arrow_type):
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
-    if pa.types.is_floating(arrow_type):
-        return tf.train.Feature(float_list=tf.train.FloatList(value=values))
+    # tf.Example has no booleans and no decimals: a client sends 0/1 and floats.
+    if pa.types.is_integer(arrow_type) or pa.types.is_boolean(arrow_type):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+    if pa.types.is_floating(arrow_type) or pa.types.is_decimal(arrow_type):
+        return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode() for v in values]))
 
 
@@ -103,8 +104,9 @@ def _json_example(row: dict[str, Any], schema: pa.Schema) -> dict[str, Any]:
     for name, value in row.items():
         if value is None:
             continue
-        # REST types a JSON number by its form: 31 is int64, 31.0 float.
-        if pa.types.is_floating(schema.field(name).type):
+        # REST types a JSON number by its form: 31 is int64, 31.0 float; true is int64 1.
+        kind = schema.field(name).type
+        if pa.types.is_floating(kind) or pa.types.is_decimal(kind):
             value = float(value)
         out[name] = value
     return out
@@ -467,6 +469,36 @@ def test_csv_born_log_rows_score_through_every_api(
         with RankingClient(target, config.model_name, settings, config) as client:
             assert client.model_inputs()["release_year"] == tf.int64.as_datatype_enum
             np.testing.assert_allclose(client.score(QUERY, CANDIDATES), merged, atol=1e-6)
+    finally:
+        server.stop()
+
+
+def test_boolean_and_decimal_columns_score_through_every_api(
+    movies_table: pa.Table, movies_small_config, tmp_path: Path
+) -> None:
+    """A warehouse log: flags as boolean columns (an id, a number), a price as a DECIMAL."""
+    import decimal
+
+    import yaml
+
+    from transform.config import parse_config
+
+    rng = np.random.default_rng(3)
+    table = movies_table.slice(0, 1500)
+    table = table.append_column("weekend", pa.array(rng.random(len(table)) < 0.3))
+    table = table.append_column("returning", pa.array(rng.random(len(table)) < 0.6))
+    prices = [decimal.Decimal(f"{v:.2f}") for v in rng.uniform(0.5, 20.0, len(table))]
+    table = table.append_column("price", pa.array(prices, pa.decimal128(9, 2)))
+    data = yaml.safe_load(movies_small_config.to_yaml())
+    data["features"]["weekend"] = {"kind": "categorical", "towers": ["wide", "deep"]}
+    data["features"]["returning"] = {"kind": "numeric", "towers": ["wide", "deep"]}
+    data["features"]["price"] = {"kind": "numeric", "quantiles": 5}
+    data["crosses"]["weekend_x_genre"] = {"features": ["weekend", "genres"], "hash_buckets": 50}
+    config = parse_config(data)
+    model = _trained(config, logs.write_parquet(table, tmp_path / "log"), tmp_path)
+    server = _serve(model, config.model_name, tmp_path / "base")
+    try:
+        _assert_all_equal(_every_path(server, config, model, table.slice(0, ROWS)))
     finally:
         server.stop()
 
