@@ -158,7 +158,11 @@ def _check_column(
     if rows > 0 and s["rows"] == 0:
         found.add(column, features, COLUMN_MISSING, f"{what}: not in the input")
         return
-    types = (ref.get("type") if ref is not None else None, s.get("type"))
+    # Statistics of earlier versions typed a boolean column "bool"; booleans are now "int".
+    types = tuple(
+        None if t is None else t.replace("bool", "int")
+        for t in (ref.get("type") if ref is not None else None, s.get("type"))
+    )
     if None not in types and "null" not in types and types[0] != types[1]:
         found.add(column, features, COLUMN_RETYPED,
                   f"{what}: holds {s['type']}, the reference {ref['type']}")  # fmt: skip

@@ -179,6 +179,18 @@ def test_checks_against_a_reference() -> None:
     assert ("too_few_rows", "") in found  # 5 rows, below 10% of the reference's 100
 
 
+def test_a_reference_that_typed_a_boolean_label_bool_is_not_a_retyped_column() -> None:
+    # Booleans are read as the integers 0 and 1; older statistics called them "bool".
+    config = load_config("movies")
+    ref = _stats()
+    ref["columns"]["liked"]["type"] = "bool"
+    found = {(a.kind, a.column) for a in dv.find_anomalies(config, _stats(), ref)}
+    assert ("column_retyped", "liked") not in found
+    ref["columns"]["liked"]["type"] = "string"
+    found = {(a.kind, a.column) for a in dv.find_anomalies(config, _stats(), ref)}
+    assert ("column_retyped", "liked") in found
+
+
 def test_numeric_drift_measures_jensen_shannon_over_the_reference_deciles() -> None:
     rng = np.random.default_rng(0)
     x = rng.exponential(1.0, 5000)
