@@ -573,7 +573,7 @@ def local_runner(options: PipelineOptions) -> Any:
     from apache_beam.options.pipeline_options import StandardOptions
 
     name = options.view_as(StandardOptions).runner
-    if name is not None and (not isinstance(name, str) or name.lower() not in LOCAL_RUNNER_NAMES):
+    if name is not None and str(name).lower() not in LOCAL_RUNNER_NAMES:
         return None
     from apache_beam.portability.api import beam_provision_api_pb2
     from apache_beam.runners.portability.fn_api_runner import fn_runner

@@ -310,10 +310,14 @@ def _is_stringlike(t: pa.DataType) -> bool:
 
 
 def _missing_column_error(
-    path: str, column: str, available: Sequence[str], what: str
+    path: str, column: str, available: Sequence[str], what: str, why: str | None = None
 ) -> MissingColumnError:
-    close = difflib.get_close_matches(column, list(available), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    """The error for a column the input lacks: with ``why`` when known, else the closest name."""
+    if why:
+        hint = f"; {why}"
+    else:
+        close = difflib.get_close_matches(column, list(available), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
     return MissingColumnError(f"{path}: no column {column!r} ({what}){hint}", column)
 
 
@@ -633,13 +637,8 @@ def iter_csv(
         head, names = _csv_head(stream, delimiter)
         for column in columns:
             if column not in names:
-                what = _what(column, config)
-                hint = _header_hint(names, delimiter, column)
-                if hint:
-                    raise MissingColumnError(
-                        f"{path}: no column {column!r} ({what}); {hint}", column
-                    )
-                raise _missing_column_error(path, column, names, what)
+                why = _header_hint(names, delimiter, column)
+                raise _missing_column_error(path, column, names, _what(column, config), why)
         column_types = {}
         for column in columns:
             feature = plan.get(column)

@@ -548,13 +548,22 @@ def _plain_csv(table: pa.Table, path: Path) -> list[str]:
     return lines
 
 
+def _with_cell(line: str, index: int, value: str) -> str:
+    """A line of `_plain_csv` with its field ``index`` set to ``value``."""
+    cells = line.split(",")
+    cells[index] = value
+    return ",".join(cells)
+
+
+def _as_a_spreadsheet_saves(lines: list[str], path: Path) -> None:
+    """The lines with a UTF-8 byte order mark and CRLF line ends."""
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+
+
 def test_csv_errors_name_the_column_and_the_line(small_table: pa.Table, tmp_path: Path) -> None:
     path = tmp_path / "log" / "log.csv"
     lines = _plain_csv(small_table, path)
-    column = small_table.column_names.index("popularity")
-    cells = lines[42].split(",")
-    cells[column] = "very"
-    lines[42] = ",".join(cells)
+    lines[42] = _with_cell(lines[42], small_table.column_names.index("popularity"), "very")
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(
         InputError,
@@ -572,26 +581,20 @@ def test_csv_as_other_tools_write_it(small_table: pa.Table, tmp_path: Path) -> N
     saved.parent.mkdir()
     written = [lines[0]]
     for line in lines[1:]:
-        cells = line.split(",")
-        cells[label] = {"1": "True", "0": "False"}[cells[label]]
-        written.append(",".join(cells))
-    saved.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(written).encode() + b"\r\n")
+        written.append(_with_cell(line, label, {"1": "True", "0": "False"}[line.split(",")[label]]))
+    _as_a_spreadsheet_saves(written, saved)
     plain = run_datagen(MOVIES, str(tmp_path / "plain"), tmp_path / "out-plain", echo=None)
     spreadsheet = run_datagen(MOVIES, str(saved), tmp_path / "out-saved", echo=None)
     assert spreadsheet.summary["splits"] == plain.summary["splits"]
     assert spreadsheet.summary["vocabularies"] == plain.summary["vocabularies"]
     # An error in such a file is placed on its line, as in a plain one.
     bad = list(written)
-    cells = bad[42].split(",")
-    cells[small_table.column_names.index("popularity")] = "very"
-    bad[42] = ",".join(cells)
-    saved.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(bad).encode() + b"\r\n")
+    bad[42] = _with_cell(bad[42], small_table.column_names.index("popularity"), "very")
+    _as_a_spreadsheet_saves(bad, saved)
     with pytest.raises(InputError, match=r"line 43, column 'popularity'"):
         run_datagen(MOVIES, str(saved), tmp_path / "out-bad", echo=None)
     # A label that is neither is named with its line.
-    cells = written[7].split(",")
-    cells[label] = "2"
-    written[7] = ",".join(cells)
+    written[7] = _with_cell(written[7], label, "2")
     saved.write_text("\n".join(written))
     with pytest.raises(InputError, match=r"line 8, column 'liked' \(the label\).*'2'; a label is"):
         run_datagen(MOVIES, str(saved), tmp_path / "out-bad", echo=None)
@@ -615,9 +618,7 @@ def test_a_csv_header_read_as_one_column_or_with_spaces_says_why(
 def test_csv_unterminated_quote_is_named(small_table: pa.Table, tmp_path: Path) -> None:
     path = tmp_path / "log" / "log.csv"
     lines = _plain_csv(small_table, path)
-    cells = lines[10].split(",")
-    cells[1] = '"' + cells[1]
-    lines[10] = ",".join(cells)
+    lines[10] = _with_cell(lines[10], 1, '"' + lines[10].split(",")[1])
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(InputError, match=r"log.csv: line 11: a quoted field .* never closed"):
         run_datagen(MOVIES, str(path), tmp_path / "out", echo=None)
