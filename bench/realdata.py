@@ -149,6 +149,7 @@ ACTIVITY_FEATURES: dict[str, Any] = {
 ACTIVITY_OUT = OUT / "activity"
 """The activity part's log, data, models and config."""
 ACTIVITY_CONFIG = ACTIVITY_OUT / "movielens_activity.yaml"
+LGB_NUMBERS = "LightGBM, ids as numbers (see note)"
 USER_ID_WIDE = "widedeep wide & deep, user id in the wide tower only"
 USER_ID_WIDE_CHANGE: dict[str, Any] = {"features": {"user_id": {"towers": ["wide"]}}}
 """A second config a user might write: the user id as a wide feature only (the paper's deep
@@ -474,12 +475,12 @@ def widedeep(*args: str) -> float:
     return time.monotonic() - started
 
 
-def log_examples(df: pd.DataFrame, columns: Sequence[str], config: Any = None) -> list[bytes]:
-    """Serialized tf.Examples of raw rows, each column typed as the log types it (or, with a
-    config, as the config types it)."""
+def log_examples(df: pd.DataFrame, columns: Sequence[str]) -> list[bytes]:
+    """Serialized tf.Examples of raw rows, each column typed as the log types it (as the
+    served model parses it)."""
     from serving.client import ExampleEncoder
 
-    encoder = ExampleEncoder(config)
+    encoder = ExampleEncoder()
     out = []
     for row in df[list(columns)].itertuples(index=False):
         features = {}
@@ -611,6 +612,7 @@ def compare(
     }
     print(f"MovieLens: {split}", flush=True)
     rows: list[dict[str, Any]] = []
+    predictions: dict[str, np.ndarray] = {}
 
     def reference(name: str, fn: Callable[[], Any]) -> None:
         started = time.monotonic()
@@ -619,15 +621,13 @@ def compare(
         extra = {"auc_by_epoch": extra} if isinstance(extra, list) else extra
         row = scores_of(name, test, p, seen, train_seconds=round(time.monotonic() - started, 1))
         rows.append({**row, **extra})
+        predictions[name] = p
         print(f"  {name}: AUC {row['auc']:.4f}", flush=True)
 
     reference("popularity", lambda: popularity(train, test))
     reference("logistic regression + crosses", lambda: logistic_regression(train, test))
     reference("LightGBM", lambda: lightgbm(train, test, ids_as_categories=True))
-    reference(
-        "LightGBM, ids as numbers (see note)",
-        lambda: lightgbm(train, test, ids_as_categories=False),
-    )
+    reference(LGB_NUMBERS, lambda: lightgbm(train, test, ids_as_categories=False))
     reference("tf_keras WideDeepModel", lambda: keras_wide_deep(train, test))
 
     data = out / "data"
@@ -640,6 +640,7 @@ def compare(
     def widedeep_model(name: str, config: Path, data: Path, seconds: float, towers: str) -> None:
         p, info = train_and_score(config, data, data.parent / "models" / towers, towers, examples)
         rows.append(scores_of(name, test, p, seen, **info, datagen_seconds=round(seconds, 1)))
+        predictions[name] = p
         print(f"  {name}: AUC {rows[-1]['auc']:.4f} ({info})", flush=True)
 
     for towers, name in (
@@ -657,7 +658,24 @@ def compare(
     variant_data = out / "user_id_wide" / "data"
     seconds = datagen(variant, train_dir, variant_data)
     widedeep_model(USER_ID_WIDE, variant, variant_data, seconds, "wide_deep")
-    return {"split": split, "models": rows}
+    return {"split": split, "models": rows, "ensembles": ensembles(test, predictions)}
+
+
+def ensembles(test: pd.DataFrame, predictions: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Test AUC of the rank average of every model of the run that reads ids as ids, and of
+    the same with LightGBM reading them as numbers: how far combining what the models learned
+    from the log's columns goes, whichever model learned it."""
+    y = test["liked"].to_numpy()
+    as_ids = [name for name in predictions if name != LGB_NUMBERS]
+
+    def rank_average(names: list[str]) -> float:
+        return auc(y, sum(pd.Series(predictions[n]).rank(pct=True).to_numpy() for n in names))
+
+    out = {"as_ids": {"models": as_ids, "auc": rank_average(as_ids)}}
+    if LGB_NUMBERS in predictions:
+        every = [*as_ids, LGB_NUMBERS]
+        out["with_ids_as_numbers"] = {"models": every, "auc": rank_average(every)}
+    return out
 
 
 def defaults_movielens(history: int) -> list[dict[str, Any]]:
@@ -706,6 +724,69 @@ def gate_movielens(out: Path = OUT, config: Path = CONFIG) -> list[dict[str, Any
     return rows
 
 
+FEW_BUCKETS = 200_000
+"""The cross buckets of the simulator's preset, and of bench/movielens.yaml before datagen's
+statistics advised more."""
+
+
+def cross_buckets(rows_per_day: int) -> list[dict[str, Any]]:
+    """wide and wide & deep with each log's crosses in :data:`FEW_BUCKETS` buckets and in the
+    buckets datagen's statistics advise for them (MovieLens test AUC; simulator day-2 AUC)."""
+    from pipeline.statistics import suggested_buckets
+    from trainer.metrics import log_loss
+    from transform.artifacts import read_statistics
+    from transform.config import load_config, preset_path
+
+    test = pd.read_parquet(OUT / "log" / "test")
+    movielens_examples = log_examples(
+        test, [c for c in load_config(CONFIG).raw_columns if c != "liked"]
+    )
+    sim_logs, sim_examples, sim_y = _simulated_days(rows_per_day)
+    logs = (
+        ("MovieLens", CONFIG, OUT / "log" / "train", movielens_examples, test["liked"].to_numpy()),
+        ("simulator", preset_path(SIM_CONFIG), sim_logs / "day=001", sim_examples, sim_y),
+    )
+    rows = []
+    for log, path, log_dir, examples, y in logs:
+        base = yaml.safe_load(path.read_text())
+        work = OUT / "buckets" / _slug(log)
+        few = {name: FEW_BUCKETS for name in base["crosses"]}
+        few_config = write_config(_with_buckets(base, few), work / "few.yaml")
+        datagen(few_config, log_dir, work / "few")
+        crosses = read_statistics(work / "few")["crosses"]
+        advised = {name: suggested_buckets(c["distinct"]) for name, c in crosses.items()}
+        advised_config = write_config(_with_buckets(base, advised), work / "advised.yaml")
+        datagen(advised_config, log_dir, work / "advised")
+        for variant, config, buckets in (
+            ("few", few_config, few),
+            ("advised", advised_config, advised),
+        ):
+            for towers in ("wide", "wide_deep"):
+                p, info = train_and_score(
+                    config, work / variant, work / f"{variant}_{towers}", towers, examples
+                )
+                rows.append(
+                    {
+                        "log": log,
+                        "hash_buckets": buckets,
+                        "distinct_products": {n: c["distinct"] for n, c in crosses.items()},
+                        "towers": towers,
+                        "auc": auc(y, p),
+                        "log_loss": log_loss(y, p),
+                        **info,
+                    }
+                )
+                print(
+                    f"  {log}, buckets {buckets}, {towers}: AUC {rows[-1]['auc']:.4f}", flush=True
+                )
+    return rows
+
+
+def _with_buckets(config: dict[str, Any], buckets: dict[str, int]) -> dict[str, Any]:
+    """The config with each cross hashed into the buckets given for it."""
+    return overlay(config, {"crosses": {n: {"hash_buckets": b} for n, b in buckets.items()}})
+
+
 SEEDS = (0, 1, 2, 3)
 SMALL_EFFECTS = ("defaults", SEPARATE_TABLES, "no ids hidden as unknown in training")
 """The defaults whose effect is about the size of the spread between training seeds."""
@@ -741,22 +822,30 @@ def seeds_movielens() -> list[dict[str, Any]]:
     return rows
 
 
-def defaults_simulator(rows_per_day: int) -> list[dict[str, Any]]:
-    """The same on the simulator: train on day 1, score day 2's impressions (a later day)."""
+def _simulated_days(rows_per_day: int) -> tuple[Path, list[bytes], np.ndarray]:
+    """Two simulated days (simulated once): their logs' folder, and day 2's rows as
+    tf.Examples typed as the log types them (as served) with their labels."""
     from tools.simulator import simulate
-    from transform.config import load_config, preset_path
+    from transform.config import load_config
 
     sim = OUT / "sim"
     logs = sim / "logs"
     if not (logs / "day=002").exists():
         shutil.rmtree(sim, ignore_errors=True)
         simulate(logs, days=2, rows_per_day=rows_per_day, seed=7)
-    base = yaml.safe_load(preset_path(SIM_CONFIG).read_text())
     config = load_config(SIM_CONFIG)
     day2 = pd.read_parquet(logs / "day=002")
     columns = [c for c in config.raw_columns if c != config.label]
-    examples = log_examples(day2, columns, config)
-    y = day2[config.label].to_numpy()
+    return logs, log_examples(day2, columns), day2[config.label].to_numpy()
+
+
+def defaults_simulator(rows_per_day: int) -> list[dict[str, Any]]:
+    """The same on the simulator: train on day 1, score day 2's impressions (a later day)."""
+    from transform.config import preset_path
+
+    sim = OUT / "sim"
+    logs, examples, y = _simulated_days(rows_per_day)
+    base = yaml.safe_load(preset_path(SIM_CONFIG).read_text())
     rows = []
     for name, path, data in _variants(base, sim / "variants", sim / "data", logs / "day=001"):
         p, info = train_and_score(path, data, sim / "variants" / _slug(name), "wide_deep", examples)
@@ -896,7 +985,7 @@ def markdown(d: dict[str, Any]) -> str:
         "Within users (the pairs of one user's rows only, the order a ranking shows that user): "
         f"widedeep wide & deep {_against_best(ours, references, 'auc_within_users')}.",
     ]
-    numbers = models.get("LightGBM, ids as numbers (see note)")
+    numbers = models.get(LGB_NUMBERS)
     if numbers:
         lines += [
             "",
@@ -905,6 +994,20 @@ def markdown(d: dict[str, Any]) -> str:
             f"categories; the gain is on new users ({numbers['auc_new_users']:.4f} vs "
             f"{models['LightGBM']['auc_new_users']:.4f}), whose ids no model has seen: the order "
             "of user ids in this data set carries when a user joined.",
+        ]
+    ens = d["movielens"].get("ensembles")
+    if ens:
+        lines += [
+            "",
+            "What the log's columns allow, whichever model learns it: the rank average of every "
+            f"model in the table that reads ids as ids scores {ens['as_ids']['auc']:.4f}"
+            + (
+                f"; with LightGBM reading them as numbers added, "
+                f"{ens['with_ids_as_numbers']['auc']:.4f}"
+                if "with_ids_as_numbers" in ens
+                else ""
+            )
+            + f" (the target: {TARGET_AUC}).",
         ]
     if d.get("activity"):
         act = {m["model"]: m for m in d["activity"]["models"]}
@@ -1002,6 +1105,30 @@ def markdown(d: dict[str, Any]) -> str:
                 values = np.array([r[key] for r in runs])
                 cells.append(f"{values.mean():.4f} ± {values.std(ddof=1):.4f}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if d.get("cross_buckets"):
+        lines += [
+            "",
+            "Cross buckets: each log's crosses hashed into 200,000 buckets and into what "
+            "datagen's statistics advise for them (twice their distinct products); MovieLens "
+            "test AUC, the simulator's day-2 AUC:",
+            "",
+            "| log | distinct products | hash buckets | wide AUC | wide & deep AUC |",
+            "|---|---|---|---|---|",
+        ]
+        runs = d["cross_buckets"]
+        for log in dict.fromkeys(r["log"] for r in runs):
+            for buckets in [r["hash_buckets"] for r in runs if r["log"] == log][::2]:
+                auc_of = {
+                    r["towers"]: r["auc"]
+                    for r in runs
+                    if r["log"] == log and r["hash_buckets"] == buckets
+                }
+                distinct = next(r for r in runs if r["log"] == log)["distinct_products"]
+                lines.append(
+                    f"| {log} | {', '.join(f'{n:,}' for n in distinct.values())} | "
+                    f"{', '.join(f'{n:,}' for n in buckets.values())} | "
+                    f"{auc_of['wide']:.4f} | {auc_of['wide_deep']:.4f} |"
+                )
     m = d["machine"]
     lines += [
         "",
@@ -1073,6 +1200,7 @@ def main() -> None:
             "defaults_simulator", lambda: defaults_simulator(args.sim_rows)
         )
         results["seeds_movielens"] = part("defaults_seeds", seeds_movielens)
+        results["cross_buckets"] = part("defaults_buckets", lambda: cross_buckets(args.sim_rows))
     results["seconds"] = sum(seconds.values())
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(results, RESULTS / "realdata.png")

@@ -13,7 +13,8 @@ k-minimum-values sketch), the top tokens with their shares, and the counts of th
 :data:`TOKENS_KEPT` tokens (what later inputs are compared with). List columns: the same over
 their elements, and their length distribution. Numeric columns: mean, min, max, deciles and
 percentiles (exact up to :data:`SAMPLE_SIZE` values, else from a uniform sample of that size).
-The label: its rate.
+The label: its rate. Crosses: how many products their rows make and how many of them are
+distinct (the same sketch), against the buckets the config hashes them into.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from transform.config import Config, Kind
+from transform.config import MAX_HASH_BUCKETS, Config, Kind
 
 MAX_COUNTED_TOKENS = 200_000
 """Distinct tokens of a column counted exactly; past it only the most frequent half is kept
@@ -100,7 +101,9 @@ class ColumnAccumulator:
             self.sample_keys, self.sample = keys, sample
 
 
-Accumulator = dict[str, ColumnAccumulator]
+Accumulator = dict[str | tuple[str, str], ColumnAccumulator]
+"""Column name -> its accumulator; ``("cross", name)`` -> a cross's (``values`` its products,
+``hashes`` their sketch): a tuple key, so no column name can take a cross's place."""
 
 
 def columns(config: Config) -> dict[str, tuple[str, tuple[str, ...]]]:
@@ -179,7 +182,88 @@ def batch_statistics(
         else:
             _add_tokens(acc, values)
         out[column] = acc
+    for cross in config.crosses:
+        arrays = [_column(batch, config.feature(name).column) for name in cross.features]
+        if any(a is None for a in arrays):
+            continue
+        products = _product_hashes(arrays, batch.num_rows)
+        out[_cross_key(cross.name)] = ColumnAccumulator(
+            rows=batch.num_rows,
+            values=int(products.size),
+            hashes=_smallest_distinct(products),
+        )
     return out
+
+
+def _smallest_distinct(hashes: np.ndarray) -> np.ndarray:
+    """The sketch of a set of hashes: its :data:`_KMV_SIZE` smallest distinct values (a sort:
+    numpy's hash-based unique is ten times slower on millions of 64-bit values)."""
+    s = np.sort(hashes)
+    if s.size:
+        s = s[np.concatenate([[True], s[1:] != s[:-1]])]
+    return s[:_KMV_SIZE]
+
+
+def _cross_key(name: str) -> tuple[str, str]:
+    return ("cross", name)
+
+
+def _column(batch: pa.RecordBatch, column: str) -> pa.Array | None:
+    index = batch.schema.get_field_index(column)
+    if index < 0:
+        return None
+    arr = batch.column(index)
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return arr.dictionary_decode() if pa.types.is_dictionary(arr.type) else arr
+
+
+def _token_hashes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The row of each present value of a column (a list's elements each) and the 64-bit
+    hash of its token text (so an id is one token whether the log holds it as 5 or "5")."""
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        rows = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+        values = pc.list_flatten(arr)
+    else:
+        rows, values = np.arange(len(arr)), arr
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    if values.null_count:
+        present = values.is_valid()
+        rows = rows[present.to_numpy(zero_copy_only=False)]
+        values = values.filter(present)
+    encoded = pc.dictionary_encode(values)
+    tokens = np.array([_token(t) for t in encoded.dictionary.to_pylist()], dtype=object)
+    hashes = pd.util.hash_array(tokens).astype(np.uint64)
+    return rows.astype(np.int64), hashes[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def _product_hashes(arrays: list[pa.Array], num_rows: int) -> np.ndarray:
+    """The hash of every product of a cross: per row, one per combination of its inputs'
+    values (a list crossed with a scalar: one per element), as the cross op makes them."""
+    rows, hashes = _token_hashes(arrays[0])
+    for arr in arrays[1:]:
+        other_rows, other = _token_hashes(arr)
+        per_row = np.bincount(other_rows, minlength=num_rows)
+        first = np.cumsum(per_row) - per_row
+        # Each value so far is repeated once per value of the next input in its row.
+        repeat = per_row[rows]
+        out_rows = np.repeat(rows, repeat)
+        run_start = np.repeat(np.cumsum(repeat) - repeat, repeat)
+        partner = first[out_rows] + (np.arange(out_rows.size) - run_start)
+        hashes = _mix(np.repeat(hashes, repeat) * np.uint64(0x9E3779B97F4A7C15) + other[partner])
+        rows = out_rows
+    return hashes
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer: products' hashes as uniform as their tokens' (the sketch needs
+    uniform hashes); arithmetic wraps modulo 2**64."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def _add_numbers(acc: ColumnAccumulator, values: pa.Array) -> None:
@@ -284,7 +368,27 @@ def finalize(config: Config, acc: Accumulator) -> dict[str, Any]:
                 s["length"] = _length_stats(a.lengths)
             s.update(_token_stats(a))
         out[column] = s
-    return {"rows": rows, "label": config.label, "label_rate": label_rate, "columns": out}
+    crosses = {}
+    for cross in config.crosses:
+        a = acc.get(_cross_key(cross.name))
+        if a is None:
+            continue
+        distinct = _kmv_estimate(a.hashes, 0)
+        crosses[cross.name] = {
+            "features": list(cross.features),
+            "hash_buckets": cross.hash_buckets,
+            "products": a.values,
+            "distinct": distinct,
+            "distinct_exact": a.hashes.size < _KMV_SIZE,
+            "per_bucket": distinct / cross.hash_buckets,
+        }
+    return {
+        "rows": rows,
+        "label": config.label,
+        "label_rate": label_rate,
+        "columns": out,
+        "crosses": crosses,
+    }
 
 
 def _number_stats(a: ColumnAccumulator) -> dict[str, Any]:
@@ -369,4 +473,34 @@ def format_statistics(stats: dict[str, Any], limit: int = 3) -> list[str]:
             if s["kind"] == Kind.CATEGORICAL_LIST.value and s["length"]["mean"] is not None:
                 detail = f"length mean {s['length']['mean']:.2f}, " + detail
         lines.append(f"    {column:<24} {s['type'] or '-':<12} {missing:<14} {detail}")
+    for name, c in stats.get("crosses", {}).items():
+        lines.append(f"    {name:<24} {'cross':<12} {'':<14} {cross_detail(c)}")
     return lines
+
+
+def cross_detail(c: dict[str, Any]) -> str:
+    """A cross's products against its buckets, and what to do when most share a bucket.
+
+    Products hashed into one bucket share one weight of the wide tower: past one product per
+    bucket, most weights mix products that have nothing in common, and a product never seen
+    in training lands on weights learned for others.
+    """
+    about = "" if c["distinct_exact"] else "~"
+    detail = (
+        f"{about}{c['distinct']:,} distinct products in {c['hash_buckets']:,} hash buckets "
+        f"({c['per_bucket']:.2g} per bucket)"
+    )
+    if c["per_bucket"] > 1:
+        detail += (
+            f": most products share a weight with others; hash_buckets of at least "
+            f"{suggested_buckets(c['distinct']):,} keeps most apart"
+        )
+    return detail
+
+
+def suggested_buckets(distinct: int) -> int:
+    """Twice the distinct products, rounded up to two significant digits: about 60% of the
+    products then have a bucket to themselves (a share of 1 - exp(-0.5) shares one)."""
+    want = min(2 * distinct, MAX_HASH_BUCKETS)
+    step = 10 ** max(0, len(str(want)) - 2)
+    return -(-want // step) * step

@@ -78,3 +78,18 @@ def test_auc_within_users_counts_only_pairs_of_one_user() -> None:
     assert realdata.auc_within_groups(labels, scores, users) == pytest.approx(right / total)
     # A score that only says which user a row is from orders no user's own rows.
     assert realdata.auc_within_groups(labels, users.astype(float), users) == pytest.approx(0.5)
+
+
+def test_ensembles_rank_average_the_models_and_keep_ids_as_numbers_apart() -> None:
+    test = pd.DataFrame({"liked": [0, 0, 1, 1, 0, 1]})
+    good = pd.Series([0.1, 0.2, 0.8, 0.9, 0.3, 0.7])  # orders every pair
+    # Ranks, not scores, are averaged: the same order on another scale weighs the same.
+    out = realdata.ensembles(test, {"a": good.to_numpy(), "b": (100 * good + 5).to_numpy()})
+    assert out == {"as_ids": {"models": ["a", "b"], "auc": 1.0}}
+    # LightGBM reading ids as numbers only joins the second: here it orders every pair the
+    # other way, so its ranks cancel the first model's and every row ties.
+    out = realdata.ensembles(
+        test, {"a": good.to_numpy(), realdata.LGB_NUMBERS: (1 - good).to_numpy()}
+    )
+    assert out["as_ids"] == {"models": ["a"], "auc": 1.0}
+    assert out["with_ids_as_numbers"] == {"models": ["a", realdata.LGB_NUMBERS], "auc": 0.5}

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pytest
 
 from pipeline import anomalies as dv
+from pipeline import statistics
 from pipeline.cli import main
 from pipeline.datagen import run_datagen
 from pipeline.sources import MissingColumnError
@@ -79,10 +80,72 @@ def test_statistics_equal_a_direct_computation(good_table: pa.Table, good_data: 
         assert (s["min"], s["max"]) == (pytest.approx(x.min()), pytest.approx(x.max()))
         assert s["quantiles"] == pytest.approx(np.quantile(x, np.linspace(0, 1, 11)))
     assert cols["user_age"]["type"] == "int" and cols["popularity"]["type"] == "float"
+    # Crosses: one product per combination of a row's present values, counted and told apart.
+    for name, a, b in (
+        ("recent_x_movie", "recent_movies", "movie_id"),
+        ("occupation_x_genre", "occupation", "genres"),
+    ):
+        products = [
+            (x, y)
+            for xs, ys in zip(df[a], df[b], strict=True)
+            for x in _values(xs)
+            for y in _values(ys)
+        ]
+        c = stats["crosses"][name]
+        assert c["products"] == len(products)
+        assert c["distinct"] == len(set(products)) and c["distinct_exact"]
+        assert c["per_bucket"] == pytest.approx(len(set(products)) / c["hash_buckets"])
     # No reference: only the checks that need none, and this day passes them.
     report = json.loads((good_data / artifacts.ANOMALIES_JSON).read_text())
     assert report["reference"] is None and report["anomalies"] == []
     assert "statistics (statistics.json)" in (good_data / artifacts.SUMMARY_TXT).read_text()
+
+
+def _values(cell: object) -> list:
+    """A cell's present values: a list's elements, a scalar, or nothing when missing."""
+    if isinstance(cell, list | np.ndarray):
+        return list(cell)
+    return [] if cell is None or cell != cell else [cell]
+
+
+def test_cross_statistics_estimate_many_products_and_say_when_buckets_are_too_few() -> None:
+    config = parse_config(
+        {
+            "model_name": "m",
+            "label": "y",
+            "features": {
+                "seen": {"kind": "categorical_list", "dtype": "int"},
+                "item": {"kind": "categorical", "towers": ["wide"]},
+            },
+            "crosses": {"seen_x_item": {"features": ["seen", "item"], "hash_buckets": 50_000}},
+        }
+    )
+    rng = np.random.default_rng(0)
+    rows = 60_000
+    lengths = rng.integers(0, 6, rows)
+    seen = pa.ListArray.from_arrays(
+        pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32()),
+        pa.array(rng.integers(0, 2_000, lengths.sum())),
+    )
+    item = pa.array([f"i{v}" for v in rng.integers(0, 500, rows)])
+    table = pa.table({"seen": seen, "item": item, "y": pa.array(rng.integers(0, 2, rows))})
+    acc: dict = {}
+    for batch in table.to_batches(max_chunksize=7_000):  # partial sketches, merged
+        acc = statistics.merge(acc, statistics.batch_statistics(config, batch))
+    c = statistics.finalize(config, acc)["crosses"]["seen_x_item"]
+    item_of_row = np.repeat(np.asarray(item.to_pylist(), dtype=object), lengths)
+    truth = len(set(zip(seen.flatten().to_pylist(), item_of_row, strict=True)))
+    assert c["products"] == lengths.sum() and not c["distinct_exact"]
+    # A sketch of 2,048 hashes: a relative standard error of about 1/sqrt(2,048) = 2.2%.
+    assert c["distinct"] == pytest.approx(truth, rel=0.08)
+    line = statistics.cross_detail(c)
+    assert f"in 50,000 hash buckets ({c['per_bucket']:.2g} per bucket)" in line
+    suggested = statistics.suggested_buckets(c["distinct"])
+    assert 2 * c["distinct"] <= suggested < 2.1 * c["distinct"]
+    assert f"hash_buckets of at least {suggested:,} keeps most apart" in line
+    # Enough buckets: no advice.
+    roomy = {**c, "hash_buckets": 4 * c["distinct"], "per_bucket": 0.25}
+    assert "at least" not in statistics.cross_detail(roomy)
 
 
 def test_injected_anomalies_are_each_reported_with_the_feature_named(
