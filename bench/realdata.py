@@ -861,8 +861,9 @@ def _variants(
 ) -> list[tuple[str, Path, Path]]:
     """(name, config file, datagen output) of the defaults and each default set back."""
     defaults = write_config(base, configs / "defaults.yaml")
-    if not (data / "summary.json").exists():
-        datagen(defaults, log_dir, data)
+    # Made again on every run: a datagen output left by another version of the code may not
+    # be what this one makes (the served types, for one).
+    datagen(defaults, log_dir, data)
     out = [("defaults", defaults, data)]
     for name, changes in PREVIOUS_DEFAULTS.items():
         out.append(
