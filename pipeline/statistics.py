@@ -233,9 +233,20 @@ def _token_hashes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         rows = rows[present.to_numpy(zero_copy_only=False)]
         values = values.filter(present)
     encoded = pc.dictionary_encode(values)
-    tokens = np.array([_token(t) for t in encoded.dictionary.to_pylist()], dtype=object)
-    hashes = pd.util.hash_array(tokens).astype(np.uint64)
+    hashes = pd.util.hash_array(_token_texts(encoded.dictionary)).astype(np.uint64)
     return rows.astype(np.int64), hashes[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def _token_texts(tokens: pa.Array) -> np.ndarray:
+    """Tokens as the text :func:`_token` makes of them, vectorised (a batch's distinct values
+    of a crossed column: a Python loop over them cost more than the rest of the statistics)."""
+    if pa.types.is_boolean(tokens.type):
+        tokens = tokens.cast(pa.int8())
+    if pa.types.is_binary(tokens.type) or pa.types.is_large_binary(tokens.type):
+        return np.array([_token(t) for t in tokens.to_pylist()], dtype=object)
+    if not (pa.types.is_string(tokens.type) or pa.types.is_large_string(tokens.type)):
+        tokens = tokens.cast(pa.string())
+    return tokens.to_numpy(zero_copy_only=False).astype(object)
 
 
 def _product_hashes(arrays: list[pa.Array], num_rows: int) -> np.ndarray:
