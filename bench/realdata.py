@@ -1109,7 +1109,7 @@ def markdown(d: dict[str, Any]) -> str:
     if d.get("cross_buckets"):
         lines += [
             "",
-            "Cross buckets: each log's crosses hashed into 200,000 buckets and into what "
+            f"Cross buckets: each log's crosses hashed into {FEW_BUCKETS:,} buckets and into what "
             "datagen's statistics advise for them (twice their distinct products); MovieLens "
             "test AUC, the simulator's day-2 AUC:",
             "",
@@ -1118,7 +1118,11 @@ def markdown(d: dict[str, Any]) -> str:
         ]
         runs = d["cross_buckets"]
         for log in dict.fromkeys(r["log"] for r in runs):
-            for buckets in [r["hash_buckets"] for r in runs if r["log"] == log][::2]:
+            # One row per bucket setting of the log (its wide and wide & deep runs).
+            settings = {
+                json.dumps(r["hash_buckets"]): r["hash_buckets"] for r in runs if r["log"] == log
+            }
+            for buckets in settings.values():
                 auc_of = {
                     r["towers"]: r["auc"]
                     for r in runs
