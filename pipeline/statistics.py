@@ -86,7 +86,7 @@ class ColumnAccumulator:
                 self.truncated = True
         self.values += other.values
         if other.hashes.size:
-            self.hashes = np.unique(np.concatenate([self.hashes, other.hashes]))[:_KMV_SIZE]
+            self.hashes = _smallest_distinct(np.concatenate([self.hashes, other.hashes]))
         for length, n in other.lengths.items():
             self.lengths[length] = self.lengths.get(length, 0) + n
         self.total += other.total
@@ -145,14 +145,9 @@ def batch_statistics(
     """
     out: Accumulator = {}
     for column, (kind, _) in columns(config).items():
-        index = batch.schema.get_field_index(column)
-        if index < 0:
+        arr = _column(batch, column)
+        if arr is None:
             continue
-        arr = batch.column(index)
-        if isinstance(arr, pa.ChunkedArray):
-            arr = arr.combine_chunks()
-        if pa.types.is_dictionary(arr.type):
-            arr = arr.dictionary_decode()
         acc = ColumnAccumulator(rows=len(arr))
         if decoded and kind != Kind.CATEGORICAL_LIST.value:
             # One value per record: an empty list is a missing value.
@@ -306,7 +301,7 @@ def _add_tokens(acc: ColumnAccumulator, values: pa.Array) -> None:
     acc.counts = dict(zip(tokens, counts, strict=True))
     acc.values = len(values)
     hashes = pd.util.hash_array(np.array(tokens, dtype=object)).astype(np.uint64)
-    acc.hashes = np.unique(hashes)[:_KMV_SIZE]
+    acc.hashes = _smallest_distinct(hashes)
 
 
 def _token(value: Any) -> str:
