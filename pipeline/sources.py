@@ -271,7 +271,7 @@ def _describe_expected(feature: Feature | None) -> str:
         return "numbers"
     item = "strings" if feature.dtype is DType.STRING else "integers"
     if feature.kind is Kind.CATEGORICAL_LIST:
-        return f"lists of {item}"
+        return f"lists of {item} (or strings of them joined by data.list_delimiter)"
     return item + (" or integers" if feature.dtype is DType.STRING else "")
 
 
@@ -282,6 +282,8 @@ def _compatible(arrow_type: pa.DataType, feature: Feature | None) -> bool:
     if feature is None:
         return pa.types.is_integer(arrow_type) or pa.types.is_boolean(arrow_type)
     if feature.kind is Kind.CATEGORICAL_LIST:
+        if _is_text(arrow_type):
+            return True  # values joined by data.list_delimiter, split as they are read
         if not (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)):
             return False
         arrow_type = arrow_type.value_type
@@ -298,6 +300,13 @@ def _compatible(arrow_type: pa.DataType, feature: Feature | None) -> bool:
         return integers
     # String ids stored as integers are read as their decimal text.
     return _is_stringlike(arrow_type) or integers
+
+
+def _is_text(t: pa.DataType) -> bool:
+    """Whether a column (dictionary-encoded or not) holds UTF-8 strings."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def _is_stringlike(t: pa.DataType) -> bool:
@@ -606,10 +615,12 @@ def iter_parquet(
     ``columns``: only these of the columns the config reads (default: all of them).
     """
     columns = list(columns) if columns is not None else _required_columns(config)
+    plan = column_plan(config)
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         try:
             reader = pq.ParquetFile(f)
-            yield from reader.iter_batches(batch_size=batch_rows, columns=columns)
+            for batch in reader.iter_batches(batch_size=batch_rows, columns=columns):
+                yield _split_text_lists(batch, plan, config.data.list_delimiter)
         except InputError:
             raise
         except Exception as e:
@@ -791,13 +802,43 @@ def _split_lists(
     for name, column in zip(batch.schema.names, batch.columns, strict=True):
         feature = plan.get(name)
         if feature is not None and feature.kind is Kind.CATEGORICAL_LIST:
-            # An empty field is an empty list, not a list holding "".
-            column = pc.if_else(pc.equal(column, ""), pa.scalar(None, pa.string()), column)
-            column = pc.split_pattern(column, delimiter)
+            column = _split_delimited(column, delimiter)
         elif name in plan and feature is None:  # the label
             column = column.cast(pa.int64())
         arrays.append(column)
     return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
+
+
+def _split_text_lists(
+    batch: pa.RecordBatch, plan: dict[str, Feature | None], delimiter: str
+) -> pa.RecordBatch:
+    """A Parquet batch whose list features stored as delimited strings are split into lists.
+
+    Warehouses often export a list as one string ("Action|Comedy"), as a CSV log holds it; a
+    column already of lists is left as it is.
+    """
+    arrays = list(batch.columns)
+    for i, name in enumerate(batch.schema.names):
+        feature = plan.get(name)
+        if (
+            feature is not None
+            and feature.kind is Kind.CATEGORICAL_LIST
+            and _is_text(arrays[i].type)
+        ):
+            arrays[i] = _split_delimited(arrays[i], delimiter)
+    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
+
+
+def _split_delimited(column: pa.Array, delimiter: str) -> pa.Array:
+    """A string column of values joined by ``delimiter`` as a list column.
+
+    An empty string is an empty list, not a list holding ""; a missing value stays missing.
+    """
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    column = column.cast(pa.string())
+    column = pc.if_else(pc.equal(column, ""), pa.scalar(None, pa.string()), column)
+    return pc.split_pattern(column, delimiter)
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,9 +73,8 @@ def write_parquet(table: pa.Table, folder: Path, shards: int = 2) -> Path:
     return folder
 
 
-def write_csv(table: pa.Table, folder: Path, list_delimiter: str = "|") -> Path:
-    """Writes ``table`` as one CSV file, list columns joined by ``list_delimiter``."""
-    folder.mkdir(parents=True, exist_ok=True)
+def joined_lists(table: pa.Table, list_delimiter: str = "|") -> pa.Table:
+    """``table`` with each list column as strings of its values joined by ``list_delimiter``."""
     columns = {}
     for name in table.column_names:
         col = table.column(name)
@@ -85,7 +84,13 @@ def write_csv(table: pa.Table, folder: Path, list_delimiter: str = "|") -> Path:
                 pa.string(),
             )
         columns[name] = col
-    pacsv.write_csv(pa.table(columns), folder / "log.csv")
+    return pa.table(columns)
+
+
+def write_csv(table: pa.Table, folder: Path, list_delimiter: str = "|") -> Path:
+    """Writes ``table`` as one CSV file, list columns joined by ``list_delimiter``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pacsv.write_csv(joined_lists(table, list_delimiter), folder / "log.csv")
     return folder
 
 

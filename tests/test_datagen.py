@@ -126,12 +126,20 @@ def test_split_is_by_user_and_deterministic(
     assert users[TRAIN_DIR] and not users[TRAIN_DIR] & users[EVAL_DIR]
 
 
-@pytest.mark.parametrize("fmt", ["csv", "tfrecord"])
+@pytest.mark.parametrize("fmt", ["csv", "tfrecord", "parquet-joined-lists"])
 def test_every_format_gives_the_same_result(
     fmt: str, movies_table: pa.Table, movies_data: Path, tmp_path: Path
 ) -> None:
     if fmt == "csv":
         log = logs.write_csv(movies_table, tmp_path / "log")
+    elif fmt == "parquet-joined-lists":
+        # A warehouse export: each list one string, its values joined by data.list_delimiter
+        # (one column dictionary-encoded, as a low-cardinality string column often is).
+        table = logs.joined_lists(movies_table)
+        genres = table.schema.get_field_index("genres")
+        table = table.set_column(genres, "genres", table["genres"].dictionary_encode())
+        log = logs.write_parquet(table, tmp_path / "log")
+        fmt = "parquet"
     else:
         numeric = tuple(f.column for f in MOVIES.numeric_features)
         log = logs.write_tfrecord(movies_table, tmp_path / "log", float_columns=numeric)
