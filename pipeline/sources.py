@@ -16,7 +16,7 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -385,8 +385,8 @@ def preflight(config: Config, files: InputFiles) -> InputFiles:
     int_columns = _int_candidates(config) if files.format is InputFormat.CSV else []
     for path in files.paths:
         if files.format is InputFormat.CSV:
-            _preflight_csv(config, path)
             int_columns = _csv_whole_number_columns(config, path, int_columns)
+            _preflight_csv(config, path, int_columns)
         else:
             split_dtypes.add(_preflight_tfrecord(config, path))
     split_dtypes.discard(None)
@@ -450,9 +450,9 @@ def _parquet_null_count(meta: pq.FileMetaData, column: str) -> int:
     return total
 
 
-def _preflight_csv(config: Config, path: str) -> None:
+def _preflight_csv(config: Config, path: str, int_columns: Sequence[str]) -> None:
     try:
-        batches = iter_csv(config, path, block_rows=1000)
+        batches = iter_csv(config, path, block_rows=1000, int_columns=int_columns)
         next(batches, None)
     except InputError:
         raise
@@ -498,24 +498,42 @@ def _header_hint(names: Sequence[str], delimiter: str, column: str) -> str | Non
 
 # What pyarrow's CSV reader reads as int64: an optional sign and at most 18 digits.
 _CSV_INTEGER = r"^[+-]?[0-9]{1,18}$"
+# What it reads as a boolean: read as 1 and 0, as a Parquet log's boolean column is.
+_CSV_BOOLEAN = r"^(true|false|True|False|TRUE|FALSE)$"
 
 
 def _csv_whole_number_columns(config: Config, path: str, candidates: Sequence[str]) -> list[str]:
-    """Those of ``candidates`` (numeric columns) whose every value in the file is an integer.
+    """Those of ``candidates`` whose every value in the file is an integer (or a boolean).
 
     CSV has no types: a column is typed as pyarrow's CSV reader would type it, int64 when every
     field is written as an integer ("34", not "34.0"), so that examples built from the file's
-    rows as pyarrow reads them parse. The whole column is read: a decimal far down the file
-    makes it a float column. Other columns (string ids among them) keep the config's type.
+    rows as pyarrow reads them parse. A column of true/false is a boolean one, read as 1 and 0
+    as a Parquet log's boolean column is: a numeric feature's (true/false mixed with integers
+    too) and a string id's, whose tokens are then "1" and "0" and whose requests may send a
+    JSON true. The whole column is read: a decimal far down the file makes it a float column.
+    Other columns (string ids of integers among them) keep the config's type.
     """
     plan = column_plan(config)
-    left = [c for c in candidates if plan[c] is not None and plan[c].kind is Kind.NUMERIC]
+    patterns = {}
+    for c in candidates:
+        feature = plan[c]
+        if feature is None:
+            continue
+        if feature.kind is Kind.NUMERIC:
+            patterns[c] = f"{_CSV_INTEGER}|{_CSV_BOOLEAN}"
+        elif feature.kind is Kind.CATEGORICAL and feature.dtype is DType.STRING:
+            patterns[c] = _CSV_BOOLEAN
+    left = list(patterns)
     if not left:
         return []
     names: list[str] = []
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as raw:
             head, names = _csv_head(raw, config.data.csv_delimiter)
+            # A column the file lacks is reported by the header check that follows.
+            left = [c for c in left if c in names]
+            if not left:
+                return []
             reader = pacsv.open_csv(
                 _Prepended(head, raw),
                 read_options=pacsv.ReadOptions(block_size=1 << 20),
@@ -531,7 +549,7 @@ def _csv_whole_number_columns(config: Config, path: str, candidates: Sequence[st
                     c
                     for c in left
                     if pc.all(
-                        pc.match_substring_regex(batch.column(c).drop_null(), _CSV_INTEGER)
+                        pc.match_substring_regex(batch.column(c).drop_null(), patterns[c])
                     ).as_py()
                     is not False
                 ]
@@ -659,8 +677,11 @@ def iter_csv(
                 column_types[column] = pa.bool_()
             elif feature is None or feature.kind is Kind.CATEGORICAL_LIST:
                 column_types[column] = pa.string()
+            elif column in int_columns:
+                # Text, made int64 by _split_lists: the column may hold true and false.
+                column_types[column] = pa.string()
             elif feature.kind is Kind.NUMERIC:
-                column_types[column] = pa.int64() if column in int_columns else pa.float64()
+                column_types[column] = pa.float64()
             else:
                 column_types[column] = pa.int64() if feature.dtype is DType.INT else pa.string()
         body = _Prepended(head, stream)
@@ -677,7 +698,7 @@ def iter_csv(
                 ),
             )
             for batch in reader:
-                yield _split_lists(batch, plan, config.data.list_delimiter)
+                yield _split_lists(batch, plan, config.data.list_delimiter, int_columns)
         except pa.ArrowInvalid as e:
             raise InputError(f"{path}: {_explain_csv_error(str(e), path, names, config)}") from None
 
@@ -796,8 +817,13 @@ class _Prepended(io.RawIOBase):
 
 
 def _split_lists(
-    batch: pa.RecordBatch, plan: dict[str, Feature | None], delimiter: str
+    batch: pa.RecordBatch,
+    plan: dict[str, Feature | None],
+    delimiter: str,
+    int_columns: Collection[str] = (),
 ) -> pa.RecordBatch:
+    """A CSV batch as the other formats give it: lists split, the label and the columns of
+    integers (or booleans) in ``int_columns`` as int64."""
     arrays = []
     for name, column in zip(batch.schema.names, batch.columns, strict=True):
         feature = plan.get(name)
@@ -805,8 +831,23 @@ def _split_lists(
             column = _split_delimited(column, delimiter)
         elif name in plan and feature is None:  # the label
             column = column.cast(pa.int64())
+        elif name in int_columns:
+            column = _csv_integers(column)
         arrays.append(column)
     return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
+
+
+def _csv_integers(column: pa.Array) -> pa.Array:
+    """CSV text of integers, or of true and false (1 and 0), as int64.
+
+    Written by hand because Arrow's cast takes neither a boolean's text nor the leading "+"
+    that its CSV reader accepts in an integer.
+    """
+    lower = pc.utf8_lower(column)
+    column = pc.if_else(
+        pc.equal(lower, "true"), "1", pc.if_else(pc.equal(lower, "false"), "0", column)
+    )
+    return pc.replace_substring_regex(column, r"^\+", "").cast(pa.int64())
 
 
 def _split_text_lists(
@@ -1082,7 +1123,7 @@ def read_rows(config: Config, files: InputFiles, limit: int) -> list[dict[str, A
         batches = (
             iter_parquet(config, path, need)
             if files.format is InputFormat.PARQUET
-            else iter_csv(config, path)
+            else iter_csv(config, path, int_columns=files.int_columns)
         )
         for batch in batches:
             rows.extend(batch.slice(0, limit - len(rows)).to_pylist())

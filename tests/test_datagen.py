@@ -678,3 +678,57 @@ def test_the_split_never_depends_on_the_label() -> None:
         }
     )
     np.testing.assert_array_equal(split_mask(config, flipped), is_eval)
+
+
+def test_csv_booleans_read_as_a_parquet_logs_booleans(
+    small_table: pa.Table, tmp_path: Path
+) -> None:
+    """A column of true/false (pandas writes True/False) reads as 1 and 0 from CSV as from a
+    Parquet boolean column: a numeric feature's values, a string id's tokens, and the log's
+    integer type the model is then served with."""
+    from pipeline import sources
+
+    config = parse_config(
+        {
+            **MOVIES.to_dict(),
+            "features": {
+                **MOVIES.to_dict()["features"],
+                "weekend": {"kind": "numeric", "towers": ["wide"]},
+                "subscriber": {"kind": "categorical", "towers": ["wide"]},
+            },
+        }
+    )
+    rng = np.random.default_rng(0)
+    table = small_table.append_column(
+        "weekend", pa.array(rng.random(small_table.num_rows) < 0.3)
+    ).append_column("subscriber", pa.array(rng.random(small_table.num_rows) < 0.5))
+    parquet = sources.InputFiles(
+        sources.InputFormat.PARQUET, (_parquet(table, tmp_path / "pq") + "/part-00000.parquet",)
+    )
+    lines = _plain_csv(table, tmp_path / "csv" / "log.csv")
+    # As pandas writes a bool column, but for one line written in lower case.
+    lines = [lines[0]] + [
+        line.replace("true", "True").replace("false", "False") for line in lines[1:]
+    ]
+    lines[5] = lines[5].replace("True", "true").replace("False", "false")
+    (tmp_path / "csv" / "log.csv").write_text("\n".join(lines) + "\n")
+    csv = sources.InputFiles(sources.InputFormat.CSV, (str(tmp_path / "csv" / "log.csv"),))
+
+    batches = {}
+    for name, files in (("parquet", parquet), ("csv", csv)):
+        files = sources.preflight(config, files)
+        assert {"weekend", "subscriber"} <= set(files.int_columns), name
+        path = files.paths[0]
+        if name == "parquet":
+            batches_read = sources.iter_parquet(config, path, 10_000)
+        else:
+            batches_read = sources.iter_csv(config, path, 10_000, files.int_columns)
+        raw = pa.Table.from_batches(list(batches_read)).combine_chunks()
+        batches[name] = sources.to_tfxio_batch(
+            config, raw.to_batches()[0], files.paths[0], files.int_columns
+        )
+        assert sources.read_rows(config, files, 3)[0]["weekend"] in (0, 1)
+    for column in ("weekend", "subscriber"):
+        got = batches["csv"].column(column).flatten().to_pylist()
+        assert got == batches["parquet"].column(column).flatten().to_pylist()
+        assert set(got) == {0, 1}
