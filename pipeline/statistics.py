@@ -144,6 +144,8 @@ def batch_statistics(
     an empty list is a missing scalar), else a batch as the log holds it.
     """
     out: Accumulator = {}
+    if decoded:
+        batch = _split_joined_lists(config, batch)
     for column, (kind, _) in columns(config).items():
         arr = _column(batch, column)
         if arr is None:
@@ -201,6 +203,39 @@ def _smallest_distinct(hashes: np.ndarray) -> np.ndarray:
 
 def _cross_key(name: str) -> tuple[str, str]:
     return ("cross", name)
+
+
+def _split_joined_lists(config: Config, batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Decoded tf.Examples whose list values may be joined lists ("a|b", as a CSV log holds
+    one), split on ``data.list_delimiter`` as the model splits them (empty pieces dropped)."""
+    delimiter = config.data.list_delimiter
+    lists = {f.column for f in config.features if f.kind is Kind.CATEGORICAL_LIST}
+    arrays = list(batch.columns)
+    for i, name in enumerate(batch.schema.names):
+        arr = arrays[i]
+        if name not in lists or not _is_text(arr.type.value_type):
+            continue
+        values = pc.list_flatten(arr)
+        if not pc.any(pc.match_substring(values, delimiter)).as_py():
+            continue
+        parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+        pieces = pc.split_pattern(values, delimiter)
+        rows = parents[pc.list_parent_indices(pieces).to_numpy(zero_copy_only=False)]
+        flat = pc.list_flatten(pieces)
+        keep = pc.greater(pc.binary_length(flat), 0)
+        rows = rows[keep.to_numpy(zero_copy_only=False)]
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(arr)))])
+        arrays[i] = pa.LargeListArray.from_arrays(offsets, flat.filter(keep))
+    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return (
+        pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+    )
 
 
 def _column(batch: pa.RecordBatch, column: str) -> pa.Array | None:

@@ -449,16 +449,23 @@ def test_csv_born_log_rows_score_through_every_api(
     assert read.schema.field("user_age").type == pa.int64()
     assert read.schema.field("release_year").type == pa.int64()
     assert read.schema.field("popularity").type == pa.float64()
+    # A list is one string of joined values in the CSV, and a client may send it so: the
+    # model splits it as data generation did, and scores it as the values sent one by one.
+    assert read.schema.field("genres").type == pa.string()
+    split = read
     delimiter = config.data.list_delimiter
     lists = [f.column for f in config.features if f.kind is Kind.CATEGORICAL_LIST]
     for column in lists:
         values = [None if v is None else v.split(delimiter) for v in read[column].to_pylist()]
-        read = read.set_column(
-            read.schema.get_field_index(column), column, pa.array(values, pa.list_(pa.string()))
+        split = split.set_column(
+            split.schema.get_field_index(column), column, pa.array(values, pa.list_(pa.string()))
         )
+    as_lists = score_in_process(model, _typed_by_arrow(split.slice(0, ROWS), _columns(config)))
     server = _serve(model, config.model_name, tmp_path / "base")
     try:
-        _assert_all_equal(_every_path(server, config, model, read.slice(0, ROWS)))
+        scores = _every_path(server, config, model, read.slice(0, ROWS))
+        np.testing.assert_allclose(scores["in process"], as_lists, rtol=0, atol=1e-6)
+        _assert_all_equal(scores)
         # release_year is an int64 input here: the client fills a missing one with the
         # config's default (an int has no missing value in JSON).
         target = f"http://127.0.0.1:{server.rest_api_port}"

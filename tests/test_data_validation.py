@@ -298,3 +298,32 @@ def test_thresholds_and_severities_are_set_per_feature_in_the_config() -> None:
         d["data_validation"] = bad
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             parse_config(d)
+
+
+def test_decoded_lists_sent_joined_count_as_their_values() -> None:
+    """A request's list sent as one joined string ("a|b", as a CSV log holds it) is split as
+    the model splits it: the same tokens, lengths and cross products as the values sent one
+    by one, so the skew report does not see a list of one unknown token."""
+    config = load_config("movies")
+    rows = [["drama", "comedy"], [], ["action"], ["horror", "drama", "scifi"]]
+    movies = pa.array([[b"m1"]] * 4, pa.large_list(pa.large_binary()))
+    occupations = pa.array([[b"artist"]] * 4, pa.large_list(pa.large_binary()))
+
+    def decoded(genres: list[list[str]]) -> pa.RecordBatch:
+        values = pa.array(
+            [[g.encode() for g in r] for r in genres], pa.large_list(pa.large_binary())
+        )
+        return pa.RecordBatch.from_arrays(
+            [values, movies, occupations], names=["genres", "movie_id", "occupation"]
+        )
+
+    joined = [["|".join(r)] if r else [] for r in rows]
+    joined[3] = ["horror|drama", "scifi"]  # partly joined
+    split = statistics.batch_statistics(config, decoded(rows), decoded=True)
+    sent_joined = statistics.batch_statistics(config, decoded(joined), decoded=True)
+    for key in ("genres", ("cross", "occupation_x_genre")):
+        got, want = sent_joined[key], split[key]
+        assert (got.counts, got.lengths, got.values) == (want.counts, want.lengths, want.values)
+        np.testing.assert_array_equal(np.sort(got.hashes), np.sort(want.hashes))
+    assert split["genres"].lengths == {0: 1, 1: 1, 2: 1, 3: 1}
+    assert split[("cross", "occupation_x_genre")].values == 6

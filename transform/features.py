@@ -259,10 +259,24 @@ def as_config_types(config: Config, inputs: Mapping[str, Any]) -> dict[str, Any]
     A column the log held as integers arrives as int64: a numeric one becomes float32 and a
     string id its decimal text (what data generation made of such columns before it kept the
     log's types, so vocabularies and hashed crosses stay the same).
+
+    A list of strings is split on ``data.list_delimiter`` as well: a client that sends a list
+    as the log types it, one string of joined values ("Action|Comedy", as a CSV log or a
+    warehouse's Parquet export holds it), is scored on the same tokens as one that sends the
+    values one by one. Data generation has split them already; for it this changes nothing.
     """
     out = dict(inputs)
+    split = set()
     for f in config.features:
         x = out.get(f.column)
+        if (
+            f.kind is Kind.CATEGORICAL_LIST
+            and f.dtype is DType.STRING
+            and f.column not in split
+            and isinstance(x, tf.SparseTensor)
+        ):
+            out[f.column] = x = split_joined(x, config.data.list_delimiter)
+            split.add(f.column)
         if x is None or x.dtype == raw_dtype(f):
             continue
         if f.kind is Kind.NUMERIC:
@@ -274,6 +288,14 @@ def as_config_types(config: Config, inputs: Mapping[str, Any]) -> dict[str, Any]
         else:
             out[f.column] = tf.strings.as_string(x)
     return out
+
+
+def split_joined(x: tf.SparseTensor, delimiter: str) -> tf.SparseTensor:
+    """A list column's values, each split on ``delimiter``; empty pieces are dropped."""
+    if x.dtype != tf.string:
+        return x
+    pieces = tf.strings.split(tf.RaggedTensor.from_sparse(x), sep=delimiter).merge_dims(1, 2)
+    return tf.ragged.boolean_mask(pieces, tf.not_equal(pieces, "")).to_sparse()
 
 
 def quantile_normalize(x: tf.Tensor, num_quantiles: int, name: str) -> tf.Tensor:
