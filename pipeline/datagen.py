@@ -156,6 +156,7 @@ class SplitBatches(beam.DoFn):
         self._where = where
 
     def process(self, batch: pa.RecordBatch) -> Iterator[Any]:
+        batch = sources.split_joined_lists(self._config, batch)
         yield beam.pvalue.TaggedOutput(
             _COLUMN_STATS, batch_statistics(self._config, batch, decoded=True)
         )

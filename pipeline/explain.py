@@ -332,7 +332,7 @@ def raw_batches(
     import tensorflow as tf
 
     from pipeline import sources
-    from transform.features import raw_feature_spec
+    from transform.features import raw_feature_spec, split_joined_lists
 
     files = sources.resolve_input(input_patterns)
     left = max_rows if max_rows is not None else math.inf
@@ -348,7 +348,8 @@ def raw_batches(
                     return
                 batch = batch[: int(min(left, batch_rows))]
                 left -= int(batch.shape[0])
-                yield tf.io.parse_example(batch, spec)
+                # Lists as data generation read them: joined values split.
+                yield split_joined_lists(config, tf.io.parse_example(batch, spec))
         return
     plan = sources.column_plan(config)
     for path in files.paths:

@@ -266,7 +266,7 @@ def column_plan(config: Config) -> dict[str, Feature | None]:
 
 def _describe_expected(feature: Feature | None) -> str:
     if feature is None:
-        return "an integer or boolean label (0 or 1)"
+        return "a label of 0 and 1 (integers, booleans or floats)"
     if feature.kind is Kind.NUMERIC:
         return "numbers"
     item = "strings" if feature.dtype is DType.STRING else "integers"
@@ -280,7 +280,12 @@ def _compatible(arrow_type: pa.DataType, feature: Feature | None) -> bool:
     if pa.types.is_dictionary(arrow_type):
         arrow_type = arrow_type.value_type
     if feature is None:
-        return pa.types.is_integer(arrow_type) or pa.types.is_boolean(arrow_type)
+        # A label of 0.0 and 1.0 too, as pandas keeps one in a float column.
+        return (
+            pa.types.is_integer(arrow_type)
+            or pa.types.is_boolean(arrow_type)
+            or pa.types.is_floating(arrow_type)
+        )
     if feature.kind is Kind.CATEGORICAL_LIST:
         if _is_text(arrow_type):
             return True  # values joined by data.list_delimiter, split as they are read
@@ -498,6 +503,9 @@ def _header_hint(names: Sequence[str], delimiter: str, column: str) -> str | Non
 
 # What pyarrow's CSV reader reads as int64: an optional sign and at most 18 digits.
 _CSV_INTEGER = r"^[+-]?[0-9]{1,18}$"
+# A CSV label's values: pyarrow's boolean texts, and a float column's 1.0 and 0.0.
+_CSV_TRUE = ["1", "True", "TRUE", "true", "1.0"]
+_CSV_FALSE = ["0", "False", "FALSE", "false", "0.0"]
 # What it reads as a boolean: read as 1 and 0, as a Parquet log's boolean column is.
 _CSV_BOOLEAN = r"^(true|false|True|False|TRUE|FALSE)$"
 
@@ -672,8 +680,9 @@ def iter_csv(
         for column in columns:
             feature = plan.get(column)
             if feature is None and column == config.label:
-                # 0/1 or false/true (False/True as pandas writes a bool column, FALSE/TRUE); read as
-                # int64 by _split_lists, as a Parquet log's integer or boolean label is.
+                # 0/1 or false/true (False/True as pandas writes a bool column, FALSE/TRUE, and
+                # 0.0/1.0 a float one); read as int64 by _split_lists, as a Parquet log's
+                # integer, boolean or float label is.
                 column_types[column] = pa.bool_()
             elif feature is None or feature.kind is Kind.CATEGORICAL_LIST:
                 column_types[column] = pa.string()
@@ -695,6 +704,8 @@ def iter_csv(
                     include_columns=columns,
                     strings_can_be_null=True,
                     quoted_strings_can_be_null=False,
+                    true_values=_CSV_TRUE,
+                    false_values=_CSV_FALSE,
                 ),
             )
             for batch in reader:
@@ -921,12 +932,43 @@ def to_tfxio_batch(
     return pa.RecordBatch.from_arrays(arrays, names=names)
 
 
+def split_joined_lists(config: Config, batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Decoded tf.Examples (TFXIO layout) whose string lists may hold joined values ("a|b",
+    as a CSV log holds a list), split on ``data.list_delimiter`` as the CSV reader and the
+    served model split them; empty pieces are dropped (a value that is empty itself is kept).
+    A batch without any is returned as is.
+    """
+    delimiter = config.data.list_delimiter
+    lists = {f.column for f in config.features if f.kind is Kind.CATEGORICAL_LIST}
+    arrays = list(batch.columns)
+    for i, name in enumerate(batch.schema.names):
+        arr = arrays[i]
+        if name not in lists or not _is_stringlike(arr.type.value_type):
+            continue
+        values = pc.list_flatten(arr)
+        if not pc.any(pc.match_substring(values, delimiter)).as_py():
+            continue
+        parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+        pieces = pc.split_pattern(values, delimiter)
+        owner = pc.list_parent_indices(pieces).to_numpy(zero_copy_only=False)
+        rows = parents[owner]
+        flat = pc.list_flatten(pieces)
+        # Empty pieces are dropped; a value that is empty itself is kept, as the model does.
+        empty_value = (pc.binary_length(values).to_numpy(zero_copy_only=False) == 0)[owner]
+        keep = pa.array((pc.binary_length(flat).to_numpy(zero_copy_only=False) > 0) | empty_value)
+        rows = rows[keep.to_numpy(zero_copy_only=False)]
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(arr)))])
+        kind = pa.LargeListArray if pa.types.is_large_list(arr.type) else pa.ListArray
+        arrays[i] = kind.from_arrays(offsets, flat.filter(keep).cast(arr.type.value_type))
+    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
+
+
 def fill_missing(config: Config, batch: pa.RecordBatch, where: str) -> pa.RecordBatch:
     """Fills scalar values missing from decoded tf.Examples with their feature's ``default``.
 
     Raises:
       InputError: a value is missing (or a scalar column has several values) and the feature
-        has no default.
+        has no default, or a label is not 0 or 1.
     """
     plan = column_plan(config)
     arrays = list(batch.columns)
@@ -953,6 +995,9 @@ def fill_missing(config: Config, batch: pa.RecordBatch, where: str) -> pa.Record
             )
         rows = [v if v else [default] for v in arr.to_pylist()]
         arrays[i] = pa.array(rows, arr.type)
+    label = batch.schema.get_field_index(config.label)
+    if label >= 0:  # checked as the other formats' labels are
+        labels_of(pc.list_flatten(arrays[label]), f"{where}: label {config.label!r}", config)
     return pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
 
 
@@ -983,7 +1028,6 @@ def _to_large_list(
     config: Config,
     as_int: bool = False,
 ) -> pa.Array:
-    n = len(arr)
     if feature is not None and feature.kind is Kind.CATEGORICAL_LIST:
         if arr.null_count:
             arr = pc.if_else(pc.is_null(arr), pa.scalar([], arr.type), arr)
@@ -1010,14 +1054,31 @@ def _to_large_list(
             else pa.scalar(default)
         )
     if feature is None:  # the label
-        labels = arr.cast(pa.int64())
-        if n and (pc.min(labels).as_py() < 0 or pc.max(labels).as_py() > 1):
-            bad = pc.filter(labels, pc.or_(pc.less(labels, 0), pc.greater(labels, 1)))[0]
-            raise InputError(f"{path}: label column {column!r} holds {bad}; labels must be 0 or 1")
-        values = labels
+        values = labels_of(arr, f"{path}: label column {column!r}", config)
     else:
         values = _cast_values(arr, feature, column, path, as_int)
     return _wrap_scalar(values)
+
+
+def labels_of(arr: pa.Array, where: str, config: Config) -> pa.Array:
+    """A label column (integers, booleans or floats, none missing) as int64 0 and 1.
+
+    Raises:
+      InputError: naming ``where``, for a NaN (a float label's missing value) or a value that
+        is not 0 or 1.
+    """
+    if pa.types.is_floating(arr.type):
+        nan = pc.is_nan(arr)
+        if pc.any(nan).as_py():
+            raise InputError(
+                f"{where} has {pc.sum(nan).as_py()} missing value(s) (NaN); "
+                f"{_missing_advice(config.label, config)}"
+            )
+    ok = pc.or_(pc.equal(arr, 0), pc.equal(arr, 1)) if not pa.types.is_boolean(arr.type) else None
+    if ok is not None and not pc.all(ok).as_py():
+        bad = pc.filter(arr, pc.invert(ok))[0]
+        raise InputError(f"{where} holds {bad}; labels must be 0 or 1")
+    return arr.cast(pa.int64())
 
 
 def _cast_values(

@@ -30,6 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.sources import split_joined_lists
 from transform.config import MAX_HASH_BUCKETS, Config, Kind
 
 MAX_COUNTED_TOKENS = 200_000
@@ -145,7 +146,7 @@ def batch_statistics(
     """
     out: Accumulator = {}
     if decoded:
-        batch = _split_joined_lists(config, batch)
+        batch = split_joined_lists(config, batch)
     for column, (kind, _) in columns(config).items():
         arr = _column(batch, column)
         if arr is None:
@@ -164,7 +165,9 @@ def batch_statistics(
             acc.missing = arr.null_count
             values = arr.drop_null() if arr.null_count else arr
         if kind == LABEL:
-            acc.positives = int(pc.sum(values.cast(pa.int64())).as_py() or 0)
+            # Counted as ones whatever the log's type (a float label may hold a NaN, which
+            # reading the log refuses with its own error).
+            acc.positives = int(pc.sum(pc.equal(values.cast(pa.float64()), 1.0)).as_py() or 0)
         elif kind == Kind.NUMERIC.value:
             _add_numbers(acc, values)
         elif kind == Kind.CATEGORICAL_LIST.value:
@@ -203,39 +206,6 @@ def _smallest_distinct(hashes: np.ndarray) -> np.ndarray:
 
 def _cross_key(name: str) -> tuple[str, str]:
     return ("cross", name)
-
-
-def _split_joined_lists(config: Config, batch: pa.RecordBatch) -> pa.RecordBatch:
-    """Decoded tf.Examples whose list values may be joined lists ("a|b", as a CSV log holds
-    one), split on ``data.list_delimiter`` as the model splits them (empty pieces dropped)."""
-    delimiter = config.data.list_delimiter
-    lists = {f.column for f in config.features if f.kind is Kind.CATEGORICAL_LIST}
-    arrays = list(batch.columns)
-    for i, name in enumerate(batch.schema.names):
-        arr = arrays[i]
-        if name not in lists or not _is_text(arr.type.value_type):
-            continue
-        values = pc.list_flatten(arr)
-        if not pc.any(pc.match_substring(values, delimiter)).as_py():
-            continue
-        parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
-        pieces = pc.split_pattern(values, delimiter)
-        rows = parents[pc.list_parent_indices(pieces).to_numpy(zero_copy_only=False)]
-        flat = pc.list_flatten(pieces)
-        keep = pc.greater(pc.binary_length(flat), 0)
-        rows = rows[keep.to_numpy(zero_copy_only=False)]
-        offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(arr)))])
-        arrays[i] = pa.LargeListArray.from_arrays(offsets, flat.filter(keep))
-    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
-
-
-def _is_text(t: pa.DataType) -> bool:
-    return (
-        pa.types.is_binary(t)
-        or pa.types.is_large_binary(t)
-        or pa.types.is_string(t)
-        or pa.types.is_large_string(t)
-    )
 
 
 def _column(batch: pa.RecordBatch, column: str) -> pa.Array | None:

@@ -23,9 +23,9 @@ from pipeline.datagen import (
     OutputExistsError,
     run_datagen,
 )
-from pipeline.sources import InputError
+from pipeline.sources import InputError, InputFiles
 from tests import logs
-from transform.config import load_config, parse_config
+from transform.config import Config, load_config, parse_config
 
 MOVIES = load_config("movies")
 REPO = Path(__file__).resolve().parents[1]
@@ -141,8 +141,13 @@ def test_every_format_gives_the_same_result(
         log = logs.write_parquet(table, tmp_path / "log")
         fmt = "parquet"
     else:
+        # One list as one string of joined values, as a log converted from CSV holds it.
+        joined = logs.joined_lists(movies_table.select(["genres"]))["genres"]
+        table = movies_table.set_column(
+            movies_table.schema.get_field_index("genres"), "genres", joined
+        )
         numeric = tuple(f.column for f in MOVIES.numeric_features)
-        log = logs.write_tfrecord(movies_table, tmp_path / "log", float_columns=numeric)
+        log = logs.write_tfrecord(table, tmp_path / "log", float_columns=numeric)
     result = run_datagen(MOVIES, str(log), tmp_path / "out", echo=None)
     expected = json.loads((movies_data / SUMMARY_JSON).read_text())
     got = result.summary
@@ -716,19 +721,67 @@ def test_csv_booleans_read_as_a_parquet_logs_booleans(
 
     batches = {}
     for name, files in (("parquet", parquet), ("csv", csv)):
-        files = sources.preflight(config, files)
+        files, batches[name] = _read_as_datagen(config, files)
         assert {"weekend", "subscriber"} <= set(files.int_columns), name
-        path = files.paths[0]
-        if name == "parquet":
-            batches_read = sources.iter_parquet(config, path, 10_000)
-        else:
-            batches_read = sources.iter_csv(config, path, 10_000, files.int_columns)
-        raw = pa.Table.from_batches(list(batches_read)).combine_chunks()
-        batches[name] = sources.to_tfxio_batch(
-            config, raw.to_batches()[0], files.paths[0], files.int_columns
-        )
         assert sources.read_rows(config, files, 3)[0]["weekend"] in (0, 1)
     for column in ("weekend", "subscriber"):
         got = batches["csv"].column(column).flatten().to_pylist()
         assert got == batches["parquet"].column(column).flatten().to_pylist()
         assert set(got) == {0, 1}
+
+
+def _read_as_datagen(config: Config, files: InputFiles) -> tuple[InputFiles, pa.RecordBatch]:
+    """A one-file log's preflight and its rows as data generation reads them (TFXIO layout)."""
+    from pipeline import sources
+
+    files = sources.preflight(config, files)
+    path = files.paths[0]
+    if files.format is sources.InputFormat.PARQUET:
+        read = sources.iter_parquet(config, path, 10_000)
+    else:
+        read = sources.iter_csv(config, path, 10_000, files.int_columns)
+    raw = pa.Table.from_batches(list(read)).combine_chunks().to_batches()[0]
+    return files, sources.to_tfxio_batch(config, raw, path, files.int_columns)
+
+
+def test_labels_as_logs_hold_them(small_table: pa.Table, tmp_path: Path) -> None:
+    """A label of 0.0 and 1.0 (pandas keeps one with a missing value in a float column) reads
+    as the integer label, from Parquet and from CSV; a NaN or any other value is refused, in
+    every format, naming it."""
+    from pipeline import sources
+
+    liked = small_table.schema.get_field_index("liked")
+    floats = small_table["liked"].cast(pa.float64())
+    parquet, csv = sources.InputFormat.PARQUET, sources.InputFormat.CSV
+    got = {}
+    for name, table in (
+        ("int", small_table),
+        ("float", small_table.set_column(liked, "liked", floats)),
+    ):
+        path = _parquet(table, tmp_path / name) + "/part-00000.parquet"
+        got[name] = _read_as_datagen(MOVIES, sources.InputFiles(parquet, (path,)))[1]
+    lines = _plain_csv(small_table, tmp_path / "csv" / "log.csv")
+    at = small_table.column_names.index("liked")
+    lines = [lines[0]] + [_with_cell(li, at, li.split(",")[at] + ".0") for li in lines[1:]]
+    (tmp_path / "csv" / "log.csv").write_text("\n".join(lines) + "\n")
+    got["csv"] = _read_as_datagen(
+        MOVIES, sources.InputFiles(csv, (str(tmp_path / "csv" / "log.csv"),))
+    )[1]
+    want = got["int"].column("liked").to_pylist()
+    assert got["float"].column("liked").to_pylist() == want
+    assert got["csv"].column("liked").to_pylist() == want
+
+    for value, error in ((float("nan"), r"has 1 missing value\(s\) \(NaN\); a label has no default"),
+                         (0.5, r"holds 0.5; labels must be 0 or 1")):  # fmt: skip
+        labels = floats.to_pylist()
+        labels[9] = value
+        table = small_table.set_column(liked, "liked", pa.array(labels, pa.float64()))
+        path = _parquet(table, tmp_path / f"bad-{value}") + "/part-00000.parquet"
+        with pytest.raises(InputError, match=r"label column 'liked' " + error):
+            _read_as_datagen(MOVIES, sources.InputFiles(parquet, (path,)))
+    # A TFRecord log's labels are decoded as int64 and checked as the others are.
+    decoded = pa.RecordBatch.from_arrays(
+        [pa.array([[1], [0], [2]], pa.large_list(pa.int64()))], names=["liked"]
+    )
+    with pytest.raises(InputError, match=r"log.tfrecord: label 'liked' holds 2; labels must be"):
+        sources.fill_missing(MOVIES, decoded, "log.tfrecord")

@@ -61,7 +61,7 @@ from transform.artifacts import (
 )
 from transform.config import Config, DType, Feature, Kind
 from transform.examples import ExampleEncoder
-from transform.features import retype_examples, serving_feature_spec
+from transform.features import retype_examples, serving_feature_spec, split_joined_lists
 
 WARMUP_RECORDS = 10
 
@@ -103,6 +103,7 @@ class ServingModule(tf.Module):
         # Assigned whole: tf.Module tracks a dict attribute and refuses one changed later.
         self._features = features
         self._list_delimiter = config.data.list_delimiter
+        self._config = _Unsaved(config)
         self.raw_features = tf.function(
             self._raw_features, input_signature=[raw_input_signature(config, self._raw_spec)]
         )
@@ -111,8 +112,14 @@ class ServingModule(tf.Module):
         transformed = self.tft_layer(dict(raw))
         return tf.sigmoid(self._inference.value(transformed, training=False))
 
+    def _parse(self, serialized: tf.Tensor) -> dict[str, Any]:
+        """Serialized raw tf.Examples as the transform layer takes them; a list sent as one
+        joined string is split as data generation split the log's (`split_joined_lists`)."""
+        raw = tf.io.parse_example(serialized, self._raw_spec)
+        return split_joined_lists(self._config.value, raw)
+
     def _probabilities(self, serialized: tf.Tensor) -> tf.Tensor:
-        return self._score(tf.io.parse_example(serialized, self._raw_spec))
+        return self._score(self._parse(serialized))
 
     def _raw_features(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """P(Y = 1 | x) of candidates given as one vector of raw values per column."""
@@ -178,8 +185,7 @@ class ServingModule(tf.Module):
     def explain(self, examples: tf.Tensor) -> dict[str, tf.Tensor]:
         """Each example's logit split into bias, wide and deep parts, and the wide weights
         that fired (see :data:`transform.artifacts.EXPLAIN_SIGNATURE`)."""
-        raw = tf.io.parse_example(examples, self._raw_spec)
-        parts = self._inference.value.explain(self.tft_layer(dict(raw)))
+        parts = self._inference.value.explain(self.tft_layer(self._parse(examples)))
         out = {
             BIAS_OUTPUT: parts["bias"],
             WIDE_LOGIT_OUTPUT: parts["wide_logit"],

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -259,24 +260,10 @@ def as_config_types(config: Config, inputs: Mapping[str, Any]) -> dict[str, Any]
     A column the log held as integers arrives as int64: a numeric one becomes float32 and a
     string id its decimal text (what data generation made of such columns before it kept the
     log's types, so vocabularies and hashed crosses stay the same).
-
-    A list of strings is split on ``data.list_delimiter`` as well: a client that sends a list
-    as the log types it, one string of joined values ("Action|Comedy", as a CSV log or a
-    warehouse's Parquet export holds it), is scored on the same tokens as one that sends the
-    values one by one. Data generation has split them already; for it this changes nothing.
     """
     out = dict(inputs)
-    split = set()
     for f in config.features:
         x = out.get(f.column)
-        if (
-            f.kind is Kind.CATEGORICAL_LIST
-            and f.dtype is DType.STRING
-            and f.column not in split
-            and isinstance(x, tf.SparseTensor)
-        ):
-            out[f.column] = x = split_joined(x, config.data.list_delimiter)
-            split.add(f.column)
         if x is None or x.dtype == raw_dtype(f):
             continue
         if f.kind is Kind.NUMERIC:
@@ -290,12 +277,37 @@ def as_config_types(config: Config, inputs: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
-def split_joined(x: tf.SparseTensor, delimiter: str) -> tf.SparseTensor:
-    """A list column's values, each split on ``delimiter``; empty pieces are dropped."""
-    if x.dtype != tf.string:
-        return x
-    pieces = tf.strings.split(tf.RaggedTensor.from_sparse(x), sep=delimiter).merge_dims(1, 2)
-    return tf.ragged.boolean_mask(pieces, tf.not_equal(pieces, "")).to_sparse()
+def split_joined_lists(config: Config, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Parsed tf.Examples whose string lists may hold joined values, split as the log was.
+
+    A client that sends a list as a CSV log (or a warehouse's Parquet export) types it, one
+    string of values joined by ``data.list_delimiter`` ("Action|Comedy"), is scored on the
+    tokens data generation made of that log, as one that sends the values one by one. Each
+    value is split on the delimiter and its empty pieces are dropped. Kept out of the transform
+    graph: data generation has split the log's lists already and would pay for it again.
+    """
+    delimiter = config.data.list_delimiter
+    out = dict(raw)
+    for column in {f.column for f in config.features if f.kind is Kind.CATEGORICAL_LIST}:
+        x = out.get(column)
+        if isinstance(x, tf.SparseTensor) and x.dtype == tf.string:
+            # Splitting costs more than parsing the examples, so it runs only when a value
+            # holds the delimiter: looking for one is a join and one regex over the values.
+            joined = tf.strings.reduce_join(x.values)
+            found = tf.strings.regex_full_match(joined, f"(?s).*{re.escape(delimiter)}.*")
+            out[column] = tf.cond(found, lambda x=x: _split_values(x, delimiter), lambda x=x: x)
+    return out
+
+
+def _split_values(x: tf.SparseTensor, delimiter: str) -> tf.SparseTensor:
+    """Each value split on ``delimiter``, its empty pieces dropped; a value that is empty
+    itself is kept (the value, not its pieces, decides, whatever else the batch holds)."""
+    pieces = tf.strings.split(x.values, sep=delimiter)
+    empty = tf.repeat(tf.equal(x.values, ""), pieces.row_lengths())
+    keep = pieces.with_flat_values(tf.logical_or(tf.not_equal(pieces.flat_values, ""), empty))
+    values = tf.ragged.boolean_mask(pieces, keep)
+    rows = tf.RaggedTensor.from_sparse(x).with_values(values)
+    return rows.merge_dims(1, 2).to_sparse()
 
 
 def quantile_normalize(x: tf.Tensor, num_quantiles: int, name: str) -> tf.Tensor:
