@@ -955,11 +955,11 @@ def split_joined_lists(config: Config, batch: pa.RecordBatch) -> pa.RecordBatch:
         flat = pc.list_flatten(pieces)
         # Empty pieces are dropped; a value that is empty itself is kept, as the model does.
         empty_value = (pc.binary_length(values).to_numpy(zero_copy_only=False) == 0)[owner]
-        keep = pa.array((pc.binary_length(flat).to_numpy(zero_copy_only=False) > 0) | empty_value)
-        rows = rows[keep.to_numpy(zero_copy_only=False)]
-        offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(arr)))])
+        keep = (pc.binary_length(flat).to_numpy(zero_copy_only=False) > 0) | empty_value
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=len(arr)))])
         kind = pa.LargeListArray if pa.types.is_large_list(arr.type) else pa.ListArray
-        arrays[i] = kind.from_arrays(offsets, flat.filter(keep).cast(arr.type.value_type))
+        tokens = flat.filter(pa.array(keep)).cast(arr.type.value_type)
+        arrays[i] = kind.from_arrays(offsets, tokens)
     return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
 
 

@@ -460,11 +460,16 @@ def test_csv_born_log_rows_score_through_every_api(
         split = split.set_column(
             split.schema.get_field_index(column), column, pa.array(values, pa.list_(pa.string()))
         )
-    as_lists = score_in_process(model, _typed_by_arrow(split.slice(0, ROWS), _columns(config)))
     server = _serve(model, config.model_name, tmp_path / "base")
     try:
         scores = _every_path(server, config, model, read.slice(0, ROWS))
-        np.testing.assert_allclose(scores["in process"], as_lists, rtol=0, atol=1e-6)
+        # Both forms in one batch: a batch holding a joined list splits its values, and a
+        # row's score must not depend on what else its batch holds.
+        both = _typed_by_arrow(read.slice(0, ROWS), _columns(config))
+        both += _typed_by_arrow(split.slice(0, ROWS), _columns(config))
+        together = score_in_process(model, both)
+        np.testing.assert_allclose(together[ROWS:], together[:ROWS], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(together[:ROWS], scores["in process"], rtol=0, atol=1e-6)
         _assert_all_equal(scores)
         # release_year is an int64 input here: the client fills a missing one with the
         # config's default (an int has no missing value in JSON).
