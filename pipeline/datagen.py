@@ -310,7 +310,12 @@ def _read_and_split(
     if files.format is InputFormat.TFRECORD:
         decode_tfxio = tf_example_record.TFExampleRecord(
             file_pattern=list(files.paths),
-            schema=raw_schema(config, split_column_dtype=files.split_column_dtype),
+            schema=raw_schema(
+                config,
+                split_column_dtype=files.split_column_dtype,
+                int_columns=files.int_columns,
+                float_label=files.float_label,
+            ),
             telemetry_descriptors=["widedeep"],
         )
         split = (
@@ -388,7 +393,10 @@ def _analyze_window(
 
 
 def raw_schema(
-    config: Config, split_column_dtype: str | None = None, int_columns: Sequence[str] = ()
+    config: Config,
+    split_column_dtype: str | None = None,
+    int_columns: Sequence[str] = (),
+    float_label: bool = False,
 ) -> Any:
     """The raw data's schema (tensorflow_metadata Schema proto) derived from the config.
 
@@ -398,6 +406,8 @@ def raw_schema(
         is added with this dtype (``string``, ``int`` or ``float``), to decode TFRecord input.
       int_columns: Columns the log holds as integers: int64 in the schema (recorded under
         ``metadata/``, it is how the serving signatures parse them).
+      float_label: The label is a float (a TFRecord log's float_list), to decode TFRecord
+        input; data generation makes it int64 (see ``sources.fill_missing``).
     """
     import tensorflow as tf
     from tensorflow_transform.tf_metadata import schema_utils
@@ -405,6 +415,8 @@ def raw_schema(
     from transform.features import raw_feature_spec
 
     spec = raw_feature_spec(config, int_columns=int_columns)
+    if float_label:
+        spec[config.label] = tf.io.FixedLenFeature([], tf.float32)
     split_by = config.data.split_by
     if split_column_dtype and split_by and split_by not in spec:
         dtype = {"int": tf.int64, "float": tf.float32}.get(split_column_dtype, tf.string)

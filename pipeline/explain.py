@@ -341,6 +341,10 @@ def raw_batches(
         full = raw_feature_spec(config, with_defaults=True, int_columns=int_columns)
         spec = {c: full[c] for c in columns}
         for path in files.paths:
+            file_spec = spec
+            float_label = config.label in spec and sources.tfrecord_types(config, path)[1]
+            if float_label:  # a label of 0.0 and 1.0, parsed as the file holds it
+                file_spec = {**spec, config.label: tf.io.FixedLenFeature([], tf.float32)}
             compression = "GZIP" if path.endswith((".gz", ".gzip")) else ""
             records = tf.data.TFRecordDataset(path, compression_type=compression)
             for batch in records.batch(batch_rows):
@@ -349,7 +353,10 @@ def raw_batches(
                 batch = batch[: int(min(left, batch_rows))]
                 left -= int(batch.shape[0])
                 # Lists as data generation read them: joined values split.
-                yield split_joined_lists(config, tf.io.parse_example(batch, spec))
+                parsed = split_joined_lists(config, tf.io.parse_example(batch, file_spec))
+                if float_label:
+                    parsed[config.label] = tf.cast(parsed[config.label], tf.int64)
+                yield parsed
         return
     plan = sources.column_plan(config)
     for path in files.paths:

@@ -17,7 +17,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,9 @@ class InputFiles:
     """Columns the log holds as integers where the config would read another type (numbers of
     a numeric feature, string ids stored as integers), found by preflight: they keep the log's
     int64 type through data generation, so the model parses them as the log typed them."""
+    float_label: bool = False
+    """A TFRecord log's label is a float_list (0.0 and 1.0), found by preflight: it is decoded
+    as float and made int64 once checked (:func:`fill_missing`)."""
 
 
 def detect_format(path: str) -> InputFormat:
@@ -388,12 +391,18 @@ def preflight(config: Config, files: InputFiles) -> InputFiles:
         return InputFiles(files.format, files.paths, rows, int_columns=tuple(int_columns))
     split_dtypes = set()
     int_columns = _int_candidates(config) if files.format is InputFormat.CSV else []
+    float_label = False
+    found = _TFRecordKinds()
     for path in files.paths:
         if files.format is InputFormat.CSV:
             int_columns = _csv_whole_number_columns(config, path, int_columns)
             _preflight_csv(config, path, int_columns)
         else:
-            split_dtypes.add(_preflight_tfrecord(config, path))
+            found.split_dtype = None
+            _preflight_tfrecord(config, path, found)
+            split_dtypes.add(found.split_dtype)
+    if files.format is InputFormat.TFRECORD:
+        int_columns, float_label = _tfrecord_types(config, found)
     split_dtypes.discard(None)
     if len(split_dtypes) > 1:
         raise InputError(
@@ -406,6 +415,7 @@ def preflight(config: Config, files: InputFiles) -> InputFiles:
         None,
         split_dtypes.pop() if split_dtypes else None,
         int_columns=tuple(int_columns),
+        float_label=float_label,
     )
 
 
@@ -568,14 +578,25 @@ def _csv_whole_number_columns(config: Config, path: str, candidates: Sequence[st
     return left
 
 
-def _preflight_tfrecord(config: Config, path: str) -> str | None:
-    """Checks a TFRecord file's first records; returns the type of its split column."""
+@dataclass
+class _TFRecordKinds:
+    """What the first records of a TFRecord log hold: the split column's type, and for each
+    column the config reads, the kinds (``int64_list``, ...) seen and the first record of each."""
+
+    split_dtype: str | None = None
+    kinds: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def note(self, column: str, kind: str, where: str) -> None:
+        self.kinds.setdefault(column, {}).setdefault(kind, where)
+
+
+def _preflight_tfrecord(config: Config, path: str, found: _TFRecordKinds) -> None:
+    """Checks a TFRecord file's first records; notes their split column's type and kinds."""
     import tensorflow as tf  # TF is only needed for this format
 
     plan = column_plan(config)
     compression = "GZIP" if path.endswith((".gz", ".gzip")) else ""
     seen = 0
-    split_dtype = None
     split_by = config.data.split_by
     try:
         dataset = tf.data.TFRecordDataset(path, compression_type=compression)
@@ -600,33 +621,73 @@ def _preflight_tfrecord(config: Config, path: str) -> str | None:
                 if column not in plan:
                     kind = feats[column].WhichOneof("kind")
                     if column == split_by and kind is not None:
-                        split_dtype = {"int64_list": "int", "float_list": "float"}.get(
+                        found.split_dtype = {"int64_list": "int", "float_list": "float"}.get(
                             kind, "string"
                         )
                     continue
                 kind = feats[column].WhichOneof("kind")
-                want = _example_kind(plan[column])
+                want = _example_kind(plan[column], column == config.label)
                 if kind is not None and kind not in want:
                     raise ColumnTypeError(
                         f"{path} (record {seen}): feature {column!r} "
                         f"({_what(column, config)}) is a {kind}, expected {' or '.join(want)}",
                         column,
                     )
+                if kind is not None:
+                    found.note(column, kind, f"{path} (record {seen})")
     except InputError:
         raise
     except Exception as e:
         raise InputError(f"{path}: not a readable TFRecord file of tf.Example ({e})") from None
     if seen == 0:
         raise InputError(f"{path}: holds no records")
-    return split_dtype
 
 
-def _example_kind(feature: Feature | None) -> tuple[str, ...]:
+def _tfrecord_types(config: Config, found: _TFRecordKinds) -> tuple[list[str], bool]:
+    """The columns the TFRecord log holds as int64_list where the config reads another type,
+    and whether its label is a float_list.
+
+    tf.Example parsing takes one type per column, so a column must hold one kind throughout.
+
+    Raises:
+      ColumnTypeError: a column holds two kinds, naming a record of each.
+    """
+    for column, kinds in found.kinds.items():
+        if len(kinds) > 1:
+            (a, where_a), (b, where_b) = list(kinds.items())[:2]
+            raise ColumnTypeError(
+                f"column {column!r} ({_what(column, config)}) holds {a} values in {where_a} "
+                f"and {b} values in {where_b}; tf.Example parsing takes one type per column: write it as "
+                "one type in every record",
+                column,
+            )
+    int_columns = [
+        c for c in _int_candidates(config) if set(found.kinds.get(c, ())) == {"int64_list"}
+    ]
+    float_label = set(found.kinds.get(config.label, ())) == {"float_list"}
+    return int_columns, float_label
+
+
+def tfrecord_types(config: Config, path: str) -> tuple[list[str], bool]:
+    """The columns a TFRecord file holds as int64_list where the config reads another type,
+    and whether its label is a float_list, from its first records (see :func:`preflight`)."""
+    found = _TFRecordKinds()
+    _preflight_tfrecord(config, path, found)
+    return _tfrecord_types(config, found)
+
+
+def _example_kind(feature: Feature | None, is_label: bool = False) -> tuple[str, ...]:
+    """The kinds a tf.Example log may hold a column as: the config's type, or the integers it
+    reads too (numbers of a numeric feature, string ids stored as integers; a label of 0.0 and
+    1.0 as floats)."""
+    from transform.features import can_be_int
+
     if feature is None:
-        return ("int64_list",)
+        return ("int64_list", "float_list") if is_label else ("int64_list",)
+    int_too = ("int64_list",) if can_be_int(feature) else ()
     if feature.kind is Kind.NUMERIC:
-        return ("float_list",)
-    return ("bytes_list",) if feature.dtype is DType.STRING else ("int64_list",)
+        return ("float_list", *int_too)
+    return ("bytes_list", *int_too) if feature.dtype is DType.STRING else ("int64_list",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -996,9 +1057,14 @@ def fill_missing(config: Config, batch: pa.RecordBatch, where: str) -> pa.Record
         rows = [v if v else [default] for v in arr.to_pylist()]
         arrays[i] = pa.array(rows, arr.type)
     label = batch.schema.get_field_index(config.label)
-    if label >= 0:  # checked as the other formats' labels are
-        labels_of(pc.list_flatten(arrays[label]), f"{where}: label {config.label!r}", config)
-    return pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
+    names = batch.schema.names
+    if label >= 0:  # checked as the other formats' labels are (and a float_list made int64)
+        arr = arrays[label]
+        values = labels_of(pc.list_flatten(arr), f"{where}: label {config.label!r}", config)
+        if values.type != arr.type.value_type:
+            kind = pa.LargeListArray if pa.types.is_large_list(arr.type) else pa.ListArray
+            arrays[label] = kind.from_arrays(pc.subtract(arr.offsets, arr.offsets[0]), values)
+    return pa.RecordBatch.from_arrays(arrays, names=names)
 
 
 def drop_split_column(config: Config, batch: pa.RecordBatch) -> pa.RecordBatch:

@@ -146,12 +146,15 @@ def test_every_format_gives_the_same_result(
         table = movies_table.set_column(
             movies_table.schema.get_field_index("genres"), "genres", joined
         )
-        numeric = tuple(f.column for f in MOVIES.numeric_features)
-        log = logs.write_tfrecord(table, tmp_path / "log", float_columns=numeric)
+        # Each column as the log types it: the user's age an int64_list where the config reads
+        # a number, and the label a float_list of 0.0 and 1.0.
+        log = logs.write_tfrecord(table, tmp_path / "log", float_columns=("liked",))
     result = run_datagen(MOVIES, str(log), tmp_path / "out", echo=None)
     expected = json.loads((movies_data / SUMMARY_JSON).read_text())
     got = result.summary
     assert got["input"]["format"] == fmt
+    if fmt == "tfrecord":  # typed as the Parquet log types them (a CSV has no types to go by)
+        assert got["int_columns"] == expected["int_columns"]
     for split in (TRAIN_DIR, EVAL_DIR):
         assert got["splits"][split]["rows"] == expected["splits"][split]["rows"]
         assert got["splits"][split]["label_rate"] == expected["splits"][split]["label_rate"]
@@ -742,6 +745,36 @@ def _read_as_datagen(config: Config, files: InputFiles) -> tuple[InputFiles, pa.
         read = sources.iter_csv(config, path, 10_000, files.int_columns)
     raw = pa.Table.from_batches(list(read)).combine_chunks().to_batches()[0]
     return files, sources.to_tfxio_batch(config, raw, path, files.int_columns)
+
+
+def test_a_tfrecord_log_is_read_as_it_types_its_columns(
+    small_table: pa.Table, tmp_path: Path
+) -> None:
+    """A TFRecord log's whole numbers of a numeric feature (int64_list) and its label of 0.0 and
+    1.0 (float_list) are found by preflight and decoded as such, by the cross explanations'
+    reader too; a column that holds two types is refused, naming a record of each."""
+    from pipeline import sources
+    from pipeline.explain import raw_batches
+
+    tfrecord = sources.InputFormat.TFRECORD
+    path = logs.write_tfrecord(small_table, tmp_path / "log", float_columns=("liked",))
+    files = sources.preflight(MOVIES, InputFiles(tfrecord, (str(path),)))
+    assert files.int_columns == ("user_age",) and files.float_label
+    batches = list(raw_batches(MOVIES, ["user_age", "liked"], str(path), files.int_columns))
+    labels = np.concatenate([b["liked"].numpy() for b in batches])
+    ages = np.concatenate([b["user_age"].numpy() for b in batches])
+    assert labels.dtype == np.int64 and labels.tolist() == small_table["liked"].to_pylist()
+    assert ages.dtype == np.int64 and ages.tolist() == small_table["user_age"].to_pylist()
+
+    ints = logs.write_tfrecord(small_table.slice(0, 50), tmp_path / "a")
+    floats = logs.write_tfrecord(small_table.slice(50), tmp_path / "b", float_columns=("user_age",))
+    with pytest.raises(
+        InputError,
+        match=r"column 'user_age' \(feature 'user_age'\) holds int64_list values in "
+        r".*a/log.tfrecord.gz \(record 1\) and float_list values in .*b/log.tfrecord.gz "
+        r"\(record 1\); tf.Example parsing takes one type per column",
+    ):
+        sources.preflight(MOVIES, InputFiles(tfrecord, (str(ints), str(floats))))
 
 
 def test_labels_as_logs_hold_them(small_table: pa.Table, tmp_path: Path) -> None:
