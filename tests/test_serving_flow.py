@@ -266,8 +266,12 @@ def test_two_deploys_at_once_get_one_version_each_or_a_clear_error(
         assert len(deployed) == 1 and len(refused) == 1, outcomes
         assert re.search(r"is served now|is in use by PID \d+", str(refused[0])), refused
         assert versions(served_base, config.model_name)[-1] == deployed[0]
-        # The next round compares with the version now served.
+        # The next round compares with the version now served, with models that differ from
+        # it: a verdict made against a model identical to the one served holds after a
+        # redeploy of that same model (the fingerprints agree), so both could then deploy.
         for model in models:
+            note = model / "export" / "assets.extra" / "note.txt"
+            note.write_text(f"{model.name} after {deployed[0]}")
             verdict = validate(
                 model, movies_data, config, models_dir=served_base, skip_dry_run=True
             )
