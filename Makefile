@@ -9,6 +9,8 @@ DEMO_DIR ?= demo
 DEMO_DAYS ?= 2
 DEMO_ROWS ?= 200000
 PYTEST_ARGS ?=
+# Test processes: each takes whole test files, so a file's shared fixtures are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint bench clean
 
@@ -30,7 +32,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check pipeline transform trainer serving tools tests bench
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The benchmarks' own packages (the public data set, the reference models): the bench extra.
 $(BENCH_STAMP): $(STAMP)
