@@ -414,9 +414,7 @@ def raw_schema(
 
     from transform.features import raw_feature_spec
 
-    spec = raw_feature_spec(config, int_columns=int_columns)
-    if float_label:
-        spec[config.label] = tf.io.FixedLenFeature([], tf.float32)
+    spec = raw_feature_spec(config, int_columns=int_columns, float_label=float_label)
     split_by = config.data.split_by
     if split_column_dtype and split_by and split_by not in spec:
         dtype = {"int": tf.int64, "float": tf.float32}.get(split_column_dtype, tf.string)

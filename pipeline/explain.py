@@ -338,13 +338,13 @@ def raw_batches(
     left = max_rows if max_rows is not None else math.inf
     if files.format is sources.InputFormat.TFRECORD:
         # Missing values take their defaults, as data generation fills them in.
-        full = raw_feature_spec(config, with_defaults=True, int_columns=int_columns)
-        spec = {c: full[c] for c in columns}
         for path in files.paths:
-            file_spec = spec
-            float_label = config.label in spec and sources.tfrecord_types(config, path)[1]
-            if float_label:  # a label of 0.0 and 1.0, parsed as the file holds it
-                file_spec = {**spec, config.label: tf.io.FixedLenFeature([], tf.float32)}
+            # A label of 0.0 and 1.0 is parsed as the file holds it, then cast.
+            float_label = config.label in columns and sources.tfrecord_types(config, path)[1]
+            full = raw_feature_spec(
+                config, with_defaults=True, int_columns=int_columns, float_label=float_label
+            )
+            file_spec = {c: full[c] for c in columns}
             compression = "GZIP" if path.endswith((".gz", ".gzip")) else ""
             records = tf.data.TFRecordDataset(path, compression_type=compression)
             for batch in records.batch(batch_rows):

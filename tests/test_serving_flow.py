@@ -24,7 +24,7 @@ from serving.release.deploy import LOCK_FILE, DeployError, deploy, rollback
 from serving.release.server_client import ModelServerClient
 from serving.release.validate import read_raw_eval_examples, score_in_process, validate
 from serving.server import ModelServer, ServerSettings
-from transform.artifacts import model_server_config, versions
+from transform.artifacts import WARMUP_DIR, export_dir, model_server_config, versions
 from transform.paths import InUseError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,7 +88,7 @@ def test_deploy_refuses_unvalidated_or_changed_models(
     with pytest.raises(DeployError, match="run 'widedeep validate'"):
         deploy(copy, tmp_path / "base", config.model_name)
     shutil.copy(validated / "verdict.json", copy / "verdict.json")
-    (copy / "export" / "assets.extra" / "extra.txt").write_text("changed")
+    _own_content(copy, "changed")
     with pytest.raises(DeployError, match="changed after it was validated"):
         deploy(copy, tmp_path / "base", config.model_name)
     assert versions(tmp_path / "base", config.model_name) == []
@@ -216,12 +216,17 @@ def served_base(validated: Path, tmp_path: Path, config) -> Path:
     return base
 
 
+def _own_content(model: Path, note: str) -> None:
+    """Gives a model folder content of its own (a note beside the export's warm-up requests):
+    the same weights, another fingerprint, so a verdict or a deploy tells it apart."""
+    (export_dir(model) / WARMUP_DIR / "note.txt").write_text(note)
+
+
 def _validated_copy(
     validated: Path, folder: Path, movies_data: Path, config, base: Path | None
 ) -> Path:
     shutil.copytree(validated, folder)
-    # A model of its own: the same weights, another fingerprint.
-    (folder / "export" / "assets.extra" / "note.txt").write_text(folder.name)
+    _own_content(folder, folder.name)
     verdict = validate(folder, movies_data, config, models_dir=base, skip_dry_run=True)
     assert verdict.passed, verdict.reasons
     return folder
@@ -270,8 +275,7 @@ def test_two_deploys_at_once_get_one_version_each_or_a_clear_error(
         # it: a verdict made against a model identical to the one served holds after a
         # redeploy of that same model (the fingerprints agree), so both could then deploy.
         for model in models:
-            note = model / "export" / "assets.extra" / "note.txt"
-            note.write_text(f"{model.name} after {deployed[0]}")
+            _own_content(model, f"{model.name} after {deployed[0]}")
             verdict = validate(
                 model, movies_data, config, models_dir=served_base, skip_dry_run=True
             )
@@ -307,7 +311,7 @@ def test_a_verdict_against_another_model_than_the_served_one_is_refused(
     shutil.copytree(validated, model)
     other = tmp_path / "other_baseline"
     shutil.copytree(validated, other)
-    (other / "export" / "assets.extra" / "note.txt").write_text("another model")
+    _own_content(other, "another model")
     assert validate(model, movies_data, config, baseline=other, skip_dry_run=True).passed
     with pytest.raises(DeployError, match=r"compared it with .*other_baseline.*is served now"):
         deploy(model, served_base, config.model_name)

@@ -68,6 +68,7 @@ def raw_feature_spec(
     with_label: bool = True,
     with_defaults: bool = False,
     int_columns: Collection[str] = (),
+    float_label: bool = False,
 ) -> dict[str, tf.io.FixedLenFeature | tf.io.VarLenFeature]:
     """Parsing spec of a raw impression, keyed by raw column name.
 
@@ -77,10 +78,12 @@ def raw_feature_spec(
       with_defaults: Give columns that have a configured ``default`` that default value, so a
         request that omits them still parses (the serving signature).
       int_columns: Columns the log holds as integers (see :func:`can_be_int`): parsed as int64.
+      float_label: The log holds the label as a float (a TFRecord log's float_list of 0.0 and
+        1.0): parsed as float32, for the reader to check and cast to int64.
     """
     spec: dict[str, tf.io.FixedLenFeature | tf.io.VarLenFeature] = {}
     if with_label:
-        spec[config.label] = tf.io.FixedLenFeature([], tf.int64)
+        spec[config.label] = tf.io.FixedLenFeature([], tf.float32 if float_label else tf.int64)
     for f in config.features:
         if f.column in spec:
             continue  # two features may read one column
