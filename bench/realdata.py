@@ -34,7 +34,9 @@ set on; it measures what those two columns are worth to each model.
 
 A second part checks every default the trainer changed, on MovieLens and on the simulator: the
 wide & deep model trained with the defaults, and again with each changed default set back to its
-previous value (``--skip-defaults`` leaves it out; it takes most of the run's time).
+previous value (``--skip-defaults`` leaves it out; it takes most of the run's time); then the
+settings tried as defaults and not adopted (dropout, more evaluations an epoch, more ids hidden
+as unknown), each on both logs.
 
 Results go to ``bench/results/realdata.{json,md}`` and ``bench/results/realdata.png``.
 
@@ -92,6 +94,16 @@ PREVIOUS_DEFAULTS: dict[str, dict[str, Any]] = {
 """Each changed default set back to its previous value (a config overlay)."""
 SEPARATE_TABLES = "one embedding table per feature"
 ALL_PREVIOUS = "all previous defaults"
+TRIED: dict[str, dict[str, Any]] = {
+    "dropout 0.1 in the deep tower": {"model": {"dropout": 0.1}},
+    "dropout 0.3 in the deep tower": {"model": {"dropout": 0.3}},
+    "2 evaluations an epoch": {"training": {"evals_per_epoch": 2}},
+    "20% of ids hidden as unknown in training": {"model": {"unknown_id_rate": 0.2}},
+}
+"""Settings tried as defaults and not adopted (a config overlay each on the defaults)."""
+TRIED_SEEDS = (0, 1)
+"""The training seeds of each tried setting on MovieLens (the defaults' runs with them are in
+the seeds part); the simulator's runs use seed 0, as its defaults run does."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -822,6 +834,52 @@ def seeds_movielens() -> list[dict[str, Any]]:
     return rows
 
 
+def tried(rows_per_day: int) -> list[dict[str, Any]]:
+    """Wide & deep with each of :data:`TRIED` on MovieLens (seeds :data:`TRIED_SEEDS`, test
+    AUC) and on the simulator (day-2 AUC); the defaults' runs come from the parts before."""
+    from trainer.metrics import log_loss
+    from transform.artifacts import SUMMARY_JSON
+    from transform.config import load_config, preset_path
+
+    test = pd.read_parquet(OUT / "log" / "test")
+    train_users = set(pd.read_parquet(OUT / "log" / "train", columns=["user_id"])["user_id"])
+    seen = test["user_id"].isin(train_users).to_numpy()
+    examples = log_examples(test, [c for c in load_config(CONFIG).raw_columns if c != "liked"])
+    sim_logs, sim_examples, sim_y = _simulated_days(rows_per_day)
+    work = OUT / "tried"
+    rows = []
+    logs = (
+        ("MovieLens", yaml.safe_load(CONFIG.read_text()), OUT / "log" / "train", TRIED_SEEDS),
+        (
+            "simulator",
+            yaml.safe_load(preset_path(SIM_CONFIG).read_text()),
+            sim_logs / "day=001",
+            (0,),
+        ),
+    )
+    for log, base, log_dir, seeds in logs:
+        data = work / _slug(log) / "data"
+        if not (data / SUMMARY_JSON).exists():
+            datagen(write_config(base, work / _slug(log) / "defaults.yaml"), log_dir, data)
+        for name, changes in TRIED.items():
+            for seed in seeds:
+                config = overlay(overlay(base, changes), {"training": {"seed": seed}})
+                path = write_config(config, work / _slug(log) / f"{_slug(name)}_{seed}.yaml")
+                out = work / _slug(log) / f"{_slug(name)}_{seed}"
+                if log == "MovieLens":
+                    p, info = train_and_score(path, data, out, "wide_deep", examples)
+                    row = scores_of(name, test, p, seen, seed=seed, **info)
+                else:
+                    p, info = train_and_score(path, data, out, "wide_deep", sim_examples)
+                    row = {
+                        "model": name, "auc": auc(sim_y, p), "log_loss": log_loss(sim_y, p),
+                        "seed": seed, **info,
+                    }  # fmt: skip
+                rows.append({"log": log, **row})
+                print(f"  {log}, {name}, seed {seed}: AUC {row['auc']:.4f}", flush=True)
+    return rows
+
+
 def _simulated_days(rows_per_day: int) -> tuple[Path, list[bytes], np.ndarray]:
     """Two simulated days (simulated once): their logs' folder, and day 2's rows as
     tf.Examples typed as the log types them (as served) with their labels."""
@@ -1106,6 +1164,33 @@ def markdown(d: dict[str, Any]) -> str:
                 values = np.array([r[key] for r in runs])
                 cells.append(f"{values.mean():.4f} ± {values.std(ddof=1):.4f}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if d.get("tried") and d.get("seeds_movielens") and d.get("defaults_simulator"):
+        lines += [
+            "",
+            "Settings tried as defaults and not adopted (wide & deep; MovieLens test AUC, mean "
+            f"of seeds {', '.join(map(str, TRIED_SEEDS))}; the simulator's day-2 AUC, seed 0; "
+            "each against the defaults with the same seeds):",
+            "",
+            "| setting | MovieLens AUC | change | simulator AUC | change |",
+            "|---|---|---|---|---|",
+        ]
+        defaults_ml = np.mean(
+            [r["auc"] for r in d["seeds_movielens"]
+             if r["model"] == "defaults" and r["seed"] in TRIED_SEEDS]
+        )  # fmt: skip
+        defaults_sim = next(r["auc"] for r in d["defaults_simulator"] if r["model"] == "defaults")
+        lines.append(f"| defaults | {defaults_ml:.4f} | | {defaults_sim:.4f} | |")
+        for name in TRIED:
+            ml = np.mean(
+                [r["auc"] for r in d["tried"] if r["log"] == "MovieLens" and r["model"] == name]
+            )
+            sim = next(
+                r["auc"] for r in d["tried"] if r["log"] == "simulator" and r["model"] == name
+            )
+            lines.append(
+                f"| {name} | {ml:.4f} | {ml - defaults_ml:+.4f} | {sim:.4f} | "
+                f"{sim - defaults_sim:+.4f} |"
+            )
     if d.get("cross_buckets"):
         lines += [
             "",
@@ -1206,6 +1291,7 @@ def main() -> None:
         )
         results["seeds_movielens"] = part("defaults_seeds", seeds_movielens)
         results["cross_buckets"] = part("defaults_buckets", lambda: cross_buckets(args.sim_rows))
+        results["tried"] = part("defaults_tried", lambda: tried(args.sim_rows))
     results["seconds"] = sum(seconds.values())
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(results, RESULTS / "realdata.png")
