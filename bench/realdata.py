@@ -838,7 +838,6 @@ def tried(rows_per_day: int) -> list[dict[str, Any]]:
     """Wide & deep with each of :data:`TRIED` on MovieLens (seeds :data:`TRIED_SEEDS`, test
     AUC) and on the simulator (day-2 AUC); the defaults' runs come from the parts before."""
     from trainer.metrics import log_loss
-    from transform.artifacts import SUMMARY_JSON
     from transform.config import load_config, preset_path
 
     test = pd.read_parquet(OUT / "log" / "test")
@@ -846,37 +845,34 @@ def tried(rows_per_day: int) -> list[dict[str, Any]]:
     seen = test["user_id"].isin(train_users).to_numpy()
     examples = log_examples(test, [c for c in load_config(CONFIG).raw_columns if c != "liked"])
     sim_logs, sim_examples, sim_y = _simulated_days(rows_per_day)
-    work = OUT / "tried"
-    rows = []
+
+    def movielens_row(name: str, p: np.ndarray, **info: Any) -> dict[str, Any]:
+        return scores_of(name, test, p, seen, **info)
+
+    def simulator_row(name: str, p: np.ndarray, **info: Any) -> dict[str, Any]:
+        return {"model": name, "auc": auc(sim_y, p), "log_loss": log_loss(sim_y, p), **info}
+
     logs = (
-        ("MovieLens", yaml.safe_load(CONFIG.read_text()), OUT / "log" / "train", TRIED_SEEDS),
+        ("MovieLens", CONFIG, OUT / "log" / "train", examples, movielens_row, TRIED_SEEDS),
         (
-            "simulator",
-            yaml.safe_load(preset_path(SIM_CONFIG).read_text()),
-            sim_logs / "day=001",
-            (0,),
+            "simulator", preset_path(SIM_CONFIG), sim_logs / "day=001", sim_examples,
+            simulator_row, (0,),
         ),
-    )
-    for log, base, log_dir, seeds in logs:
-        data = work / _slug(log) / "data"
-        if not (data / SUMMARY_JSON).exists():
-            datagen(write_config(base, work / _slug(log) / "defaults.yaml"), log_dir, data)
+    )  # fmt: skip
+    rows = []
+    for log, config_path, log_dir, log_examples_, row_of, seeds in logs:
+        base = yaml.safe_load(config_path.read_text())
+        work = OUT / "tried" / _slug(log)
+        # Made again on every run, as the defaults part's data (see _variants).
+        datagen(write_config(base, work / "defaults.yaml"), log_dir, work / "data")
         for name, changes in TRIED.items():
             for seed in seeds:
                 config = overlay(overlay(base, changes), {"training": {"seed": seed}})
-                path = write_config(config, work / _slug(log) / f"{_slug(name)}_{seed}.yaml")
-                out = work / _slug(log) / f"{_slug(name)}_{seed}"
-                if log == "MovieLens":
-                    p, info = train_and_score(path, data, out, "wide_deep", examples)
-                    row = scores_of(name, test, p, seen, seed=seed, **info)
-                else:
-                    p, info = train_and_score(path, data, out, "wide_deep", sim_examples)
-                    row = {
-                        "model": name, "auc": auc(sim_y, p), "log_loss": log_loss(sim_y, p),
-                        "seed": seed, **info,
-                    }  # fmt: skip
-                rows.append({"log": log, **row})
-                print(f"  {log}, {name}, seed {seed}: AUC {row['auc']:.4f}", flush=True)
+                path = write_config(config, work / f"{_slug(name)}_{seed}.yaml")
+                out = work / f"{_slug(name)}_{seed}"
+                p, info = train_and_score(path, work / "data", out, "wide_deep", log_examples_)
+                rows.append({"log": log, **row_of(name, p, seed=seed, **info)})
+                print(f"  {log}, {name}, seed {seed}: AUC {rows[-1]['auc']:.4f}", flush=True)
     return rows
 
 

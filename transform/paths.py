@@ -51,10 +51,13 @@ def locked(
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(fd)
+        taken = _try_lock(fd)
+        holder = None if taken else _holder(fd)
+        if not taken and holder is None:
+            # No PID in the file: its holder may have emptied it on the way out (see below)
+            # and released the lock since, and then it is free to take.
+            taken = _try_lock(fd)
+        if not taken:
             by = f"PID {holder}" if holder else "another process"
             if not wait:
                 raise InUseError(
@@ -75,6 +78,15 @@ def locked(
     finally:
         # Closing the descriptor releases the lock.
         os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    """Takes the exclusive lock on `fd` if no one holds it; whether it did."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _holder(fd: int, attempts: int = 50) -> int | None:
