@@ -36,7 +36,8 @@ A second part checks every default the trainer changed, on MovieLens and on the 
 wide & deep model trained with the defaults, and again with each changed default set back to its
 previous value (``--skip-defaults`` leaves it out; it takes most of the run's time); then the
 settings tried as defaults and not adopted (dropout, more evaluations an epoch, more ids hidden
-as unknown), each on both logs.
+as unknown, each tower's learning rate, L1, batch size, embedding size, smaller ReLU layers),
+each on both logs.
 
 Results go to ``bench/results/realdata.{json,md}`` and ``bench/results/realdata.png``.
 
@@ -94,11 +95,38 @@ PREVIOUS_DEFAULTS: dict[str, dict[str, Any]] = {
 """Each changed default set back to its previous value (a config overlay)."""
 SEPARATE_TABLES = "one embedding table per feature"
 ALL_PREVIOUS = "all previous defaults"
+
+
+def _change(delta: float) -> str:
+    """A signed difference to 4 places; one that rounds to zero is +0.0000, not -0.0000."""
+    return f"{round(delta, 4) + 0.0:+.4f}"
+
+
+def _adagrad(learning_rate: float) -> dict[str, Any]:
+    """The default deep optimizer with another learning rate (an optimizer names itself)."""
+    return {"name": "adagrad", "learning_rate": learning_rate}
+
+
+def _ftrl(learning_rate: float, l1: float) -> dict[str, Any]:
+    """The default wide optimizer with another learning rate or L1 strength."""
+    return {"name": "ftrl", "learning_rate": learning_rate, "l1_regularization": l1}
+
+
 TRIED: dict[str, dict[str, Any]] = {
     "dropout 0.1 in the deep tower": {"model": {"dropout": 0.1}},
     "dropout 0.3 in the deep tower": {"model": {"dropout": 0.3}},
     "2 evaluations an epoch": {"training": {"evals_per_epoch": 2}},
     "20% of ids hidden as unknown in training": {"model": {"unknown_id_rate": 0.2}},
+    "deep tower AdaGrad learning rate 0.05": {"model": {"deep_optimizer": _adagrad(0.05)}},
+    "deep tower AdaGrad learning rate 0.2": {"model": {"deep_optimizer": _adagrad(0.2)}},
+    "wide tower FTRL learning rate 0.1": {"model": {"wide_optimizer": _ftrl(0.1, 0.001)}},
+    "wide tower FTRL learning rate 1.0": {"model": {"wide_optimizer": _ftrl(1.0, 0.001)}},
+    "wide tower FTRL L1 0.01": {"model": {"wide_optimizer": _ftrl(0.5, 0.01)}},
+    "batch size 256": {"training": {"batch_size": 256}},
+    "batch size 1024": {"training": {"batch_size": 1024}},
+    "embedding dimension 16": {"model": {"embedding_dim": 16}},
+    "embedding dimension 64": {"model": {"embedding_dim": 64}},
+    "hidden units [256, 128]": {"model": {"hidden_units": [256, 128]}},
 }
 """Settings tried as defaults and not adopted (a config overlay each on the defaults)."""
 TRIED_SEEDS = (0, 1)
@@ -1184,8 +1212,8 @@ def markdown(d: dict[str, Any]) -> str:
                 r["auc"] for r in d["tried"] if r["log"] == "simulator" and r["model"] == name
             )
             lines.append(
-                f"| {name} | {ml:.4f} | {ml - defaults_ml:+.4f} | {sim:.4f} | "
-                f"{sim - defaults_sim:+.4f} |"
+                f"| {name} | {ml:.4f} | {_change(ml - defaults_ml)} | {sim:.4f} | "
+                f"{_change(sim - defaults_sim)} |"
             )
     if d.get("cross_buckets"):
         lines += [
