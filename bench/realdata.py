@@ -25,7 +25,9 @@ In the same run, on the same split, every model is scored on the test rows:
   Wide & deep also once more with the user id in the wide tower only (a second config a user
   might write: the paper's deep tower reads the user's features, not their id).
 
-Each model's test AUC is also split by users seen in training and users new to it.
+Each model's test AUC is also split by users seen in training and users new to it, and the log
+alone says where the AUC across users is: the like rate of users early in their history and
+later, and what knowing each test user's own like rate (an oracle) would score.
 
 The same comparison runs again on the same split of a richer log (``--skip-activity`` leaves it
 out): two more columns, the user's activity before each row (how many ratings, and the share of
@@ -630,6 +632,46 @@ def activity(history: int) -> dict[str, Any]:
     return compare(train, test, config, ACTIVITY_OUT, history)
 
 
+EARLY_RATINGS = 30
+"""A user's first this many ratings count as early in their history (:func:`where_auc_is`)."""
+
+
+def where_auc_is() -> dict[str, Any]:
+    """What the test AUC across users turns on, from the log alone (no model).
+
+    The like rate of users early in their history and later, in training and among the test's
+    new users; seen users' like rate in the test period; and the AUC of each test user's own like
+    rate (an oracle: it reads the test labels), alone and added to popularity's log-odds. None of
+    the log's columns says how far into their history a user is.
+    """
+    train = pd.read_parquet(OUT / "log" / "train")
+    test = pd.read_parquet(OUT / "log" / "test")
+    seen = test["user_id"].isin(set(train["user_id"])).to_numpy()
+    full = pd.concat([train, test], ignore_index=True)
+    # Ratings of the user before this one, over the whole log in time order.
+    position = full.groupby("user_id").cumcount().to_numpy()
+    early = position < EARLY_RATINGS
+    in_train = np.arange(len(full)) < len(train)
+    new_in_test = np.concatenate([np.zeros(len(train), bool), ~seen])
+    liked = full["liked"].to_numpy()
+    y = test["liked"].to_numpy()
+    own_rate = test.groupby("user_id")["liked"].transform("mean").to_numpy()
+    pop = popularity(train, test)
+    log_odds = np.log(np.clip(own_rate, 0.02, 0.98) / (1 - np.clip(own_rate, 0.02, 0.98)))
+    return {
+        "early_ratings": EARLY_RATINGS,
+        "like_rate": {
+            "training, early": float(liked[in_train & early].mean()),
+            "training, later": float(liked[in_train & ~early].mean()),
+            "test, new users, early": float(liked[new_in_test & early].mean()),
+            "test, new users, later": float(liked[new_in_test & ~early].mean()),
+            "test, seen users": float(y[seen].mean()),
+        },
+        "oracle_user_rate_auc": auc(y, own_rate),
+        "oracle_user_rate_and_popularity_auc": auc(y, log_odds + np.log(pop / (1 - pop))),
+    }
+
+
 def compare(
     train: pd.DataFrame, test: pd.DataFrame, config: Path, out: Path, history: int
 ) -> dict[str, Any]:
@@ -1092,6 +1134,23 @@ def markdown(d: dict[str, Any]) -> str:
             )
             + f" (the target: {TARGET_AUC}).",
         ]
+    where = d.get("where")
+    if where:
+        n = where["early_ratings"]
+        lines += [
+            "",
+            f"Where the AUC across users is: the like rate of a user's first {n} ratings and of "
+            "the later ones, and of the test's seen users (the log alone, no model):",
+            "",
+            "| rows | like rate |",
+            "|---|---|",
+            *(f"| {name} | {rate:.3f} |" for name, rate in where["like_rate"].items()),
+            "",
+            "Each test user's own like rate on the test rows (an oracle: it reads the labels) "
+            f"scores {where['oracle_user_rate_auc']:.4f} alone and "
+            f"{where['oracle_user_rate_and_popularity_auc']:.4f} added to popularity's log-odds; "
+            "no column of the log says how far into their history a user is.",
+        ]
     if d.get("activity"):
         act = {m["model"]: m for m in d["activity"]["models"]}
         refs = [m for m in d["activity"]["models"] if not m["model"].startswith("widedeep")]
@@ -1297,6 +1356,7 @@ def main() -> None:
         "machine": machine(),
         "movielens": part("movielens", lambda: movielens(args.history)),
     }
+    results["where"] = where_auc_is()  # a few seconds: the log alone
     # The gate reads the models the first part trained: it is redone whenever that part is.
     t0 = time.monotonic()
     results["gate"] = gate_movielens()
