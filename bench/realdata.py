@@ -640,7 +640,7 @@ def where_auc_is() -> dict[str, Any]:
     """What the test AUC across users turns on, from the log alone (no model).
 
     The like rate of users early in their history and later, in training and among the test's
-    new users; seen users' like rate in the test period; and the AUC of each test user's own like
+    new users; seen users' like rate in training and in the test period; and the AUC of each test user's own like
     rate (an oracle: it reads the test labels), alone and added to popularity's log-odds. None of
     the log's columns says how far into their history a user is.
     """
@@ -665,6 +665,9 @@ def where_auc_is() -> dict[str, Any]:
             "training, later": float(liked[in_train & ~early].mean()),
             "test, new users, early": float(liked[new_in_test & early].mean()),
             "test, new users, later": float(liked[new_in_test & ~early].mean()),
+            "training, users also in the test": float(
+                train["liked"][train["user_id"].isin(set(test["user_id"]))].mean()
+            ),
             "test, seen users": float(y[seen].mean()),
         },
         "oracle_user_rate_auc": auc(y, own_rate),
@@ -1140,7 +1143,7 @@ def markdown(d: dict[str, Any]) -> str:
         lines += [
             "",
             f"Where the AUC across users is: the like rate of a user's first {n} ratings and of "
-            "the later ones, and of the test's seen users (the log alone, no model):",
+            "the later ones, and of the users seen in both periods (the log alone, no model):",
             "",
             "| rows | like rate |",
             "|---|---|",
