@@ -636,21 +636,22 @@ EARLY_RATINGS = 30
 """A user's first this many ratings count as early in their history (:func:`where_auc_is`)."""
 
 
-def where_auc_is() -> dict[str, Any]:
+def where_auc_is(
+    train: pd.DataFrame, test: pd.DataFrame, early_ratings: int = EARLY_RATINGS
+) -> dict[str, Any]:
     """What the test AUC across users turns on, from the log alone (no model).
 
     The like rate of users early in their history and later, in training and among the test's
     new users; seen users' like rate in training and in the test period; and the AUC of each test user's own like
     rate (an oracle: it reads the test labels), alone and added to popularity's log-odds. None of
-    the log's columns says how far into their history a user is.
+    the log's columns says how far into their history a user is. ``train`` and ``test`` are the
+    two periods of one log in time order.
     """
-    train = pd.read_parquet(OUT / "log" / "train")
-    test = pd.read_parquet(OUT / "log" / "test")
     seen = test["user_id"].isin(set(train["user_id"])).to_numpy()
     full = pd.concat([train, test], ignore_index=True)
     # Ratings of the user before this one, over the whole log in time order.
     position = full.groupby("user_id").cumcount().to_numpy()
-    early = position < EARLY_RATINGS
+    early = position < early_ratings
     in_train = np.arange(len(full)) < len(train)
     new_in_test = np.concatenate([np.zeros(len(train), bool), ~seen])
     liked = full["liked"].to_numpy()
@@ -659,7 +660,7 @@ def where_auc_is() -> dict[str, Any]:
     pop = popularity(train, test)
     log_odds = np.log(np.clip(own_rate, 0.02, 0.98) / (1 - np.clip(own_rate, 0.02, 0.98)))
     return {
-        "early_ratings": EARLY_RATINGS,
+        "early_ratings": early_ratings,
         "like_rate": {
             "training, early": float(liked[in_train & early].mean()),
             "training, later": float(liked[in_train & ~early].mean()),
@@ -1359,7 +1360,10 @@ def main() -> None:
         "machine": machine(),
         "movielens": part("movielens", lambda: movielens(args.history)),
     }
-    results["where"] = where_auc_is()  # a few seconds: the log alone
+    # A few seconds: the log alone.
+    results["where"] = where_auc_is(
+        pd.read_parquet(OUT / "log" / "train"), pd.read_parquet(OUT / "log" / "test")
+    )
     # The gate reads the models the first part trained: it is redone whenever that part is.
     t0 = time.monotonic()
     results["gate"] = gate_movielens()

@@ -93,3 +93,25 @@ def test_ensembles_rank_average_the_models_and_keep_ids_as_numbers_apart() -> No
     )
     assert out["as_ids"] == {"models": ["a"], "auc": 1.0}
     assert out["with_ids_as_numbers"] == {"models": ["a", realdata.LGB_NUMBERS], "auc": 0.5}
+
+
+def test_where_auc_is_splits_like_rates_by_history_and_period() -> None:
+    # User 1 rates three movies in training (liked, liked, not) and one in the test period
+    # (not liked): their test row is their 4th rating, late in their history. User 2 is new in
+    # the test period: two likes, then two not.
+    train = pd.DataFrame({"user_id": [1, 1, 1], "movie_id": [10, 11, 12], "liked": [1, 1, 0]})
+    test = pd.DataFrame(
+        {"user_id": [1, 2, 2, 2, 2], "movie_id": [13, 10, 11, 12, 13], "liked": [0, 1, 1, 0, 0]}
+    )
+    out = realdata.where_auc_is(train, test, early_ratings=2)
+    assert out["like_rate"] == {
+        "training, early": 1.0,
+        "training, later": 0.0,
+        "test, new users, early": 1.0,
+        "test, new users, later": 0.0,
+        "training, users also in the test": pytest.approx(2 / 3),
+        "test, seen users": 0.0,
+    }
+    # Own rates: user 1 scores 0, user 2 0.5. The two likes beat user 1's row and tie with
+    # user 2's two other rows: (2 + 4 / 2) / 6 pairs.
+    assert out["oracle_user_rate_auc"] == pytest.approx(4 / 6)
