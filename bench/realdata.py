@@ -642,10 +642,10 @@ def where_auc_is(
     """What the test AUC across users turns on, from the log alone (no model).
 
     The like rate of users early in their history and later, in training and among the test's
-    new users; seen users' like rate in training and in the test period; and the AUC of each test user's own like
-    rate (an oracle: it reads the test labels), alone and added to popularity's log-odds. None of
-    the log's columns says how far into their history a user is. ``train`` and ``test`` are the
-    two periods of one log in time order.
+    new users; seen users' like rate in training and in the test period; and the AUC of each
+    test user's own like rate (an oracle: it reads the test labels), alone and added to
+    popularity's log-odds. None of the log's columns says how far into their history a user is.
+    ``train`` and ``test`` are the two periods of one log in time order.
     """
     seen = test["user_id"].isin(set(train["user_id"])).to_numpy()
     full = pd.concat([train, test], ignore_index=True)
@@ -657,8 +657,9 @@ def where_auc_is(
     liked = full["liked"].to_numpy()
     y = test["liked"].to_numpy()
     own_rate = test.groupby("user_id")["liked"].transform("mean").to_numpy()
+    # A user who liked all or none of their test rows would have infinite log-odds.
+    rate = np.clip(own_rate, 0.02, 0.98)
     pop = popularity(train, test)
-    log_odds = np.log(np.clip(own_rate, 0.02, 0.98) / (1 - np.clip(own_rate, 0.02, 0.98)))
     return {
         "early_ratings": early_ratings,
         "like_rate": {
@@ -672,7 +673,9 @@ def where_auc_is(
             "test, seen users": float(y[seen].mean()),
         },
         "oracle_user_rate_auc": auc(y, own_rate),
-        "oracle_user_rate_and_popularity_auc": auc(y, log_odds + np.log(pop / (1 - pop))),
+        "oracle_user_rate_and_popularity_auc": auc(
+            y, np.log(rate / (1 - rate)) + np.log(pop / (1 - pop))
+        ),
     }
 
 
