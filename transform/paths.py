@@ -51,12 +51,7 @@ def locked(
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        taken = _try_lock(fd)
-        holder = None if taken else _holder(fd)
-        if not taken and holder is None:
-            # No PID in the file: its holder may have emptied it on the way out (see below)
-            # and released the lock since, and then it is free to take.
-            taken = _try_lock(fd)
+        taken, holder = _take_or_find_holder(fd)
         if not taken:
             by = f"PID {holder}" if holder else "another process"
             if not wait:
@@ -80,30 +75,28 @@ def locked(
         os.close(fd)
 
 
-def _try_lock(fd: int) -> bool:
-    """Takes the exclusive lock on `fd` if no one holds it; whether it did."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
+def _take_or_find_holder(fd: int, attempts: int = 50) -> tuple[bool, int | None]:
+    """Takes the exclusive lock on `fd` if it is free, else finds the PID of its holder.
 
-
-def _holder(fd: int, attempts: int = 50) -> int | None:
-    """The PID the lock's holder wrote into the lock file.
-
-    The holder writes it just after it takes the lock, so an empty file is read again a few
-    times, a couple of milliseconds apart.
+    Returns (True, None) once taken, (False, PID) when held. The holder writes its PID just
+    after it takes the lock and empties the file just before it lets go, so an empty file means
+    either is under way: the lock is tried and the file read again, a couple of milliseconds
+    apart, until one of them answers; (False, None) if neither does.
     """
     for _ in range(attempts):
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True, None
+        except BlockingIOError:
+            pass
+        try:
             text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
         except OSError:
-            return None
+            return False, None
         if text.isdigit():
-            return int(text)
+            return False, int(text)
         time.sleep(0.002)
-    return None
+    return False, None
 
 
 def remove_leftovers(folder: Path, patterns: Iterable[str]) -> list[Path]:
