@@ -186,6 +186,35 @@ def test_optimizer_accumulators_default_by_optimizer() -> None:
     assert given.model.deep_optimizer.initial_accumulator == 0.2
 
 
+def test_an_optimizer_given_in_part_keeps_its_other_defaults() -> None:
+    model = parse_config(BASE + "model: {wide_optimizer: {learning_rate: 0.3}}\n").model
+    # Changing FTRL's learning rate keeps the paper's L1 (and the name) rather than dropping it.
+    assert (model.wide_optimizer.name, model.wide_optimizer.learning_rate) == ("ftrl", 0.3)
+    assert model.wide_optimizer.l1_regularization == 0.001
+    assert parse_config(BASE + "model: {wide_optimizer: {name: ftrl}}\n").model == (
+        parse_config(BASE).model
+    )
+    # Another optimizer brings its own defaults, not the tower's.
+    adam = parse_config(BASE + "model: {deep_optimizer: {name: adam}}\n").model.deep_optimizer
+    assert (adam.learning_rate, adam.l1_regularization) == (0.001, 0.0)
+    switched = parse_config(BASE + "model: {wide_optimizer: {name: adagrad}}\n").model
+    assert switched.wide_optimizer.l1_regularization == 0.0
+    assert switched.wide_optimizer.initial_accumulator == 0.001
+
+
+def test_an_optimizer_refuses_settings_it_would_ignore() -> None:
+    with pytest.raises(ConfigError, match=r"model.deep_optimizer.l1_regularization: only FTRL"):
+        parse_config(BASE + "model: {deep_optimizer: {name: adagrad, l1_regularization: 0.1}}\n")
+    with pytest.raises(
+        ConfigError, match=r"model.deep_optimizer.initial_accumulator_value: only FTRL and AdaGrad"
+    ):
+        parse_config(
+            BASE + "model: {deep_optimizer: {name: sgd, initial_accumulator_value: 0.1}}\n"
+        )
+    with pytest.raises(ConfigError, match=r"model.deep_optimizer.name: unknown optimizer 'lbfgs'"):
+        parse_config(BASE + "model: {deep_optimizer: {name: lbfgs}}\n")
+
+
 def test_missing_required_keys() -> None:
     with pytest.raises(ConfigError, match=r"^label: required"):
         parse_config("model_name: m\nfeatures: {a: {kind: categorical}}\n")

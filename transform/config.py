@@ -166,6 +166,25 @@ class OptimizerConfig:
         return DEFAULT_INITIAL_ACCUMULATOR.get(self.name, 0.1)
 
 
+OPTIMIZER_DEFAULTS: dict[str, OptimizerConfig] = {
+    "ftrl": OptimizerConfig(name="ftrl", learning_rate=0.5, l1_regularization=0.001),
+    "adagrad": OptimizerConfig(name="adagrad", learning_rate=0.1),
+    "adam": OptimizerConfig(name="adam", learning_rate=0.001),
+    "sgd": OptimizerConfig(name="sgd", learning_rate=0.01),
+}
+"""Each optimizer's settings where a config names it but leaves them out.
+
+A tower's optimizer given only some keys takes the others from here, and its ``name`` from the
+tower's default: ``wide_optimizer: {learning_rate: 0.3}`` is FTRL at 0.3 that keeps the paper's
+L1, not FTRL without it.
+"""
+
+FTRL_ONLY = ("l1_regularization", "l2_regularization")
+"""Settings only FTRL reads: another optimizer given one refuses it rather than ignore it."""
+
+ACCUMULATING = ("ftrl", "adagrad")
+"""The optimizers that read ``initial_accumulator_value``."""
+
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 """Values of ``model.compute_dtype``."""
 
@@ -194,10 +213,8 @@ class ModelConfig:
     compute_dtype: str = "auto"
     embedding_stddev: float = 0.05
     unknown_id_rate: float = 0.05
-    wide_optimizer: OptimizerConfig = OptimizerConfig(
-        name="ftrl", learning_rate=0.5, l1_regularization=0.001
-    )
-    deep_optimizer: OptimizerConfig = OptimizerConfig(name="adagrad", learning_rate=0.1)
+    wide_optimizer: OptimizerConfig = OPTIMIZER_DEFAULTS["ftrl"]
+    deep_optimizer: OptimizerConfig = OPTIMIZER_DEFAULTS["adagrad"]
 
 
 EARLY_STOPPING_METRICS = ("auc", "log_loss")
@@ -614,6 +631,8 @@ def parse_config(text_or_data: str | Mapping[str, Any]) -> Config:
     data["crosses"] = parsed_crosses
     if "data_validation" in data:
         data["data_validation"] = _data_validation(data["data_validation"])
+    if isinstance(data.get("model"), Mapping):
+        data["model"] = _completed_optimizers(data["model"])
     if isinstance(data.get("validation"), Mapping) and "slices" in data["validation"]:
         data["validation"] = {
             **data["validation"],
@@ -623,6 +642,27 @@ def parse_config(text_or_data: str | Mapping[str, Any]) -> Config:
     config = dataclasses.replace(config, features=tuple(_resolve(f) for f in config.features))
     _validate(config)
     return config
+
+
+def _completed_optimizers(model: Mapping[str, Any]) -> dict[str, Any]:
+    """``model`` with each tower's optimizer filled in from :data:`OPTIMIZER_DEFAULTS`."""
+    model = dict(model)
+    for key in ("wide_optimizer", "deep_optimizer"):
+        given = model.get(key)
+        if not isinstance(given, Mapping):
+            continue  # absent (the default) or not a mapping (_build names the key)
+        name = given.get("name", getattr(ModelConfig, key).name)
+        base = OPTIMIZER_DEFAULTS.get(name) if isinstance(name, str) else None
+        if base is None:
+            raise ConfigError(
+                f"model.{key}.name: unknown optimizer {name!r}; expected one of "
+                f"{', '.join(OPTIMIZER_DEFAULTS)}"
+            )
+        # The named optimizer's own defaults, not the tower's: a wide tower switched to AdaGrad
+        # does not inherit FTRL's L1 (which AdaGrad would refuse).
+        filled = {k: v for k, v in dataclasses.asdict(base).items() if v is not None}
+        model[key] = {**filled, **given}
+    return model
 
 
 def _with_name(spec: Any, name: Any, where: str) -> dict[str, Any]:
@@ -916,16 +956,28 @@ def _validate_sections(config: Config) -> None:
             f"model.compute_dtype: expected one of {', '.join(COMPUTE_DTYPES)}, "
             f"got {m.compute_dtype!r}"
         )
-    for key, opt, allowed in (
-        ("model.wide_optimizer", m.wide_optimizer, ("ftrl", "adagrad", "adam", "sgd")),
-        ("model.deep_optimizer", m.deep_optimizer, ("adagrad", "adam", "sgd", "ftrl")),
+    for key, opt in (
+        ("model.wide_optimizer", m.wide_optimizer),
+        ("model.deep_optimizer", m.deep_optimizer),
     ):
-        if opt.name not in allowed:
+        if opt.name not in OPTIMIZER_DEFAULTS:
             raise ConfigError(
-                f"{key}.name: unknown optimizer {opt.name!r}; expected one of {', '.join(allowed)}"
+                f"{key}.name: unknown optimizer {opt.name!r}; expected one of "
+                f"{', '.join(OPTIMIZER_DEFAULTS)}"
             )
         if opt.learning_rate <= 0:
             raise ConfigError(f"{key}.learning_rate: must be > 0, got {opt.learning_rate}")
+        for attr in FTRL_ONLY:
+            if opt.name != "ftrl" and getattr(opt, attr):
+                raise ConfigError(
+                    f"{key}.{attr}: only FTRL reads it, and this tower's optimizer is "
+                    f"{opt.name!r}; remove it or use name: ftrl"
+                )
+        if opt.name not in ACCUMULATING and opt.initial_accumulator_value is not None:
+            raise ConfigError(
+                f"{key}.initial_accumulator_value: only FTRL and AdaGrad read it, and this "
+                f"tower's optimizer is {opt.name!r}; remove it"
+            )
         for attr in ("l1_regularization", "l2_regularization", "initial_accumulator_value"):
             if (getattr(opt, attr) or 0) < 0:
                 raise ConfigError(f"{key}.{attr}: must be >= 0, got {getattr(opt, attr)}")
