@@ -24,7 +24,14 @@ from serving.release.deploy import LOCK_FILE, DeployError, deploy, rollback
 from serving.release.server_client import ModelServerClient
 from serving.release.validate import read_raw_eval_examples, score_in_process, validate
 from serving.server import ModelServer, ServerSettings
-from transform.artifacts import WARMUP_DIR, export_dir, model_server_config, versions
+from transform.artifacts import (
+    WARMUP_DIR,
+    check_models_dir,
+    export_dir,
+    model_server_config,
+    versions,
+)
+from transform.errors import ArtifactError
 from transform.paths import InUseError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,6 +179,27 @@ def test_deploy_serve_query_and_rollback(
 def test_rollback_needs_a_previous_version(tmp_path: Path) -> None:
     with pytest.raises(DeployError, match="needs a previous version"):
         rollback(tmp_path, "m")
+
+
+def test_one_models_folder_is_refused_as_the_folder_of_every_model(
+    validated: Path, movies_data: Path, tmp_path: Path, config
+) -> None:
+    base = tmp_path / "base"
+    assert deploy(validated, base, config.model_name).version == 1
+    own = base / config.model_name  # what serve --model-base-path takes
+    expected = rf"holds version 1 of a model.*pass {re.escape(str(base))}$"
+    with pytest.raises(ArtifactError, match=expected):
+        deploy(validated, own, config.model_name)
+    with pytest.raises(ArtifactError, match=expected):
+        rollback(own, config.model_name)
+    with pytest.raises(ArtifactError, match=expected):
+        validate(validated, movies_data, config, models_dir=own, skip_dry_run=True)
+    # Nothing was written where no server would look, and the served version is untouched.
+    assert not (own / config.model_name).exists()
+    assert versions(base, config.model_name) == [1]
+    # A folder of every model that holds this model, or none yet, is what it should be.
+    check_models_dir(base, config.model_name)
+    check_models_dir(tmp_path / "empty", config.model_name)
 
 
 # --------------------------------------------------------------------------------------------

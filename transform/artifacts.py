@@ -351,6 +351,37 @@ def versions(models_dir: str | Path, model_name: str) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def check_models_dir(models_dir: str | Path, model_name: str) -> None:
+    """Refuses, as the folder of every model, the folder of one model's versions.
+
+    ``validate --models-dir`` and ``deploy --models-dir`` take the parent of every model
+    (``DIR/<model name>/<version>/``); TF Serving's ``--model_base_path`` is one model's folder.
+    Given the latter, validate would find no baseline and deploy would write
+    ``DIR/<model name>/<model name>/1/``, which the server reading ``DIR`` never sees.
+
+    Raises:
+      ArtifactError: ``models_dir`` holds numbered SavedModel folders and no ``model_name``.
+    """
+    folder = Path(models_dir)
+    if not folder.is_dir() or (folder / model_name).is_dir():
+        return
+    held = sorted(
+        int(p.name)
+        for p in folder.iterdir()
+        if p.name.isdigit() and (p / SAVED_MODEL_FILE).is_file()
+    )
+    if held:
+        parent = (
+            folder.parent if folder.name == model_name else f"the folder that holds {folder.name}/"
+        )
+        raise ArtifactError(
+            f"{folder}: holds version{'s' if len(held) > 1 else ''} "
+            f"{', '.join(map(str, held[-3:]))} of a model, i.e. it is one "
+            f"model's folder (serve --model-base-path); --models-dir is the folder that holds "
+            f"every model as <models dir>/{model_name}/<version>/: pass {parent}"
+        )
+
+
 def model_server_config(model_name: str, base_path: str, num_versions: int | None = None) -> Any:
     """The ``ModelServerConfig`` serving one model from its base path.
 

@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.release.server_client import ModelServerClient, ModelServerError
-from transform.artifacts import VERDICT_FILE, export_dir, version_dir, versions
+from transform.artifacts import (
+    VERDICT_FILE,
+    check_models_dir,
+    export_dir,
+    version_dir,
+    versions,
+)
 from transform.errors import WidedeepError
 from transform.paths import locked, remove_leftovers
 
@@ -162,6 +168,7 @@ def deploy(
     """
     verdict = check_verdict(model_dir)
     source = export_dir(model_dir)
+    check_models_dir(base_path, model_name)
     folder = Path(base_path) / model_name
     folder.mkdir(parents=True, exist_ok=True)
     with locked(
@@ -222,6 +229,7 @@ def rollback(
       DeployError: fewer than two versions, or the server did not confirm the previous one.
       InUseError: another deploy or rollback holds the base path (and ``wait`` is False).
     """
+    check_models_dir(base_path, model_name)
     folder = Path(base_path) / model_name
     if not folder.is_dir():
         raise DeployError(

@@ -320,6 +320,7 @@ def resolve_baseline(
     if baseline is not None:
         return Path(baseline)
     if models_dir is not None:
+        artifacts.check_models_dir(models_dir, config.model_name)
         found = versions(models_dir, config.model_name)
         if found:
             return artifacts.version_dir(models_dir, config.model_name, found[-1])
@@ -343,6 +344,9 @@ def validate(
     Raises:
       ValidationError: validation could not run (e.g. an unreadable request log).
     """
+    if models_dir is not None:
+        # A model's own folder given for the folder of every model: said before the long parts.
+        artifacts.check_models_dir(models_dir, config.model_name)
     skew_section: dict[str, Any] = {}
     skew_found: list[Any] = []
     if request_log is not None:
