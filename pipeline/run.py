@@ -491,20 +491,7 @@ class _Run:
 
     def resolve_days(self) -> None:
         """One input per day: the sub-folders of a folder, or the input itself."""
-        path = Path(self.options.input)
-        subs = (
-            sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
-            if path.is_dir()
-            else []
-        )
-        inputs = [str(p) for p in subs] or [self.options.input]
-        days = self.options.days
-        if days is not None and days > len(inputs):
-            raise RunError(
-                f"--days {days}: --input {self.options.input} holds {len(inputs)} day(s) "
-                "(a folder with one sub-folder a day plays each as a day)"
-            )
-        self.day_inputs = inputs[:days] if days else inputs
+        self.day_inputs = _day_inputs(self.options)
 
     def day(self, d: int, previous: dict[str, int] | None) -> DayResult:
         from pipeline.anomalies import blocking
@@ -846,6 +833,54 @@ def _cache_key(d: int) -> str:
     return f"day-{d:03d}"
 
 
+def _day_inputs(options: RunOptions) -> list[str]:
+    """``--input``'s days: the sub-folders of a folder, or the input itself."""
+    assert options.input is not None
+    path = Path(options.input)
+    subs = (
+        sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+        if path.is_dir()
+        else []
+    )
+    inputs = [str(p) for p in subs] or [options.input]
+    days = options.days
+    if days is not None and days > len(inputs):
+        raise RunError(
+            f"--days {days}: --input {options.input} holds {len(inputs)} day(s) "
+            "(a folder with one sub-folder a day plays each as a day)"
+        )
+    return inputs[:days] if days else inputs
+
+
+def check_columns(config: Config, options: RunOptions) -> None:
+    """Refuses, before anything is written, a config that reads a column the first day lacks.
+
+    A later day without one of the config's columns is a bad day of data (blocked, and the
+    loop goes on); the first day without one means the config does not fit the logs.
+
+    Raises:
+      RunError: the simulated log (no ``--input``) has no such column.
+      sources.InputError: the first day of ``--input`` has no such column, or holds it in a
+        type the config cannot read (naming the file and the column).
+    """
+    if options.input is None:
+        from tools.simulator import IMPRESSION_SCHEMA
+
+        split = config.data.split_by
+        wanted = [*config.raw_columns, *([split] if split else [])]
+        missing = [c for c in wanted if c not in IMPRESSION_SCHEMA.names]
+        if missing:
+            raise RunError(
+                f"the simulated app-store log has no column {missing[0]!r}, which the config "
+                f"reads; its columns are {', '.join(IMPRESSION_SCHEMA.names)}; pass --input "
+                "to run on your own logs"
+            )
+        return
+    from pipeline import sources
+
+    sources.preflight(config, sources.resolve_input(_day_inputs(options)[0]))
+
+
 def run(
     config: Config,
     out_dir: str | Path,
@@ -876,6 +911,9 @@ def run(
     if options.window is not None and not 1 <= options.window <= MAX_WINDOW_DAYS:
         raise RunError(f"--window {options.window}: expected 1 to {MAX_WINDOW_DAYS} days")
     out = Path(out_dir).absolute()
+    if overwrite or not (out / STATE_FILE).exists():
+        # A run being continued was checked when it started, and its settings cannot change.
+        check_columns(config, options)
     r = _Run(config, out, options, overwrite, echo, on_serving)
     started = time.monotonic()
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import yaml
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from pipeline.cli import main
@@ -245,6 +246,26 @@ def test_more_days_than_the_input_holds_is_refused(
     )  # fmt: skip
     assert code == 2
     assert "holds 3 day(s)" in capsys.readouterr().err
+
+
+def test_a_config_reading_a_column_the_first_day_lacks_is_refused_before_any_work(
+    movies_config: Path, movie_days: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = yaml.safe_load(movies_config.read_text())
+    # The feature reads a column under a name the logs do not use.
+    spec["features"]["occupation"]["column"] = "job"
+    renamed = tmp_path / "renamed.yaml"
+    renamed.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    argv = ["run", "--config", str(renamed), "--out", str(out)]
+    assert main([*argv, "--input", str(movie_days)]) == 2
+    err = capsys.readouterr().err
+    assert "2026-11-01" in err and "no column 'job' (feature 'occupation')" in err, err
+    # Simulated logs have the app store's columns, not the movies'.
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the simulated app-store log has no column" in err and "--input" in err, err
+    assert not out.exists()  # nothing written, so a fixed config starts afresh
 
 
 def test_simulated_run_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
