@@ -556,6 +556,14 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="candidates per request")
     p.add_argument("--parallelism", type=int, help="requests in flight at once")
     p.add_argument("--timeout", type=float, help="deadline of the whole query, seconds")
+    p.add_argument(
+        "--wait-for-server",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the server to serve the model first (a server just "
+        "started is still loading it); default 0: fail at once when it does not",
+    )
     p.add_argument("--id-key", help="candidate feature to show (default: its first key)")
     p.add_argument("--top", type=int, help="show only the best N")
     p.add_argument("--json", action="store_true", help="print the ranking as JSON")
@@ -571,12 +579,15 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
         --query examples/app_store_query.json --model-version 3
     echo '{"query": {...}, "candidates": [{...}, ...]}' | widedeep query \\
         --server localhost:8500 --model-name app_ranker
+    widedeep query --server localhost:8500 --model-name app_ranker --config app_store \\
+        --query examples/app_store_query.json --wait-for-server 60
 
     --server HOST:PORT speaks TF Serving's gRPC API (port 8500 by default); an http:// or
     https:// URL speaks its REST API (port 8501 by default), POSTing the candidates to
     /v1/models/NAME[/versions/V]:predict. Both score the same way: batches of --batch-size
     candidates, --parallelism at a time, retried when the server is unavailable, all within
-    --timeout seconds.
+    --timeout seconds. --wait-for-server first waits for a server that is still starting
+    (e.g. just launched with 'widedeep serve ... &') until it serves the model.
 
     The JSON holds "query" (features shared by every candidate: user and context) and
     "candidates" (a list of each candidate's features); examples/app_store_query.json is one
@@ -615,9 +626,15 @@ def _query(args: argparse.Namespace, extra: Sequence[str]) -> int:
         retries=base.retries,
         request=args.request,
     )
+    if args.wait_for_server < 0:
+        raise UsageError(f"--wait-for-server: expected seconds >= 0, got {args.wait_for_server}")
     with RankingClient(
         args.server, args.model_name, settings, config=config, version=args.model_version
     ) as client:
+        if args.wait_for_server:
+            client.wait_until_serving(
+                args.wait_for_server, on_wait=lambda line: print(line, file=sys.stderr)
+            )
         ranked = client.rank(payload.get("query") or {}, payload["candidates"])
     if args.json:
         print(

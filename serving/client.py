@@ -149,6 +149,10 @@ GRPC_SCHEME_PREFIX = "grpc://"
 GRPC_RESOLVER_SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock", "xds")
 
 
+SERVER_POLL_S = 0.2
+"""How often :meth:`RankingClient.wait_until_serving` asks a server that is not serving yet."""
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where a model server listens and which of its APIs the client speaks.
@@ -657,6 +661,40 @@ class RankingClient:
                     raise ScoringError(f"deadline of {s.timeout_s} s exceeded while retrying{last}")
                 time.sleep(backoff)
         return np.concatenate([x for x in scores if x is not None])
+
+    def wait_until_serving(
+        self, timeout_s: float, on_wait: Callable[[str], None] | None = None
+    ) -> float:
+        """Waits until the server answers for the model (or the version asked for); returns
+        the seconds waited.
+
+        A server started moments ago is still loading its models (seconds, warmup included):
+        until then it refuses connections or does not know the model.
+
+        Raises:
+          ScoringError: no answer within ``timeout_s``, with the last error seen.
+        """
+        started = time.monotonic()
+        deadline = started + timeout_s
+        told = False
+        while True:
+            try:
+                # GetModelMetadata answers once a version is loaded, on either API.
+                attempt = min(deadline, time.monotonic() + 5.0)
+                self._transport.signature_inputs(RAW_SIGNATURE, max(attempt, time.monotonic()))
+                return time.monotonic() - started
+            except _Failure as e:
+                if time.monotonic() >= deadline:
+                    raise ScoringError(
+                        f"{e.message} (after waiting {timeout_s:g} s for the server)"
+                    ) from None
+                if not told and on_wait is not None:
+                    on_wait(
+                        f"waiting up to {timeout_s:g} s for {self.model_name!r} at "
+                        f"{self.endpoint}: {e.message}"
+                    )
+                    told = True
+            time.sleep(min(SERVER_POLL_S, max(0.0, deadline - time.monotonic())))
 
     def model_inputs(self, required: bool = False) -> dict[str, int] | None:
         """The inputs of the served model's ``raw_features`` signature (name -> DataType).

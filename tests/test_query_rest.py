@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import socket
 import threading
@@ -138,6 +139,54 @@ def test_unreachable_server_says_so(api: str) -> None:
         pytest.raises(ScoringError, match=f"cannot reach the model server at {target}"),
     ):
         client.score(QUERY, CANDIDATES[:2])
+
+
+@pytest.mark.parametrize("api", ["grpc", "rest"])
+def test_a_query_waits_for_a_server_that_is_still_starting(
+    movies_model: Path, movies_small_config, tmp_path: Path, api: str
+) -> None:
+    name = movies_small_config.model_name
+    base = tmp_path / name
+    base.mkdir()
+    (base / "1").symlink_to(export_dir(movies_model).absolute())
+    with _closed_port() as port:
+        pass  # a port nothing listens on; the server takes it once the client is waiting
+    settings = ServerSettings(
+        model_name=name,
+        model_base_path=str(base),
+        port=port if api == "grpc" else 0,
+        rest_api_port=port if api == "rest" else 0,
+        file_system_poll_wait_seconds=0,
+    )
+    target = f"http://127.0.0.1:{port}" if api == "rest" else f"127.0.0.1:{port}"
+    said: list[str] = []
+    servers: list[ModelServer] = []
+
+    def start_server(line: str) -> None:
+        said.append(line)
+        servers.append(ModelServer(settings).__enter__())
+
+    try:
+        with RankingClient(target, name, QUICK, movies_small_config) as client:
+            client.wait_until_serving(60, on_wait=start_server)
+            ranked = client.rank(QUERY, CANDIDATES)
+    finally:
+        for started in servers:
+            started.__exit__(None, None, None)
+    assert len(said) == 1 and f"waiting up to 60 s for {name!r} at {target}" in said[0], said
+    assert len(ranked) == len(CANDIDATES)
+
+
+def test_waiting_for_a_server_that_never_comes_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps({"query": QUERY, "candidates": []})))
+    with _closed_port() as port:
+        argv = ["query", "--server", f"127.0.0.1:{port}", "--model-name", "m"]
+        assert main([*argv, "--wait-for-server", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "waiting up to 0.5 s for 'm'" in err
+    assert "cannot reach the model server" in err and "after waiting 0.5 s" in err, err
 
 
 def test_rest_client_on_the_grpc_port_says_which_port(server: ModelServer) -> None:
