@@ -133,13 +133,16 @@ def test_simulate_then_datagen_through_the_console_script(tmp_path: Path) -> Non
     assert run.returncode == 0, run.stderr
     assert "cuInit" not in run.stderr, run.stderr
     assert "eval        AUC" in run.stdout and (model / "export" / "saved_model.pb").exists()
+    served = tmp_path / "serving_models"  # nothing deployed yet: said, not an error
     run = subprocess.run(
-        [str(exe), "validate", "--model", str(model), "--data", str(data), "--skip-dry-run"],
+        [str(exe), "validate", "--model", str(model), "--data", str(data), "--skip-dry-run",
+         "--models-dir", str(served)],
         capture_output=True,
         text=True,
-    )
+    )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "validate: PASSED" in run.stdout and (model / "verdict.json").exists()
+    assert f"no version of 'app_ranker' in {served / 'app_ranker'}" in run.stderr, run.stderr
     # A second run into the same folder is refused and leaves it as it was.
     again = subprocess.run(
         [str(exe), "datagen", "--config", "app_store", "--input", str(logs), "--out", str(data)],
