@@ -679,9 +679,11 @@ class RankingClient:
         told = False
         while True:
             try:
-                # GetModelMetadata answers once a version is loaded, on either API.
-                attempt = min(deadline, time.monotonic() + 5.0)
-                self._transport.signature_inputs(RAW_SIGNATURE, max(attempt, time.monotonic()))
+                # GetModelMetadata answers once a version is loaded, on either API; one
+                # attempt may hang on a half-started server, so it gets a few seconds only.
+                self._transport.signature_inputs(
+                    RAW_SIGNATURE, min(deadline, time.monotonic() + 5.0)
+                )
                 return time.monotonic() - started
             except _Failure as e:
                 if time.monotonic() >= deadline:
