@@ -7,7 +7,7 @@ It is the single source of truth: the raw parsing spec, the tf.Transform ``prepr
 the model inputs and the serving signature are all derived from it.
 
 Every problem is reported as a :class:`ConfigError` whose message names the key, e.g.
-``features.country.min_count: expected an integer >= 1, got 'ten'``.
+``features.country.min_count: expected an integer, got 'ten'``.
 """
 
 from __future__ import annotations
@@ -1026,7 +1026,13 @@ def _validate_sections(config: Config) -> None:
     _positive("validation.num_candidates", v.num_candidates)
     _positive("validation.num_requests", v.num_requests)
     _positive("validation.slice_min_rows", v.slice_min_rows)
-    _bounded("validation.bootstrap_resamples", v.bootstrap_resamples, MAX_BOOTSTRAP_RESAMPLES)
+    _bounded(
+        "validation.bootstrap_resamples",
+        v.bootstrap_resamples,
+        MAX_BOOTSTRAP_RESAMPLES,
+        why="the gate holds a weight for every eval row in every resample (4 bytes each), "
+        "which past this would not fit in memory for a large eval split",
+    )
     if v.latency_budget_ms <= 0 or v.load_timeout_s <= 0:
         raise ConfigError("validation: latency_budget_ms and load_timeout_s must be > 0")
     _validate_slices(config)
@@ -1117,14 +1123,13 @@ def _positive(key: str, value: int) -> None:
         raise ConfigError(f"{key}: expected an integer >= 1, got {value}")
 
 
-def _bounded(key: str, value: int, largest: int) -> None:
-    """An integer >= 1 and at most `largest`: past it, the model would not fit in memory."""
+def _bounded(
+    key: str, value: int, largest: int, why: str = "a model that large would not fit in memory"
+) -> None:
+    """An integer >= 1 and at most `largest`; ``why`` says what past it would do."""
     _positive(key, value)
     if value > largest:
-        raise ConfigError(
-            f"{key}: {value:,} is more than the largest allowed, {largest:,}; a model that "
-            "large would not fit in memory"
-        )
+        raise ConfigError(f"{key}: {value:,} is more than the largest allowed, {largest:,}; {why}")
 
 
 def _unknown(name: str, known: list[str]) -> str:
