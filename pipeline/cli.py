@@ -90,13 +90,35 @@ def _quiet_tensorflow(verbose: bool) -> None:
         os.close(saved)
 
 
+OWN_PACKAGES = ("pipeline", "transform", "trainer", "serving", "tools")
+"""The project's top-level packages: their loggers speak at INFO."""
+
+
+class _OwnErrorsSaidOnce(logging.Filter):
+    """Drops a library's log of an error this project raised on purpose.
+
+    The command line prints such an error as its one line; Beam also logs an exception raised
+    in a DoFn (a log's bad label, say) with its whole traceback first, which would bury that
+    line and read like a bug.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from transform.errors import WidedeepError
+
+        error = record.exc_info[1] if record.exc_info else None
+        own = record.name.split(".")[0] in OWN_PACKAGES
+        return own or not isinstance(error, WidedeepError)
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for name in ("pipeline", "transform", "trainer", "serving", "tools"):
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_OwnErrorsSaidOnce())
+    for name in OWN_PACKAGES:
         logging.getLogger(name).setLevel(logging.INFO)
     if not verbose:
         for name in ("absl", "apache_beam", "tensorflow", "tensorflow_transform"):

@@ -449,20 +449,49 @@ def _preflight_parquet(config: Config, path: str) -> tuple[int, pa.Schema]:
                 f"{path}: column {column!r} ({_what(column, config)}) has {nulls} missing "
                 f"value(s); {_missing_advice(column, config)}"
             )
+    # So are the label's smallest and largest values: a rating or a count is found at once.
+    label_type = schema.field(config.label).type
+    if pa.types.is_integer(label_type) or pa.types.is_floating(label_type):
+        low, high = _parquet_min_max(meta, config.label)
+        if (low is not None and low < 0) or (high is not None and high > 1):
+            raise InputError(
+                f"{path}: label column {config.label!r} holds values from {low} to {high}; "
+                f"{LABEL_VALUES}"
+            )
     return meta.num_rows, schema
 
 
-def _parquet_null_count(meta: pq.FileMetaData, column: str) -> int:
+LABEL_VALUES = (
+    "labels must be 0 or 1 (make a rating or a count a 0/1 column of the log, e.g. 1 where "
+    "rating >= 4)"
+)
+"""What a label must be, said wherever one is refused."""
+
+
+def _parquet_statistics(meta: pq.FileMetaData, column: str) -> list[Any]:
+    """The footer's statistics of ``column`` in each row group that has them."""
     index = [meta.schema.column(i).path.split(".")[0] for i in range(meta.num_columns)]
-    total = 0
+    found = []
     for rg in range(meta.num_row_groups):
         for i, name in enumerate(index):
             if name != column:
                 continue
             stats = meta.row_group(rg).column(i).statistics
-            if stats is not None and stats.has_null_count:
-                total += stats.null_count
-    return total
+            if stats is not None:
+                found.append(stats)
+    return found
+
+
+def _parquet_null_count(meta: pq.FileMetaData, column: str) -> int:
+    return sum(s.null_count for s in _parquet_statistics(meta, column) if s.has_null_count)
+
+
+def _parquet_min_max(meta: pq.FileMetaData, column: str) -> tuple[Any, Any]:
+    """The smallest and largest value of ``column`` the footer records (None: not recorded)."""
+    stats = [s for s in _parquet_statistics(meta, column) if s.has_min_max]
+    if not stats:
+        return None, None
+    return min(s.min for s in stats), max(s.max for s in stats)
 
 
 def _preflight_csv(config: Config, path: str, int_columns: Sequence[str]) -> None:
@@ -1143,7 +1172,7 @@ def labels_of(arr: pa.Array, where: str, config: Config) -> pa.Array:
     ok = pc.or_(pc.equal(arr, 0), pc.equal(arr, 1)) if not pa.types.is_boolean(arr.type) else None
     if ok is not None and not pc.all(ok).as_py():
         bad = pc.filter(arr, pc.invert(ok))[0]
-        raise InputError(f"{where} holds {bad}; labels must be 0 or 1")
+        raise InputError(f"{where} holds {bad}; {LABEL_VALUES}")
     return arr.cast(pa.int64())
 
 

@@ -254,6 +254,30 @@ def _parquet(table: pa.Table, folder: Path) -> str:
     return str(logs.write_parquet(table, folder, shards=1))
 
 
+def test_a_bad_label_found_by_the_beam_job_is_one_line(
+    small_table: pa.Table, tmp_path: Path
+) -> None:
+    """An error raised in a Beam DoFn (here a label of 0.5, which no footer shows) ends the
+    command with its one line: Beam's own log of it, with a traceback, is not printed."""
+    liked = small_table.schema.get_field_index("liked")
+    labels = [float(v) for v in small_table["liked"].to_pylist()]
+    labels[7] = 0.5
+    table = small_table.set_column(liked, "liked", pa.array(labels, pa.float64()))
+    log = _parquet(table, tmp_path / "log")
+    exe = Path(sys.executable).with_name("widedeep")
+    run = subprocess.run(
+        [str(exe), "datagen", "--config", "movies", "--input", log, "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stderr
+    lines = [li for li in run.stderr.splitlines() if li.strip()]
+    assert "Traceback" not in run.stderr, run.stderr
+    assert "label column 'liked' holds 0.5; labels must be 0 or 1" in lines[-1], run.stderr
+    assert lines[-1].startswith("widedeep datagen: error: ")
+
+
 def test_missing_column_is_named(small_table: pa.Table, tmp_path: Path) -> None:
     log = _parquet(small_table.drop_columns(["genres"]), tmp_path / "log")
     with pytest.raises(InputError, match=r"part-00000.parquet: no column 'genres' \(feature"):
@@ -818,3 +842,10 @@ def test_labels_as_logs_hold_them(small_table: pa.Table, tmp_path: Path) -> None
     )
     with pytest.raises(InputError, match=r"log.tfrecord: label 'liked' holds 2; labels must be"):
         sources.fill_missing(MOVIES, decoded, "log.tfrecord")
+    # A rating given as the label is found in the Parquet footer, before any row is read.
+    stars = [3 + v for v in small_table["liked"].to_pylist()]
+    ratings = small_table.set_column(liked, "liked", pa.array(stars, pa.int64()))
+    path = _parquet(ratings, tmp_path / "ratings") + "/part-00000.parquet"
+    expected = r"'liked' holds values from 3 to 4; labels must be 0 or 1 \(make a rating"
+    with pytest.raises(InputError, match=expected):
+        sources.preflight(MOVIES, sources.InputFiles(parquet, (path,)))
