@@ -387,6 +387,40 @@ def test_the_gate_fails_a_model_that_ranks_worse_than_popularity(
     assert validate(trained, movies_data, config, skip_dry_run=True).passed
 
 
+def test_the_gate_fails_a_model_no_better_than_chance_even_with_nothing_to_compare(
+    tmp_path: Path,
+) -> None:
+    """No item (so no popularity) and no baseline: a model that ranks the eval rows worse than
+    a random order still fails. Trained where a high price means a purchase, it is judged on
+    a log where a low one does."""
+    import pyarrow as pa
+
+    from pipeline.datagen import run_datagen
+    from tests import logs
+    from trainer.train import train
+    from transform.config import parse_config
+
+    config = parse_config(
+        "model_name: shop\nlabel: bought\n"
+        "features:\n  shop: {kind: categorical, towers: [wide]}\n"
+        "  price: {kind: numeric, quantiles: 4, towers: [wide, deep]}\n"
+        "model: {hidden_units: [8], embedding_dim: 4}\ntraining: {epochs: 2, batch_size: 64}\n"
+    )
+    rng = np.random.default_rng(0)
+    price = rng.random(2000) * 10
+    data = {}
+    for name, bought in (("high", price > 5), ("low", price <= 5)):
+        table = pa.table({"shop": ["s"] * 2000, "price": price, "bought": bought.astype(int)})
+        log = logs.write_parquet(table, tmp_path / f"log_{name}", shards=1)
+        data[name] = tmp_path / f"data_{name}"
+        run_datagen(config, str(log), data[name], echo=None)
+    train(config, data["high"], tmp_path / "model", verbose=0)
+    verdict = validate(tmp_path / "model", data["low"], config, skip_dry_run=True)
+    assert verdict.quality["popularity"] is None and verdict.baseline is None
+    assert verdict.quality["auc"] < 0.5 and not verdict.passed
+    assert any("does not beat chance (0.5)" in r for r in verdict.reasons), verdict.reasons
+
+
 def _raw_value(serialized: bytes, name: str) -> str:
     import tensorflow as tf
 

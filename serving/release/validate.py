@@ -260,6 +260,9 @@ def _replay_warmup(client: ModelServerClient, model_dir: str | Path, result: dic
 # --------------------------------------------------------------------------------------------
 # Item popularity: the least a ranking model must beat
 
+CHANCE_AUC = 0.5
+"""The AUC of a random order: a model at or below it fails whatever it is compared with."""
+
 
 def item_popularity(
     data_dir: str | Path, config: Config, examples: Sequence[bytes]
@@ -373,6 +376,12 @@ def validate(
         "auc_tolerance": config.validation.auc_tolerance,
         "log_loss_tolerance": config.validation.log_loss_tolerance,
     }
+    if quality["auc"] <= CHANCE_AUC:
+        # Whatever else is measured, no baseline or item to compare with included.
+        verdict.reasons.append(
+            f"eval AUC {quality['auc']:.4f} does not beat chance ({CHANCE_AUC}): the model ranks "
+            "the eval rows no better than a random order"
+        )
     popularity = item_popularity(data_dir, config, examples)
     if popularity is None:
         quality["popularity"] = None
@@ -458,6 +467,11 @@ def format_verdict(verdict: Verdict) -> str:
     if pop:
         lines.append(
             f"  popularity   AUC {pop['auc']:.4f}  (each {pop['item']}'s label rate in training)"
+        )
+    elif "popularity" in q:
+        lines.append(
+            "  popularity   not compared: the config names no item (set `item` to the column "
+            "of the ranked item)"
         )
     if verdict.baseline:
         lines.append(
