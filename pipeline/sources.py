@@ -454,10 +454,8 @@ def _preflight_parquet(config: Config, path: str) -> tuple[int, pa.Schema]:
     if pa.types.is_integer(label_type) or pa.types.is_floating(label_type):
         low, high = _parquet_min_max(meta, config.label)
         if (low is not None and low < 0) or (high is not None and high > 1):
-            raise InputError(
-                f"{path}: label column {config.label!r} holds values from {low} to {high}; "
-                f"{LABEL_VALUES}"
-            )
+            held = f"only {low}" if low == high else f"values from {low} to {high}"
+            raise InputError(f"{path}: label column {config.label!r} holds {held}; {LABEL_VALUES}")
     return meta.num_rows, schema
 
 

@@ -335,8 +335,9 @@ def test_label_must_be_binary(small_table: pa.Table, tmp_path: Path) -> None:
         pa.array([3] * small_table.num_rows, pa.int64()),
     )
     log = _parquet(table, tmp_path / "log")
-    with pytest.raises(Exception, match=r"label column 'liked' holds 3"):
+    with pytest.raises(InputError, match=r"label column 'liked' holds only 3; labels must be 0"):
         run_datagen(MOVIES, log, tmp_path / "out", echo=None)
+    assert not (tmp_path / "out").exists()  # refused from the footer, before the Beam job
 
 
 def test_empty_input(small_table: pa.Table, tmp_path: Path) -> None:
