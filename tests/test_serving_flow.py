@@ -6,6 +6,7 @@ the dry run, the built-in server watching a base path, and the standard TF Servi
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -22,7 +23,12 @@ from serving import tfserving
 from serving.client import ClientSettings, RankingClient, ScoringError
 from serving.release.deploy import LOCK_FILE, DeployError, deploy, rollback
 from serving.release.server_client import ModelServerClient
-from serving.release.validate import read_raw_eval_examples, score_in_process, validate
+from serving.release.validate import (
+    ValidationError,
+    read_raw_eval_examples,
+    score_in_process,
+    validate,
+)
 from serving.server import ModelServer, ServerSettings
 from transform.artifacts import (
     WARMUP_DIR,
@@ -387,7 +393,7 @@ def test_the_gate_fails_a_model_that_ranks_worse_than_popularity(
     assert validate(trained, movies_data, config, skip_dry_run=True).passed
 
 
-def test_the_gate_fails_a_model_no_better_than_chance_even_with_nothing_to_compare(
+def test_the_gate_fails_a_model_no_better_than_chance_and_refuses_data_it_cannot_read(
     tmp_path: Path,
 ) -> None:
     """No item (so no popularity) and no baseline: a model that ranks the eval rows worse than
@@ -419,6 +425,13 @@ def test_the_gate_fails_a_model_no_better_than_chance_even_with_nothing_to_compa
     assert verdict.quality["popularity"] is None and verdict.baseline is None
     assert verdict.quality["auc"] < 0.5 and not verdict.passed
     assert any("does not beat chance (0.5)" in r for r in verdict.reasons), verdict.reasons
+    # Eval examples made with a config that reads no price cannot be scored by this model.
+    shop_only = dataclasses.replace(
+        config, features=tuple(f for f in config.features if f.name != "price")
+    )
+    run_datagen(shop_only, str(tmp_path / "log_high"), tmp_path / "data_shop", echo=None)
+    with pytest.raises(ValidationError, match=r"data_shop: its examples have no column 'price'"):
+        validate(tmp_path / "model", tmp_path / "data_shop", config, skip_dry_run=True)
 
 
 def _raw_value(serialized: bytes, name: str) -> str:

@@ -122,6 +122,25 @@ def read_raw_eval_examples(
     return records, labels
 
 
+def _check_data_fits(data_dir: str | Path, config: Config) -> None:
+    """Refuses a datagen output whose raw examples lack a column the model reads.
+
+    Raises:
+      ValidationError: naming the columns, when ``data_dir`` was made with a config that does
+        not read them (its examples could not be parsed by the model).
+    """
+    recorded = recorded_raw_spec(data_dir)
+    if recorded is None:
+        return  # not a datagen output: read_raw_eval_examples says so
+    missing = [c for c in config.raw_columns if c not in recorded]
+    if missing:
+        raise ValidationError(
+            f"{data_dir}: its examples have no column {', '.join(map(repr, missing))}, which "
+            f"the model reads: it was made with another config; validate against a datagen "
+            f"output of the model's config ({config.model_name!r})"
+        )
+
+
 def score_in_process(
     model_dir: str | Path, examples: Sequence[bytes], batch_size: int = 4096
 ) -> np.ndarray:
@@ -360,6 +379,7 @@ def validate(
             skew_section, skew_found = skew_report(config, request_log, data_dir)
         except (RequestLogError, ArtifactError) as error:
             raise ValidationError(str(error)) from None
+    _check_data_fits(data_dir, config)
     examples, labels = read_raw_eval_examples(data_dir, config.label)
     scores = score_in_process(model_dir, examples)
     verdict = Verdict(
