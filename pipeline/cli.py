@@ -448,25 +448,16 @@ def _validate_arguments(p: argparse.ArgumentParser) -> None:
 )
 def _validate(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from serving.release.validate import format_verdict, validate
-    from transform.artifacts import versions
 
-    config = _model_config(args.config, args.model)
-    if args.models_dir is not None and not versions(args.models_dir, config.model_name):
-        # Right before a first deploy, or a misspelt folder: either way, said before the wait.
-        where = Path(args.models_dir) / config.model_name
-        print(
-            f"validate: no version of {config.model_name!r} in {where}: the model is judged "
-            "without a baseline",
-            file=sys.stderr,
-        )
     verdict = validate(
         args.model,
         args.data,
-        config,
+        _model_config(args.config, args.model),
         baseline=args.baseline,
         models_dir=args.models_dir,
         skip_dry_run=args.skip_dry_run,
         request_log=args.request_log,
+        echo=lambda line: print(line, file=sys.stderr),
     )
     print(format_verdict(verdict))
     return 0 if verdict.passed else 1

@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -336,9 +336,19 @@ def item_popularity(
 
 
 def resolve_baseline(
-    config: Config, baseline: str | Path | None, models_dir: str | Path | None
+    config: Config,
+    baseline: str | Path | None,
+    models_dir: str | Path | None,
+    echo: Callable[[str], None] | None = None,
 ) -> Path | None:
-    """The baseline model: the one given, or the newest version under the base path."""
+    """The baseline model: the one given, or the newest version under the base path.
+
+    ``echo`` is told when ``models_dir`` holds no version of the model (right before a first
+    deploy, or a misspelt folder).
+
+    Raises:
+      ArtifactError: ``models_dir`` is one model's folder, not the folder of every model.
+    """
     if baseline is not None:
         return Path(baseline)
     if models_dir is not None:
@@ -346,6 +356,11 @@ def resolve_baseline(
         found = versions(models_dir, config.model_name)
         if found:
             return artifacts.version_dir(models_dir, config.model_name, found[-1])
+        if echo is not None:
+            echo(
+                f"validate: no version of {config.model_name!r} in "
+                f"{Path(models_dir) / config.model_name}: the model is judged without a baseline"
+            )
     return None
 
 
@@ -357,18 +372,19 @@ def validate(
     models_dir: str | Path | None = None,
     skip_dry_run: bool = False,
     request_log: str | Path | None = None,
+    echo: Callable[[str], None] | None = None,
 ) -> Verdict:
     """Runs the dry run and the quality check and writes ``<model_dir>/verdict.json``.
 
     With ``request_log`` (a request log folder or file of the model server), the logged
     requests' features are compared with the training statistics of ``data_dir`` too.
+    ``echo`` gets the notes worth a line before the long parts (see :func:`resolve_baseline`).
 
     Raises:
       ValidationError: validation could not run (e.g. an unreadable request log).
     """
-    if models_dir is not None:
-        # A model's own folder given for the folder of every model: said before the long parts.
-        artifacts.check_models_dir(models_dir, config.model_name)
+    # First, as the other checks of what was given: before the long parts.
+    base = resolve_baseline(config, baseline, models_dir, echo)
     skew_section: dict[str, Any] = {}
     skew_found: list[Any] = []
     if request_log is not None:
@@ -420,7 +436,6 @@ def validate(
                 f"({popularity['item']}'s label rate in the training split: AUC {pop_auc:.4f} on "
                 f"the same eval rows" + (f", margin {margin}" if margin else "") + ")"
             )
-    base = resolve_baseline(config, baseline, models_dir)
     base_scores = None
     if base is not None:
         verdict.baseline = str(base.absolute())
