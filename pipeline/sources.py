@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import difflib
+import glob
 import io
 import itertools
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -123,10 +125,18 @@ def resolve_input(patterns: str | Sequence[str], fmt: InputFormat | None = None)
     paths: list[str] = []
     for pattern in patterns:
         folder = _is_folder(pattern)
+        glob_pattern = pattern
         if folder:
-            pattern = FileSystems.join(pattern.rstrip("/"), "**")  # every file below it
+            # Every file below it; the folder's own name is taken literally ('[' included).
+            glob_pattern = FileSystems.join(_literal(pattern.rstrip("/")), "**")
+            pattern = FileSystems.join(pattern.rstrip("/"), "**")
+        elif "://" not in pattern and os.path.isfile(pattern):
+            glob_pattern = _literal(pattern)  # a file named as it is, '[' or '*' in its name
         try:
-            metadata = FileSystems.match([pattern])[0].metadata_list
+            with warnings.catch_warnings():
+                # Beam's glob-to-regex translation warns of an escaped '[' as a nested set.
+                warnings.simplefilter("ignore", FutureWarning)
+                metadata = FileSystems.match([glob_pattern])[0].metadata_list
         except Exception as e:  # Beam raises BeamIOError with a nested cause
             raise InputError(f"--input {pattern}: {e}") from None
         found = sorted(m.path for m in metadata if not _is_hidden(m.path) and m.size_in_bytes > 0)
@@ -138,7 +148,7 @@ def resolve_input(patterns: str | Sequence[str], fmt: InputFormat | None = None)
                 if _known_format(p, fmt) and (fmt is not None or _has_data_suffix(p))
             ]
         if not found:
-            raise InputError(f"--input {pattern}: matches no non-empty data file")
+            raise InputError(f"--input {pattern}: {_why_nothing_found(pattern, metadata)}")
         paths.extend(found)
     if fmt is None:
         formats = {p: detect_format(p) for p in paths}
@@ -149,6 +159,25 @@ def resolve_input(patterns: str | Sequence[str], fmt: InputFormat | None = None)
             raise InputError(f"--input: the files mix formats: {listing}")
         fmt = kinds.pop()
     return InputFiles(format=fmt, paths=tuple(dict.fromkeys(paths)))
+
+
+def _literal(path: str) -> str:
+    """A local path as a glob pattern that matches just that path."""
+    return path if "://" in path else glob.escape(path)
+
+
+def _why_nothing_found(pattern: str, metadata: Sequence[Any]) -> str:
+    """Why a pattern gave no data file: a path that is not there reads better as such than as
+    a glob that matched nothing."""
+    wildcard = any(c in pattern for c in "*?[")
+    if not wildcard and not metadata and "://" not in pattern:
+        return "no such file or folder"
+    if not wildcard and len(metadata) == 1:
+        if _is_hidden(metadata[0].path):
+            return "a marker file (its name starts with '_' or '.', or ends in .crc), not data"
+        if metadata[0].size_in_bytes == 0:
+            return "the file is empty"
+    return "matches no non-empty data file"
 
 
 def check_output_apart(
@@ -177,8 +206,9 @@ def check_output_apart(
     for pattern in patterns:
         if "://" in pattern:
             continue
-        root = _glob_root(pattern)
-        recursive = _is_folder(pattern) or "**" in pattern
+        folder = _is_folder(pattern)
+        root = Path(pattern).absolute() if folder else _glob_root(pattern)
+        recursive = folder or "**" in pattern
         if recursive and (out == root or root in out.parents):
             raise InputError(
                 f"--out {out} is inside --input {pattern}: a later run would read the output "
@@ -276,6 +306,31 @@ def _describe_expected(feature: Feature | None) -> str:
     if feature.kind is Kind.CATEGORICAL_LIST:
         return f"lists of {item} (or strings of them joined by data.list_delimiter)"
     return item + (" or integers" if feature.dtype is DType.STRING else "")
+
+
+_TIME_ADVICE = (
+    " (a time is not read as a feature as it is: add the part the model should see as a "
+    "column of its own, e.g. the hour or the day of the week as integers, or an age in days "
+    "as a number, and name that column in the config)"
+)
+_TIME_TEXT = re.compile(r"\d{4}-\d{1,2}-\d{1,2}([ T]\d{1,2}:\d{2}.*)?$|\d{1,2}:\d{2}(:\d{2}.*)?$")
+"""A date, a date and time, or a time of day written as text (ISO 8601 and the like)."""
+
+
+def _time_advice(arrow_type: pa.DataType) -> str:
+    """What to do with a time column, which no feature kind reads as it is: a number of
+    seconds (or days) since the epoch would mean nothing the same way to the serving clients
+    that must send it, and what a model can use of a time is a part of it."""
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    if not (
+        pa.types.is_timestamp(arrow_type)
+        or pa.types.is_date(arrow_type)
+        or pa.types.is_time(arrow_type)
+        or pa.types.is_duration(arrow_type)
+    ):
+        return ""
+    return _TIME_ADVICE
 
 
 def _compatible(arrow_type: pa.DataType, feature: Feature | None) -> bool:
@@ -434,7 +489,8 @@ def _preflight_parquet(config: Config, path: str) -> tuple[int, pa.Schema]:
         if column in plan and not _compatible(schema.field(column).type, feature):
             raise ColumnTypeError(
                 f"{path}: column {column!r} ({_what(column, config)}) holds "
-                f"{schema.field(column).type}, expected {_describe_expected(feature)}",
+                f"{schema.field(column).type}, expected {_describe_expected(feature)}"
+                f"{_time_advice(schema.field(column).type)}",
                 column,
             )
     # Null counts are in the footer's statistics: a missing value is found without reading.
@@ -823,6 +879,8 @@ def _explain_csv_error(message: str, path: str, names: Sequence[str], config: Co
         value = _CSV_VALUE.search(detail)
         if column == config.label:
             detail += "; a label is 0 or 1 (or false or true)"
+        elif value and _TIME_TEXT.match(value.group(1)):
+            detail += _TIME_ADVICE
         line = None
         if value:
             with contextlib.suppress(_CsvUnreadable):

@@ -305,6 +305,36 @@ def test_wrong_type_is_named(small_table: pa.Table, tmp_path: Path) -> None:
         run_datagen(MOVIES, log, tmp_path / "out", echo=None)
 
 
+def test_a_time_column_read_as_a_number_says_what_to_do(
+    small_table: pa.Table, tmp_path: Path
+) -> None:
+    """A log's time (a Parquet timestamp or date, or ISO text in a CSV) named as a numeric
+    feature is refused with what to give the model instead."""
+    column = small_table.schema.get_field_index("popularity")
+    seconds = pa.array(range(1_600_000_000, 1_600_000_000 + small_table.num_rows), pa.int64())
+    for k, times in enumerate(
+        (
+            seconds.cast(pa.timestamp("s")),
+            seconds.cast(pa.timestamp("s")).cast(pa.date32()),
+        )
+    ):
+        log = _parquet(small_table.set_column(column, "popularity", times), tmp_path / f"t{k}")
+        with pytest.raises(
+            InputError,
+            match=rf"column 'popularity'.*holds {str(times.type)[:4]}\w*\[\w+\], expected numbers "
+            r"\(a time is not read as a feature as it is: .*the hour or the day of the week",
+        ):
+            run_datagen(MOVIES, log, tmp_path / "out", echo=None)
+    text = small_table.set_column(column, "popularity", pa.array(["2020-10-05 16:06:13"] * 300))
+    log = logs.write_csv(text, tmp_path / "csv")
+    with pytest.raises(
+        InputError,
+        match=r"line 2, column 'popularity'.*invalid value '2020-10-05 16:06:13' \(a time is not",
+    ):
+        run_datagen(MOVIES, str(log), tmp_path / "out", echo=None)
+    assert not (tmp_path / "out").exists()
+
+
 def test_nulls_without_default_are_refused(small_table: pa.Table, tmp_path: Path) -> None:
     ages = small_table["user_age"].to_pylist()
     ages[5] = None
@@ -346,6 +376,29 @@ def test_empty_input(small_table: pa.Table, tmp_path: Path) -> None:
         run_datagen(MOVIES, log, tmp_path / "out", echo=None)
     with pytest.raises(InputError, match=r"matches no non-empty"):
         run_datagen(MOVIES, str(tmp_path / "nothing-*.parquet"), tmp_path / "out", echo=None)
+    # A path given as it is (no wildcard) says what is wrong with that path.
+    with pytest.raises(InputError, match=r"nothing.parquet: no such file or folder$"):
+        run_datagen(MOVIES, str(tmp_path / "nothing.parquet"), tmp_path / "out", echo=None)
+    (tmp_path / "empty.parquet").touch()
+    with pytest.raises(InputError, match=r"empty.parquet: the file is empty$"):
+        run_datagen(MOVIES, str(tmp_path / "empty.parquet"), tmp_path / "out", echo=None)
+    (tmp_path / "_SUCCESS").write_text("done")
+    with pytest.raises(InputError, match=r"_SUCCESS: a marker file .*, not data$"):
+        run_datagen(MOVIES, str(tmp_path / "_SUCCESS"), tmp_path / "out", echo=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_input_named_with_glob_characters_is_read_as_named(
+    small_table: pa.Table, tmp_path: Path
+) -> None:
+    """A folder or file given as it is is taken literally, '[' and all (a glob of it would
+    match nothing), and an output beside it is not taken for one inside it."""
+    folder = tmp_path / "export[1]"
+    log = _parquet(small_table, folder)
+    for given in (folder, log):
+        result = run_datagen(MOVIES, str(given), tmp_path / "out", overwrite=True, echo=None)
+        splits = result.summary["splits"]
+        assert splits["train"]["rows"] + splits["eval"]["rows"] == small_table.num_rows
 
 
 def test_corrupt_file_is_named(tmp_path: Path) -> None:
