@@ -129,6 +129,24 @@ def _setup_logging(verbose: bool) -> None:
 # Arguments several verbs share
 
 
+def _output_folder(value: str) -> str:
+    """An output folder's path, refused when it holds a wildcard character: what is written
+    there is found again by file patterns (shards, checkpoints, days), in which '[', ']', '*'
+    and '?' would match other names or none."""
+    wildcards = sorted({c for c in value if c in "[]*?"})
+    if wildcards:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: {' and '.join(repr(c) for c in wildcards)} would be read as "
+            f"{'a wildcard' if len(wildcards) == 1 else 'wildcards'} "
+            "when the files written there are found again: choose a folder name without them"
+        )
+    return value
+
+
+def _out_arg(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--out", required=True, type=_output_folder, help=help)
+
+
 def _config_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
     if required:
         help = "pipeline config: a YAML file, or a preset name (app_store, movies)"
@@ -201,7 +219,7 @@ def _read_text(flag: str, path: str) -> str:
 
 
 def _simulate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output folder (one sub-folder a day)")
+    _out_arg(p, "output folder (one sub-folder a day)")
     p.add_argument("--days", type=int, default=1, help="days of logs (default 1)")
     p.add_argument("--rows-per-day", type=int, default=100_000, help="impressions a day")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated world")
@@ -253,7 +271,7 @@ def _datagen_arguments(p: argparse.ArgumentParser) -> None:
         choices=["parquet", "csv", "tfrecord"],
         help="input format (default: from the file names)",
     )
-    p.add_argument("--out", required=True, help="output folder")
+    _out_arg(p, "output folder")
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -323,7 +341,7 @@ def _datagen(args: argparse.Namespace, extra: Sequence[str]) -> int:
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     _config_arg(p)
     p.add_argument("--data", required=True, help="datagen output folder")
-    p.add_argument("--out", required=True, help="model folder")
+    _out_arg(p, "model folder")
     p.add_argument(
         "--towers",
         choices=["wide_deep", "wide", "deep"],
@@ -784,7 +802,7 @@ def _explain(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
     _config_arg(p)
-    p.add_argument("--out", required=True, help="the run's folder")
+    _out_arg(p, "the run's folder")
     p.add_argument("--input", help="impression logs (default: simulate them)")
     p.add_argument(
         "--days", type=int, help="days to play (default: 1, or every day folder of --input)"

@@ -91,6 +91,23 @@ def test_bad_config_is_one_line_and_exit_2(
     assert err.startswith("widedeep datagen: error:") and "features.a.kind" in err
 
 
+@pytest.mark.parametrize("verb", ["simulate", "datagen", "train", "run"])
+def test_an_output_folder_with_a_wildcard_is_refused(
+    verb: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What datagen, train and run write is found again by file patterns, which a '[' in the
+    folder's name would break after the work (an internal error at datagen's end)."""
+    out = tmp_path / "run[1]"
+    flags = {"datagen": ["--config", "movies", "--input", str(tmp_path)]}
+    flags["train"] = ["--config", "movies", "--data", str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        main([verb, *flags.get(verb, []), "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --out: '{out}': '[' and ']' would be read as wildcards" in err
+    assert not out.exists()
+
+
 def test_simulate_then_datagen_through_the_console_script(tmp_path: Path) -> None:
     """The installed entry point, as a user runs it, on a tiny simulated day."""
     exe = Path(sys.executable).with_name("widedeep")
