@@ -76,14 +76,17 @@ class WindowDay:
     """The day's dataset key in the analyzer cache (letters, digits, ``.``, ``-``, ``_``)."""
     input: str | Sequence[str]
     """The day's input (file globs or folders); read only when the cache lacks the day."""
+    split_salt: str = ""
+    """The salt of the day's own train/eval split (see ``sources.split_mask``)."""
 
 
 @dataclass(frozen=True)
 class _Analysis:
     """What the analyzers run over: the earlier days of the window and the analyzer cache."""
 
-    earlier: tuple[tuple[str, InputFiles | None], ...] = ()
-    """(dataset key, files) of each earlier day, oldest first; files None: read from cache."""
+    earlier: tuple[tuple[str, InputFiles | None, str], ...] = ()
+    """(dataset key, files, split salt) of each earlier day, oldest first; files None: read
+    from cache."""
     cache_dir: str | None = None
     """The analyzer cache (None: every day of the window is analysed from its rows)."""
     key: str | None = None
@@ -118,8 +121,10 @@ class ReadLogBatches(beam.DoFn):
         batch_rows: int,
         arrow_schema: pa.Schema,
         int_columns: Sequence[str] = (),
+        split_salt: str = "",
     ):
         self._config = config
+        self._salt = split_salt
         self._format = fmt
         self._int_columns = tuple(int_columns)
         self._batch_rows = batch_rows
@@ -142,7 +147,7 @@ class ReadLogBatches(beam.DoFn):
             # Before missing values are filled in: the statistics see the log as it is.
             stats = merge_statistics(stats, batch_statistics(self._config, batch))
             batch = sources.to_tfxio_batch(self._config, batch, path, self._int_columns)
-            yield from _split(self._config, batch, self._schema)
+            yield from _split(self._config, batch, self._schema, self._salt)
         yield beam.pvalue.TaggedOutput(_COLUMN_STATS, stats)
         log.info("read %s: %d rows in %.1f s", path, rows, time.monotonic() - started)
 
@@ -150,10 +155,11 @@ class ReadLogBatches(beam.DoFn):
 class SplitBatches(beam.DoFn):
     """Splits decoded TFRecord batches (already in the TFXIO layout) into train and eval."""
 
-    def __init__(self, config: Config, arrow_schema: pa.Schema, where: str):
+    def __init__(self, config: Config, arrow_schema: pa.Schema, where: str, split_salt: str = ""):
         self._config = config
         self._schema = arrow_schema
         self._where = where
+        self._salt = split_salt
 
     def process(self, batch: pa.RecordBatch) -> Iterator[Any]:
         batch = sources.split_joined_lists(self._config, batch)
@@ -161,11 +167,11 @@ class SplitBatches(beam.DoFn):
             _COLUMN_STATS, batch_statistics(self._config, batch, decoded=True)
         )
         batch = sources.fill_missing(self._config, batch, self._where)
-        yield from _split(self._config, batch, self._schema)
+        yield from _split(self._config, batch, self._schema, self._salt)
 
 
-def _split(config: Config, batch: pa.RecordBatch, schema: pa.Schema) -> Iterator[Any]:
-    is_eval = sources.split_mask(config, batch)
+def _split(config: Config, batch: pa.RecordBatch, schema: pa.Schema, salt: str) -> Iterator[Any]:
+    is_eval = sources.split_mask(config, batch, salt)
     batch = sources.drop_split_column(config, batch)
     # The tensor adapter finds columns by position in its schema: match it exactly.
     batch = pa.RecordBatch.from_arrays([batch.column(n) for n in schema.names], schema=schema)
@@ -224,11 +230,13 @@ def build_pipeline(
     out_dir: str,
     batch_rows: int = 8192,
     analysis: _Analysis | None = None,
+    split_salt: str = "",
 ) -> None:
     """Adds the data generation job to ``p``; every step is named.
 
     With ``analysis``, the analyzers also see the training rows of the window's earlier days
     (read from the analyzer cache where it holds them); only the new day's rows are written.
+    ``split_salt`` draws the train/eval split (see ``sources.split_mask``).
     Must run inside a ``tft_beam.Context`` (see :func:`run_datagen`).
     """
     import tensorflow_transform.beam as tft_beam
@@ -243,7 +251,7 @@ def build_pipeline(
     )
     arrow_schema = tfxio.ArrowSchema()
 
-    split = _read_and_split(p, config, files, arrow_schema, batch_rows, "")
+    split = _read_and_split(p, config, files, arrow_schema, batch_rows, "", split_salt)
 
     adapter_config = tfxio.TensorAdapterConfig()
     preprocessing_fn = make_preprocessing_fn(config)
@@ -303,6 +311,7 @@ def _read_and_split(
     arrow_schema: pa.Schema,
     batch_rows: int,
     prefix: str,
+    split_salt: str,
 ) -> Any:
     """Reads one day's input into train and eval batches (and their counts and statistics)."""
     from tfx_bsl.tfxio import tf_example_record
@@ -323,7 +332,7 @@ def _read_and_split(
             | f"{prefix}ReadTFRecords" >> decode_tfxio.BeamSource(batch_size=batch_rows)
             | f"{prefix}SplitTrainEval"
             >> beam.ParDo(
-                SplitBatches(config, arrow_schema, where=", ".join(files.paths[:3]))
+                SplitBatches(config, arrow_schema, ", ".join(files.paths[:3]), split_salt)
             ).with_outputs(TRAIN_DIR, EVAL_DIR, _STATS_NAME, _COLUMN_STATS)
         )
     else:
@@ -334,7 +343,9 @@ def _read_and_split(
             | f"{prefix}SpreadFiles" >> beam.Reshuffle()
             | f"{prefix}Read{files.format.value.capitalize()}AndSplit"
             >> beam.ParDo(
-                ReadLogBatches(config, files.format, batch_rows, arrow_schema, files.int_columns)
+                ReadLogBatches(
+                    config, files.format, batch_rows, arrow_schema, files.int_columns, split_salt
+                )
             ).with_outputs(TRAIN_DIR, EVAL_DIR, _STATS_NAME, _COLUMN_STATS)
         )
 
@@ -364,18 +375,18 @@ def _analyze_window(
 
     preprocessing_fn = make_preprocessing_fn(config)
     earlier = {}
-    for i, (key, files) in enumerate(analysis.earlier):
+    for i, (key, files, salt) in enumerate(analysis.earlier):
         if files is None:
             earlier[key] = None
             continue
-        day = _read_and_split(p, config, files, arrow_schema, batch_rows, f"Window[{i}]")
+        day = _read_and_split(p, config, files, arrow_schema, batch_rows, f"Window[{i}]", salt)
         earlier[key] = day[TRAIN_DIR]
     if analysis.cache_dir is None:
         rows = (train, *earlier.values()) | "FlattenWindow" >> beam.Flatten()
         return (rows, adapter_config) | "AnalyzeWindow" >> tft_beam.AnalyzeDataset(preprocessing_fn)
     assert analysis.key is not None and analysis.write_dir is not None
     keys = {k: analyzer_cache.DatasetKey(k) for k in (*earlier, analysis.key)}
-    cached = [keys[k] for k, files in analysis.earlier if files is None]
+    cached = [keys[k] for k, files, _ in analysis.earlier if files is None]
     # The cached days as one dataset key: tf.Transform's work per key is done once.
     together = analyzer_cache.DatasetKey(f"{analysis.key}.window")
     input_cache = read_cache(p, analysis.cache_dir, cached, merge_as=together) if cached else {}
@@ -441,6 +452,7 @@ def run_datagen(
     window: Sequence[WindowDay] = (),
     cache_dir: str | Path | None = None,
     cache_key: str | None = None,
+    split_salt: str = "",
 ) -> DatagenResult:
     """Runs data generation end to end and returns its summary.
 
@@ -473,6 +485,9 @@ def run_datagen(
         day whose accumulators are there is not read again. None analyses every day of the
         window from its rows.
       cache_key: The input's dataset key in the cache (required with ``cache_dir``).
+      split_salt: Draws another train/eval split of the same keys (``widedeep run`` gives
+        each day its own, so no user is held out of training every day); "" for the split
+        every standalone run of the same log gives.
 
     Raises:
       ArtifactError: ``reference`` is not a readable statistics file.
@@ -498,7 +513,9 @@ def run_datagen(
         name = glob.escape(out.name)
         for path in remove_leftovers(out.parent, [f"{name}.partial", f"{name}.old-*"]):
             log.info("datagen: removed %s, left by an interrupted run", path)
-        return _run_locked(config, files, out, beam_args, batch_rows, echo, ref, analysis)
+        return _run_locked(
+            config, files, out, beam_args, batch_rows, echo, ref, analysis, split_salt
+        )
 
 
 def _plan_analysis(
@@ -515,10 +532,10 @@ def _plan_analysis(
     earlier = []
     for day in window:
         if cache_dir is not None and cached_day(cache_dir, day.key):
-            earlier.append((day.key, None))
+            earlier.append((day.key, None, day.split_salt))
             continue
         files = sources.preflight(config, sources.resolve_input(day.input))
-        earlier.append((day.key, files))
+        earlier.append((day.key, files, day.split_salt))
     return _Analysis(
         earlier=tuple(earlier),
         cache_dir=None if cache_dir is None else str(Path(cache_dir).absolute()),
@@ -604,6 +621,7 @@ def _run_locked(
     echo: Callable[[str], None] | None,
     reference: dict[str, Any] | None = None,
     analysis: _Analysis | None = None,
+    split_salt: str = "",
 ) -> DatagenResult:
     import tensorflow_transform.beam as tft_beam
     from tensorflow_transform.tf_metadata import dataset_metadata, metadata_io
@@ -633,7 +651,15 @@ def _run_locked(
             beam.Pipeline(runner=local_runner(options), options=options) as p,
             tft_beam.Context(temp_dir=temp_dir),
         ):
-            build_pipeline(p, config, files, str(partial), batch_rows=batch_rows, analysis=analysis)
+            build_pipeline(
+                p,
+                config,
+                files,
+                str(partial),
+                batch_rows=batch_rows,
+                analysis=analysis,
+                split_salt=split_salt,
+            )
         shutil.rmtree(temp_dir, ignore_errors=True)
         if written is not None:
             _keep_cache(written, written.parent)
@@ -643,6 +669,8 @@ def _run_locked(
         )
         (partial / CONFIG_YAML).write_text(config.to_yaml())
         summary = summarize(config, files, partial, time.monotonic() - started)
+        if split_salt:
+            summary["split_salt"] = split_salt  # which of the log's splits this output holds
         if summary["splits"].get(EVAL_DIR, {}).get("rows", 0) == 0:
             log.warning("datagen: the eval split is empty; raise data.eval_fraction or add rows")
         statistics, anomalies = _validate_data(config, partial, reference)

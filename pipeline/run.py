@@ -707,9 +707,15 @@ class _Run:
                 beam_args=list(self.options.beam_args),
                 echo=self.echo if self.options.verbose else None,
                 reference=reference,
-                window=[WindowDay(_cache_key(e), self.day_inputs[e - 1]) for e in earlier],
+                window=[
+                    WindowDay(_cache_key(e), self.day_inputs[e - 1], split_salt=_cache_key(e))
+                    for e in earlier
+                ],
                 cache_dir=self.out / ANALYZER_CACHE_DIR if windowed else None,
                 cache_key=_cache_key(d) if windowed else None,
+                # Each day holds out its own share of users (or queries): the same key in
+                # every day's eval split would never be trained on, in any day's model.
+                split_salt=_cache_key(d),
             )
         except ColumnError as e:
             kind = (
@@ -829,7 +835,8 @@ def _window_text(datagen: dict[str, Any]) -> str:
 
 
 def _cache_key(d: int) -> str:
-    """Day ``d``'s dataset key (and folder) in the run's analyzer cache."""
+    """Day ``d``'s key: its dataset key (and folder) in the run's analyzer cache, and the salt
+    of its train/eval split."""
     return f"day-{d:03d}"
 
 

@@ -1258,7 +1258,7 @@ def _cast_values(
 # The deterministic train/eval split
 
 
-def split_mask(config: Config, batch: pa.RecordBatch) -> np.ndarray:
+def split_mask(config: Config, batch: pa.RecordBatch, salt: str = "") -> np.ndarray:
     """True for the rows of a batch (in the ``large_list`` layout) that belong to the eval split.
 
     The split depends only on row content: the ``data.split_by`` column's value when set (so
@@ -1266,6 +1266,9 @@ def split_mask(config: Config, batch: pa.RecordBatch) -> np.ndarray:
     row. Re-running on the same log, in any format and on any runner, gives the same split.
     The label never takes part: rows with the same features would otherwise be split by their
     label, and a model would learn the opposite of the truth from a log with repeated rows.
+
+    A ``salt`` (the daily loop's day) draws another split of the same keys: split by user, the
+    same users would otherwise be held out of training every day, and never learned.
     """
     plan = column_plan(config)
     if config.data.split_by:
@@ -1277,6 +1280,9 @@ def split_mask(config: Config, batch: pa.RecordBatch) -> np.ndarray:
             if name != config.label:
                 arr = _as_config_type(arr, plan.get(name))
                 key = key * np.uint64(1_000_003) + _hash_list_column(arr) + np.uint64(i)
+    if salt:
+        salted = key ^ pd.util.hash_array(np.array([salt], dtype=object), categorize=False)[0]
+        key = pd.util.hash_array(salted, categorize=False)
     slot = key % np.uint64(_SPLIT_SLOTS)
     return slot < np.uint64(round(config.data.eval_fraction * _SPLIT_SLOTS))
 

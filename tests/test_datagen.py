@@ -766,6 +766,29 @@ def test_the_split_never_depends_on_the_label() -> None:
     np.testing.assert_array_equal(split_mask(config, flipped), is_eval)
 
 
+def test_a_salt_draws_another_split_of_the_same_keys() -> None:
+    """Split by user, each salt holds out its own share of the users, the same one each time
+    it is given; no user is held out under every salt (the daily loop's days)."""
+    from pipeline.sources import split_mask
+
+    config = load_config("movies")  # split_by: user_id, eval_fraction 0.2
+    users = np.arange(5_000)
+    batch = pa.RecordBatch.from_pydict(
+        {"user_id": pa.array([[int(u)] for u in users], pa.large_list(pa.int64()))}
+    )
+    masks = {
+        salt: split_mask(config, batch, salt) for salt in ["", *(f"day-{d}" for d in range(8))]
+    }
+    for salt, mask in masks.items():
+        assert 0.17 < mask.mean() < 0.23, salt
+        np.testing.assert_array_equal(split_mask(config, batch, salt), mask)
+    assert (masks["day-0"] != masks[""]).any() and (masks["day-0"] != masks["day-1"]).any()
+    always = np.logical_and.reduce([m for s, m in masks.items() if s])
+    assert not always.any()
+    overlap = (masks["day-0"] & masks["day-1"]).sum() / masks["day-0"].sum()
+    assert overlap < 0.3  # independent draws share ~eval_fraction of their users
+
+
 def test_csv_booleans_read_as_a_parquet_logs_booleans(
     small_table: pa.Table, tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
@@ -173,6 +174,41 @@ def test_a_day_with_a_blocking_anomaly_is_not_trained_on(three_days) -> None:
     assert not client.errors and sorted(set(client.versions)) == [1, 2]
 
 
+def test_each_day_holds_out_users_of_its_own(three_days, movies_config, movie_days) -> None:
+    """The movies config splits by user: with one split for every day, the same users would
+    be held out of training each day and no day's model would learn them."""
+    from pipeline import sources
+
+    _, _, out = three_days
+    config = load_config(movies_config)
+    files = sources.preflight(config, sources.resolve_input(str(movie_days / "2026-11-01")))
+    batches = [
+        sources.to_tfxio_batch(config, batch, path, files.int_columns)
+        for path in files.paths
+        for batch in sources.iter_parquet(config, path, 100_000)
+    ]
+
+    def held_out(salt: str) -> tuple[int, set[int]]:
+        rows, users = 0, set()
+        for batch in batches:
+            mask = sources.split_mask(config, batch, salt)
+            rows += int(mask.sum())
+            ids = batch.column(batch.schema.get_field_index("user_id")).flatten()
+            users |= set(np.asarray(ids)[mask].tolist())
+        return rows, users
+
+    summary = json.loads((out / "data" / "day=001" / "summary.json").read_text())
+    assert summary["split_salt"] == "day-001"
+    rows, day1_users = held_out("day-001")
+    assert summary["splits"]["eval"]["rows"] == rows  # the split datagen wrote
+    assert held_out("")[0] != rows  # not the standalone datagen's split of the same log
+    day3 = json.loads((out / "data" / "day=003" / "summary.json").read_text())
+    assert day3["split_salt"] == "day-003"
+    day3_users = held_out("day-003")[1]
+    assert day1_users and day3_users
+    assert len(day1_users & day3_users) < 0.5 * len(day1_users)  # ~eval_fraction of them
+
+
 def test_run_writes_its_artifacts_and_ranks_through_the_endpoint(three_days) -> None:
     result, _, out = three_days
     state = json.loads((out / "run.json").read_text())
@@ -271,9 +307,15 @@ def test_a_config_reading_a_column_the_first_day_lacks_is_refused_before_any_wor
 def test_simulated_run_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """What `make demo` does, on a tiny simulated day."""
     config = load_config("app_store")
-    config = dataclasses.replace(
-        config, validation=dataclasses.replace(config.validation, latency_budget_ms=10_000)
+    # 3,000 rows train a model for 60 steps, and its eval split holds ~25 installs: whether
+    # its calibration passes is down to chance, and the test is about the stages' mechanics.
+    validation = dataclasses.replace(
+        config.validation,
+        latency_budget_ms=10_000,
+        calibration_ratio_tolerance=5.0,
+        calibration_error_tolerance=1.0,
     )
+    config = dataclasses.replace(config, validation=validation)
     (tmp_path / "app_store.yaml").write_text(config.to_yaml())
     out = tmp_path / "demo"
     code = main(
