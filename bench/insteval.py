@@ -31,7 +31,6 @@ import argparse
 import os
 import sys
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,6 @@ import yaml
 from bench.common import RESULTS, WORK, machine, write_results
 from bench.realdata import (
     ALL_PREVIOUS,
-    KERAS_EPOCHS,
     POPULARITY_PRIOR,
     PREVIOUS_DEFAULTS,
     _change,
@@ -53,6 +51,8 @@ from bench.realdata import (
     auc,
     auc_within_groups,
     datagen,
+    fit_keras_wide_deep,
+    keras_dataset,
     log_examples,
     overlay,
     train_and_score,
@@ -204,29 +204,11 @@ def keras_wide_deep(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray
     import tf_keras
 
     tf_keras.utils.set_random_seed(0)
-    buckets = 2**18
     vocab = {c: {v: i + 1 for i, v in enumerate(pd.unique(train[c]))} for c in COLUMNS}
 
-    def dataset(df: pd.DataFrame, batch: int, shuffle: bool) -> tf.data.Dataset:
+    def dataset(df: pd.DataFrame, batch: int, shuffle: bool) -> Any:
         dnn = {c: df[c].map(vocab[c]).fillna(0).astype(np.int64).to_numpy() for c in COLUMNS}
-        rows = [sorted({zlib.crc32(t.encode()) % buckets for t in row}) for row in _tokens(df)]
-        wide = tf.RaggedTensor.from_row_lengths(
-            np.concatenate(rows).astype(np.int64), [len(r) for r in rows]
-        )
-        ds = tf.data.Dataset.from_tensor_slices((dnn, wide, df[LABEL].to_numpy(np.float32)))
-        if shuffle:
-            ds = ds.shuffle(len(df), seed=0, reshuffle_each_iteration=True)
-
-        def one_hot(d: Any, w: tf.RaggedTensor, label: Any) -> Any:
-            ids = w.to_sparse()
-            matrix = tf.SparseTensor(
-                tf.stack([ids.indices[:, 0], ids.values], 1),
-                tf.ones_like(ids.values, tf.float32),
-                tf.stack([ids.dense_shape[0], buckets]),
-            )
-            return (tf.sparse.reorder(matrix), d), label
-
-        return ds.batch(batch).map(one_hot).prefetch(4)
+        return keras_dataset(dnn, _tokens(df), df[LABEL].to_numpy(), batch, shuffle)
 
     uniform = tf_keras.initializers.RandomUniform(-0.05, 0.05, seed=0)
 
@@ -250,20 +232,9 @@ def keras_wide_deep(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray
                 h = layer(h)
             return self.out(h)
 
-    model = tf_keras.experimental.WideDeepModel(tf_keras.experimental.LinearModel(units=1), DNN())
-    model.compile(
-        optimizer=[tf_keras.optimizers.legacy.Ftrl(0.1), tf_keras.optimizers.legacy.Adagrad(0.1)],
-        loss=tf_keras.losses.BinaryCrossentropy(from_logits=True),
+    return fit_keras_wide_deep(
+        DNN(), dataset(train, 512, True), dataset(test, 4096, False), test[LABEL].to_numpy()
     )
-    train_ds, test_ds = dataset(train, 512, True), dataset(test, 4096, False)
-    y = test[LABEL].to_numpy()
-    curve = []
-    p = np.zeros(len(test))
-    for _ in range(KERAS_EPOCHS):
-        model.fit(train_ds, epochs=1, verbose=0)
-        p = tf.sigmoid(model.predict(test_ds, verbose=0)).numpy().ravel()
-        curve.append(round(auc(y, p), 4))
-    return p, curve
 
 
 # --------------------------------------------------------------------------------------------

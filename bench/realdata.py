@@ -58,7 +58,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -381,7 +381,6 @@ def keras_wide_deep(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray
     import tf_keras
 
     tf_keras.utils.set_random_seed(0)
-    buckets = 2**18
 
     def index(values: np.ndarray) -> dict[Any, int]:
         return {t: i + 1 for i, t in enumerate(pd.unique(values))}  # 0: unseen in training
@@ -403,7 +402,7 @@ def keras_wide_deep(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray
             out[i, : len(ids)] = ids
         return out
 
-    def inputs(df: pd.DataFrame) -> tuple[dict[str, np.ndarray], tf.RaggedTensor]:
+    def inputs(df: pd.DataFrame) -> dict[str, np.ndarray]:
         dnn = {
             "user": df["user_id"].map(users).fillna(0).astype(np.int64).to_numpy(),
             "movie": df["movie_id"].map(movies).fillna(0).astype(np.int64).to_numpy(),
@@ -419,30 +418,10 @@ def keras_wide_deep(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray
             count = (np.log1p(df["earlier_ratings"]) - counts.mean()) / counts.std()
             share = df["earlier_like_share"].fillna(0.5)
             dnn["activity"] = np.stack([count, share], 1).astype(np.float32)
-        rows = [sorted({zlib.crc32(t.encode()) % buckets for t in row}) for row in _tokens(df)]
-        wide = tf.RaggedTensor.from_row_lengths(
-            np.concatenate(rows).astype(np.int64), [len(r) for r in rows]
-        )
-        return dnn, wide
+        return dnn
 
     def dataset(df: pd.DataFrame, batch: int, shuffle: bool) -> tf.data.Dataset:
-        dnn, wide = inputs(df)
-        y = df["liked"].to_numpy(np.float32)
-        ds = tf.data.Dataset.from_tensor_slices((dnn, wide, y))
-        if shuffle:
-            ds = ds.shuffle(len(df), seed=0, reshuffle_each_iteration=True)
-
-        def split(d: Any, w: tf.RaggedTensor, label: Any) -> Any:
-            # The linear model reads a [batch, buckets] 0/1 matrix: each row's hashed features.
-            ids = w.to_sparse()
-            one_hot = tf.SparseTensor(
-                tf.stack([ids.indices[:, 0], ids.values], 1),
-                tf.ones_like(ids.values, tf.float32),
-                tf.stack([ids.dense_shape[0], buckets]),
-            )
-            return (tf.sparse.reorder(one_hot), d), label
-
-        return ds.batch(batch).map(split).prefetch(4)
+        return keras_dataset(inputs(df), _tokens(df), df["liked"].to_numpy(), batch, shuffle)
 
     uniform = tf_keras.initializers.RandomUniform(-0.05, 0.05, seed=0)
 
@@ -484,17 +463,63 @@ def keras_wide_deep(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray
                 h = layer(h)
             return self.out(h)
 
-    # The settings that scored best of those tried for it (FTRL with L1 and a zero start, or
-    # Adam for the DNN, scored lower on this split).
-    model = tf_keras.experimental.WideDeepModel(tf_keras.experimental.LinearModel(units=1), DNN())
+    return fit_keras_wide_deep(
+        DNN(), dataset(train, 512, True), dataset(test, 4096, False), test["liked"].to_numpy()
+    )
+
+
+KERAS_BUCKETS = 2**18
+"""Hash buckets of the ``LinearModel``'s one-hot features."""
+
+
+def keras_dataset(
+    dnn: dict[str, np.ndarray],
+    tokens: Sequence[Iterable[str]],
+    labels: np.ndarray,
+    batch: int,
+    shuffle: bool,
+) -> Any:
+    """Batches of ``((one-hot matrix, dnn inputs), label)`` for tf_keras ``WideDeepModel``:
+    the linear model reads a [batch, KERAS_BUCKETS] 0/1 matrix of each row's hashed tokens."""
+    import tensorflow as tf
+
+    rows = [sorted({zlib.crc32(t.encode()) % KERAS_BUCKETS for t in row}) for row in tokens]
+    wide = tf.RaggedTensor.from_row_lengths(
+        np.concatenate(rows).astype(np.int64), [len(r) for r in rows]
+    )
+    ds = tf.data.Dataset.from_tensor_slices((dnn, wide, labels.astype(np.float32)))
+    if shuffle:
+        ds = ds.shuffle(len(labels), seed=0, reshuffle_each_iteration=True)
+
+    def one_hot(d: Any, w: tf.RaggedTensor, label: Any) -> Any:
+        ids = w.to_sparse()
+        matrix = tf.SparseTensor(
+            tf.stack([ids.indices[:, 0], ids.values], 1),
+            tf.ones_like(ids.values, tf.float32),
+            tf.stack([ids.dense_shape[0], KERAS_BUCKETS]),
+        )
+        return (tf.sparse.reorder(matrix), d), label
+
+    return ds.batch(batch).map(one_hot).prefetch(4)
+
+
+def fit_keras_wide_deep(
+    dnn: Any, train_ds: Any, test_ds: Any, y: np.ndarray
+) -> tuple[np.ndarray, list[float]]:
+    """tf_keras ``WideDeepModel`` of a ``LinearModel`` and ``dnn``, FTRL and AdaGrad, trained
+    :data:`KERAS_EPOCHS` epochs; the test scores after the last one and the AUC by epoch."""
+    import tensorflow as tf
+    import tf_keras
+
+    # The settings that scored best of those tried for it on MovieLens (FTRL with L1 and a
+    # zero start, or Adam for the DNN, scored lower).
+    model = tf_keras.experimental.WideDeepModel(tf_keras.experimental.LinearModel(units=1), dnn)
     model.compile(
         optimizer=[tf_keras.optimizers.legacy.Ftrl(0.1), tf_keras.optimizers.legacy.Adagrad(0.1)],
         loss=tf_keras.losses.BinaryCrossentropy(from_logits=True),
     )
-    train_ds, test_ds = dataset(train, 512, True), dataset(test, 4096, False)
-    y = test["liked"].to_numpy()
     curve = []
-    p = np.zeros(len(test))
+    p = np.zeros(len(y))
     for _ in range(KERAS_EPOCHS):
         model.fit(train_ds, epochs=1, verbose=0)
         p = tf.sigmoid(model.predict(test_ds, verbose=0)).numpy().ravel()
